@@ -1,0 +1,202 @@
+"""Model and engine configuration.
+
+`ModelConfig` is read from a Hugging Face `config.json`; `EngineConfig` holds the
+serving knobs (page size, pool size, token budget). Both are frozen: a running engine
+never changes its shape.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.errors import ConfigError
+
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "MistralForCausalLM": "llama",
+}
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str  # one of SUPPORTED_ARCHITECTURES' values
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    eos_token_ids: tuple[int, ...]
+    bos_token_id: int | None
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_heads * self.head_dim
+        kv = self.num_kv_heads * self.head_dim
+        per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + head + self.num_layers * per_layer + h
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any], dtype: str | None = None) -> ModelConfig:
+        return _parse_config(raw, dtype)
+
+    @staticmethod
+    def from_pretrained(path: str | Path, dtype: str | None = None) -> ModelConfig:
+        config_path = Path(path) / "config.json"
+        if not Path(path).is_dir():
+            raise ConfigError(f"model directory not found: {path}")
+        if not config_path.is_file():
+            raise ConfigError(f"no config.json in model directory {path}")
+        try:
+            raw = json.loads(config_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"malformed config.json in {path}: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"malformed config.json in {path}: expected a JSON object")
+        return _parse_config(raw, dtype)
+
+
+def _require(raw: dict[str, Any], key: str, kind: type) -> Any:
+    if key not in raw:
+        raise ConfigError(f"config.json is missing required field {key!r}")
+    value = raw[key]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"config.json field {key!r} must be a positive integer, got {value!r}")
+    if kind is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json field {key!r} must be a number, got {value!r}")
+    return value
+
+
+def _parse_rope(raw: dict[str, Any]) -> RopeConfig:
+    # transformers 5 writes `rope_parameters`; older checkpoints `rope_theta` + `rope_scaling`.
+    params = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default")) or "default"
+    if rope_type not in ("default", "llama3"):
+        raise ConfigError(f"unsupported rope type {rope_type!r} (supported: default, llama3)")
+    if rope_type == "default":
+        return RopeConfig(theta=theta)
+    return RopeConfig(
+        theta=theta,
+        rope_type=rope_type,
+        factor=float(params["factor"]),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+    )
+
+
+def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(eos) if isinstance(eos, list) else (int(eos),)
+
+
+def _parse_config(raw: dict[str, Any], dtype: str | None) -> ModelConfig:
+    archs = raw.get("architectures") or []
+    model_type = raw.get("model_type")
+    arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None and model_type in ("llama", "qwen2", "qwen3", "mistral"):
+        arch = "llama" if model_type == "mistral" else model_type
+    if arch is None:
+        raise ConfigError(
+            f"unsupported architecture {archs or model_type!r}; "
+            f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+        )
+    hidden = _require(raw, "hidden_size", int)
+    heads = _require(raw, "num_attention_heads", int)
+    kv_heads = raw.get("num_key_value_heads") or heads
+    if heads % kv_heads:
+        raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+    head_dim = raw.get("head_dim") or hidden // heads
+    chosen = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32"
+    if chosen not in _DTYPES:
+        raise ConfigError(f"unsupported dtype {chosen!r}; choose one of {sorted(_DTYPES)}")
+    return ModelConfig(
+        architecture=arch,
+        vocab_size=_require(raw, "vocab_size", int),
+        hidden_size=hidden,
+        intermediate_size=_require(raw, "intermediate_size", int),
+        num_layers=_require(raw, "num_hidden_layers", int),
+        num_heads=heads,
+        num_kv_heads=int(kv_heads),
+        head_dim=int(head_dim),
+        rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+        rope=_parse_rope(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        qkv_bias=arch == "qwen2" or bool(raw.get("attention_bias", False)),
+        qk_norm=arch == "qwen3",
+        eos_token_ids=_eos_ids(raw),
+        bos_token_id=raw.get("bos_token_id"),
+        dtype=chosen,
+    )
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Serving knobs. Defaults suit the CPU tiny model; GPU deployments raise them."""
+
+    page_size: int = 16
+    num_pages: int = 1024
+    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    max_num_seqs: int = 64  # running requests at most
+    max_model_len: int | None = None  # defaults to the model's max_position_embeddings
+    enable_prefix_cache: bool = True
+    device: str = "cpu"
+    dtype: str | None = None  # overrides config.json's dtype
+    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
+    seed: int = 0
+    attention_backend: str = "torch"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def with_overrides(self, **changes: Any) -> EngineConfig:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        for name in ("page_size", "num_pages", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.load_format not in ("auto", "dummy"):
+            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")

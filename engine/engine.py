@@ -1,0 +1,212 @@
+"""The engine: one model, one KV cache, a scheduler and a sampler, stepped by its owner.
+
+`step()` schedules one batch, runs it, samples a token for every request whose known
+tokens are now all computed, and reports what changed. The offline `LLM` and the
+workers both drive it.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.attention import create_attention_backend
+from engine.batch import Batch
+from engine.config import EngineConfig, ModelConfig
+from engine.errors import ConfigError, InvalidRequestError
+from engine.kv_cache import KVCache
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.request import Request, TokenLogprob
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import PageAccounting, Scheduler
+from engine.tiny import default_model_path
+from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class StepOutput:
+    """What one step changed for one request."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None
+    request: Request = field(repr=False)
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """`None` means the built-in tiny model (created in the cache on first use)."""
+    if model is None or str(model) in ("", "tiny"):
+        return default_model_path()
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"model directory not found: {model}")
+    return path
+
+
+class Engine:
+    def __init__(self, model: str | Path | None = None, config: EngineConfig | None = None,
+                 **overrides: Any) -> None:
+        config = (config or EngineConfig()).with_overrides(**overrides)
+        config.validate()
+        self.model_path = resolve_model_path(model)
+        self.model_config = ModelConfig.from_pretrained(self.model_path, config.dtype)
+        max_len = config.max_model_len or self.model_config.max_position_embeddings
+        self.config = config.with_overrides(max_model_len=max_len)
+        self.device = torch.device(config.device)
+        self.tokenizer = Tokenizer.from_pretrained(self.model_path)
+        torch.manual_seed(config.seed)
+        model_module = load_model(self.model_path, self.model_config, self.device, config.load_format, config.seed)
+        self.kv_cache = KVCache(self.model_config, config.num_pages, config.page_size,
+                                self.device, self.model_config.torch_dtype)
+        backend = create_attention_backend(config.attention_backend)
+        attention = backend(self.kv_cache, self.model_config.head_dim**-0.5)
+        self.runner = ModelRunner(model_module, attention, self.device)
+        self.scheduler = Scheduler(self.config)
+        self.sampler = Sampler(config.seed)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self.eos_token_ids = set(self.model_config.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_token_ids.add(self.tokenizer.eos_token_id)
+        self.last_logits: torch.Tensor | None = None  # of the last step, for inspection
+
+    @property
+    def max_model_len(self) -> int:
+        assert self.config.max_model_len is not None
+        return self.config.max_model_len
+
+    # -- requests ----------------------------------------------------------------------
+
+    def tokenize_prompt(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (list, tuple)) or any(
+                isinstance(t, bool) or not isinstance(t, int) for t in prompt):
+            raise InvalidRequestError("prompt must be a string or a list of integer token ids")
+        return list(prompt)
+
+    def validate(self, token_ids: list[int], params: SamplingParams) -> None:
+        if not token_ids:
+            raise InvalidRequestError("prompt is empty")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        if len(token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(token_ids)} tokens; the context length is {self.max_model_len} "
+                "and at least one token must be generated")
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError("params must be SamplingParams")
+        longest = min(len(token_ids) + params.max_tokens, self.max_model_len)
+        if -(-longest // self.config.page_size) > self.config.num_pages:
+            raise InvalidRequestError(
+                f"request may need {longest} tokens of KV cache; the page pool holds "
+                f"{self.config.num_pages * self.config.page_size}")
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Validate and queue a request; raises InvalidRequestError and queues nothing
+        when the input is bad."""
+        params = params or SamplingParams()
+        token_ids = self.tokenize_prompt(prompt)
+        self.validate(token_ids, params)
+        request_id = request_id or f"req-{next(self._arrivals)}"
+        if request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use")
+        request = Request(request_id, token_ids, params, arrival=next(self._arrivals))
+        self.requests[request_id] = request
+        self.scheduler.add(request)
+        return request_id
+
+    def abort_request(self, request_id: str) -> bool:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        request.finish_reason = "abort"
+        self.scheduler.finish(request)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- stepping ----------------------------------------------------------------------
+
+    def step(self) -> list[StepOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.scheduled:
+            return []
+        logits = self.runner.execute(batch)
+        self.last_logits = logits
+        return self._process(batch, logits)
+
+    def _process(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
+        sampling = [s.request for s in batch.scheduled if s.completes_prompt]
+        for item in batch.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+        outputs = []
+        for request, (token, logprob) in zip(sampling, self.sampler.sample(logits, sampling)):
+            request.output_token_ids.append(token)
+            if logprob is not None:
+                request.logprobs.append(logprob)
+            reason = self._check_stop(request, token)
+            if reason is not None:
+                request.finish_reason = reason
+                self.scheduler.finish(request)
+                self.requests.pop(request.request_id, None)
+            outputs.append(StepOutput(request.request_id, [token], [logprob] if logprob else [],
+                                      reason is not None, reason, request))
+        return outputs
+
+    def _check_stop(self, request: Request, token: int) -> str | None:
+        params = request.params
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return "stop"
+        if token in self.eos_token_ids and not params.ignore_eos:
+            request.stop_reason = token
+            return "stop"
+        if params.stop and self._hit_stop_string(request):
+            return "stop"
+        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    def _hit_stop_string(self, request: Request) -> bool:
+        text = self.tokenizer.decode(request.output_token_ids, request.params.skip_special_tokens)
+        hits = [(text.find(s), s) for s in request.params.stop if s in text]
+        if not hits:
+            return False
+        position, stop = min(hits)
+        request.output_text = text[:position]
+        request.stop_reason = stop
+        return True
+
+    def output_text(self, request: Request) -> str:
+        if isinstance(request.stop_reason, str):
+            return request.output_text
+        return self.tokenizer.decode(request.output_token_ids, request.params.skip_special_tokens)
+
+    # -- accounting --------------------------------------------------------------------
+
+    def page_accounting(self) -> PageAccounting:
+        return self.scheduler.accounting()
+
+    def check_page_invariants(self) -> PageAccounting:
+        """Every page is exactly one of: free, cached, or held by one running request."""
+        acct = self.scheduler.accounting()
+        if acct.free + acct.cached + acct.held_by_requests != acct.total:
+            raise AssertionError(f"page accounting broken: {acct}")
+        return acct
+
+    def free_cache(self) -> int:
+        return self.scheduler.free_cache()

@@ -1,0 +1,162 @@
+"""Continuous batching with token-budget chunked prefill, prefix caching and
+preemption by recompute.
+
+Each step first gives every running request the tokens it still needs (one for a
+decoding request, a chunk for one still in prefill), then admits waiting requests while
+the token budget, `max_num_seqs` and free pages allow. When pages run out for a running
+request, the most recently admitted request is preempted: its computed full pages go
+to the prefix cache (so the recompute is mostly cache hits) and it waits again.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+from engine.batch import Batch, ScheduledRequest
+from engine.config import EngineConfig
+from engine.page_pool import PagePool
+from engine.radix_cache import RadixCache
+from engine.request import Request, RequestStatus
+
+
+class PageAccounting(NamedTuple):
+    total: int
+    free: int
+    cached: int  # held by the radix cache (some may also be in use by requests)
+    evictable: int  # cached and unreferenced
+    held_by_requests: int  # in requests' page tables and not in the cache
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.page_size = config.page_size
+        self.pool = PagePool(config.num_pages)
+        self.cache = RadixCache(config.page_size) if config.enable_prefix_cache else None
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    @property
+    def available_pages(self) -> int:
+        """Pages a new request could get: free plus evictable cache pages."""
+        return self.pool.free_pages + (self.cache.evictable_pages if self.cache else 0)
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> Batch:
+        budget = self.config.max_num_batched_tokens
+        scheduled: list[ScheduledRequest] = []
+        preempted = self._schedule_running(scheduled, budget)
+        budget -= sum(s.num_new_tokens for s in scheduled)
+        if not preempted:
+            self._schedule_waiting(scheduled, budget)
+        return Batch(scheduled)
+
+    def finish(self, request: Request) -> None:
+        """Release a running or waiting request's pages (cached where possible)."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    def free_cache(self) -> int:
+        """Evict every unreferenced cached page; returns how many were freed."""
+        if self.cache is None:
+            return 0
+        freed = self.cache.evict(self.cache.evictable_pages)
+        self.pool.free(freed)
+        return len(freed)
+
+    def accounting(self) -> PageAccounting:
+        cached = self.cache.cached_pages if self.cache else 0
+        evictable = self.cache.evictable_pages if self.cache else 0
+        shared = sum(len(r.prefix_nodes) for r in self.running)
+        held = sum(len(r.pages) for r in self.running) - shared
+        return PageAccounting(self.pool.total_pages, self.pool.free_pages, cached, evictable, held)
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> bool:
+        preempted, index = False, 0
+        while index < len(self.running) and budget > 0:
+            request = self.running[index]
+            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(self._pages_needed(request, count)):
+                preempted = True
+                victim = self.running[-1]
+                self._preempt(victim)
+                if victim is request:
+                    break
+                continue
+            self._grow(request, count)
+            scheduled.append(ScheduledRequest(request, count))
+            budget -= count
+            index += 1
+        return preempted
+
+    def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            self._match_prefix(request)
+            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._reserve(self._pages_needed(request, count)):
+                self._release(request)
+                return
+            self._grow(request, count)
+            self.waiting.popleft()
+            self.running.append(request)
+            request.status = RequestStatus.RUNNING
+            scheduled.append(ScheduledRequest(request, count))
+            budget -= count
+
+    def _match_prefix(self, request: Request) -> None:
+        if self.cache is None or request.pages:
+            return
+        # At least the last token is recomputed: its logits produce the next token.
+        match = self.cache.match(request.all_token_ids[: request.num_tokens - 1])
+        request.pages, request.prefix_nodes = list(match.pages), match.nodes
+        request.num_computed_tokens = match.num_pages * self.page_size
+        if not request.output_token_ids:
+            request.num_cached_tokens = request.num_computed_tokens
+
+    def _pages_needed(self, request: Request, count: int) -> int:
+        tokens = request.num_computed_tokens + count
+        return max(0, -(-tokens // self.page_size) - len(request.pages))
+
+    def _reserve(self, count: int) -> bool:
+        shortfall = count - self.pool.free_pages
+        if shortfall > 0 and self.cache is not None:
+            self.pool.free(self.cache.evict(shortfall))
+        return self.pool.free_pages >= count
+
+    def _grow(self, request: Request, count: int) -> None:
+        request.pages.extend(self.pool.allocate(self._pages_needed(request, count)))
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self._release(request)
+        request.status = RequestStatus.WAITING
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _release(self, request: Request) -> None:
+        """Give back a request's pages: computed full pages to the cache, the rest free."""
+        pages = request.pages
+        if self.cache is not None:
+            full = request.num_computed_tokens // self.page_size
+            tokens = request.all_token_ids[: full * self.page_size]
+            duplicates = self.cache.insert(tokens, pages[:full])
+            self.pool.free(duplicates + pages[full:])
+            self.cache.unlock(request.prefix_nodes)
+        else:
+            self.pool.free(pages)
+        request.pages, request.prefix_nodes = [], []
+        request.num_computed_tokens = 0
