@@ -1,0 +1,114 @@
+"""The `epd` command line.
+
+    epd model create-tiny DIR           write the built-in tiny checkpoint
+    epd generate --prompt TEXT          quick offline generation
+    epd up                              local cluster: router + prefill + decode workers
+    epd router | epd worker ROLE        one component each
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+from engine.errors import EngineError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_model_command(sub: argparse._SubParsersAction) -> None:
+    model = sub.add_parser("model", help="model utilities")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    tiny = model_sub.add_parser("create-tiny", help="write the built-in tiny model into DIR")
+    tiny.add_argument("directory")
+    tiny.set_defaults(handler=_create_tiny)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by every command that builds an engine."""
+    parser.add_argument("--model", default=None, help="model directory (default: built-in tiny model)")
+    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                        help="'dummy' builds random weights from config.json alone")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int, default=1024)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument("--attention-backend", default="torch")
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, object]:
+    return dict(load_format=args.load_format, dtype=args.dtype, device=args.device,
+                page_size=args.page_size, num_pages=args.num_pages,
+                max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
+                attention_backend=args.attention_backend)
+
+
+def _add_generate_command(sub: argparse._SubParsersAction) -> None:
+    gen = sub.add_parser("generate", help="generate text offline from one or more prompts")
+    add_engine_arguments(gen)
+    gen.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.set_defaults(handler=_generate)
+
+
+def _create_tiny(args: argparse.Namespace) -> int:
+    from engine.tiny import create_tiny_model
+    path = create_tiny_model(args.directory)
+    print(f"wrote the tiny model to {path}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine import LLM, SamplingParams
+    llm = LLM(args.model, **engine_options(args))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    prompts = args.prompt
+    if args.chat:
+        tok = llm.get_tokenizer()
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), False)
+                   for p in prompts]
+    for text, result in zip(args.prompt, llm.generate(prompts, params)):
+        out = result.outputs[0]
+        print(f"prompt: {text!r}\noutput: {out.text!r}\ntokens: {out.token_ids}\n"
+              f"finish: {out.finish_reason}\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="epd", description="epd-serve: disaggregated LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_model_command(sub)
+    _add_generate_command(sub)
+    try:
+        from deploy import cluster_cli
+    except ImportError:  # the cluster commands are optional until their packages exist
+        cluster_cli = None
+    if cluster_cli is not None:
+        cluster_cli.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except EngineError as exc:
+        print(f"epd: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
