@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -20,12 +20,28 @@ from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
-from engine.request import Request, TokenLogprob
+from engine.request import Request, RequestStatus, TokenLogprob
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
 from engine.tiny import default_model_path
 from engine.tokenizer import Tokenizer
+
+
+@dataclass
+class EngineCounters:
+    requests_total: int = 0
+    prefill_tokens_total: int = 0  # prompt tokens computed here (cache hits excluded)
+    generated_tokens_total: int = 0
+
+
+class RemoteReservation(NamedTuple):
+    """Pages reserved for a prompt whose KV another worker computes: tokens
+    [start_page * page_size, prompt_len) go into `page_ids`, in order."""
+
+    request_id: str
+    start_page: int
+    page_ids: list[int]
 
 
 @dataclass
@@ -76,6 +92,8 @@ class Engine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self.last_logits: torch.Tensor | None = None  # of the last step, for inspection
+        self.last_batch: Batch | None = None
+        self.counters = EngineCounters()
 
     @property
     def max_model_len(self) -> int:
@@ -114,22 +132,61 @@ class Engine:
                 f"{self.config.num_pages * self.config.page_size}")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, hold_pages: bool = False) -> str:
         """Validate and queue a request; raises InvalidRequestError and queues nothing
-        when the input is bad."""
+        when the input is bad. `hold_pages`: keep the pages after finishing until
+        `release_held` (the prefill role ships them first)."""
+        request = self._new_request(prompt, params, request_id)
+        request.hold_pages = hold_pages
+        self.scheduler.add(request)
+        return request.request_id
+
+    def _new_request(self, prompt: str | list[int], params: SamplingParams | None,
+                     request_id: str | None) -> Request:
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
         self.validate(token_ids, params)
         request_id = request_id or f"req-{next(self._arrivals)}"
-        if request_id in self.requests:
+        if request_id in self.requests or request_id in self.scheduler.parked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         request = Request(request_id, token_ids, params, arrival=next(self._arrivals))
         self.requests[request_id] = request
-        self.scheduler.add(request)
-        return request_id
+        self.counters.requests_total += 1
+        return request
+
+    def reserve_remote(self, prompt: list[int], params: SamplingParams,
+                       request_id: str) -> RemoteReservation | None:
+        """Reserve pages for a prompt prefilled elsewhere; None when pages are short now
+        (nothing is kept then: try again later)."""
+        request = self._new_request(prompt, params, request_id)
+        if not self.scheduler.reserve_prompt(request):
+            self.requests.pop(request_id)
+            self.counters.requests_total -= 1
+            return None
+        start = request.num_computed_tokens // self.config.page_size
+        return RemoteReservation(request_id, start, request.pages[start:])
+
+    def resume_remote(self, request_id: str, first_token: int,
+                      logprob: TokenLogprob | None = None) -> StepOutput:
+        """The prompt's KV has landed and prefill sampled `first_token`: the request
+        continues decoding here from there."""
+        request = self.scheduler.parked[request_id]
+        request.num_computed_tokens = request.num_prompt_tokens
+        self.scheduler.resume(request)
+        return self._append_token(request, first_token, logprob)
+
+    def release_held(self, request_id: str) -> None:
+        """Give back the pages of a finished request that held them (prefill role)."""
+        request = self.scheduler.parked.get(request_id)
+        if request is not None:
+            self.scheduler.finish(request)
+
+    def request_pages(self, request_id: str) -> list[int]:
+        request = self.requests.get(request_id) or self.scheduler.parked.get(request_id)
+        return list(request.pages) if request is not None else []
 
     def abort_request(self, request_id: str) -> bool:
-        request = self.requests.pop(request_id, None)
+        request = self.requests.pop(request_id, None) or self.scheduler.parked.get(request_id)
         if request is None:
             return False
         request.finish_reason = "abort"
@@ -143,6 +200,7 @@ class Engine:
 
     def step(self) -> list[StepOutput]:
         batch = self.scheduler.schedule()
+        self.last_batch = batch
         if not batch.scheduled:
             return []
         logits = self.runner.execute(batch)
@@ -152,20 +210,30 @@ class Engine:
     def _process(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
         sampling = [s.request for s in batch.scheduled if s.completes_prompt]
         for item in batch.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
-        outputs = []
-        for request, (token, logprob) in zip(sampling, self.sampler.sample(logits, sampling)):
-            request.output_token_ids.append(token)
-            if logprob is not None:
-                request.logprobs.append(logprob)
-            reason = self._check_stop(request, token)
-            if reason is not None:
-                request.finish_reason = reason
+            request = item.request
+            start = request.num_computed_tokens
+            self.counters.prefill_tokens_total += max(
+                0, min(start + item.num_new_tokens, request.num_prompt_tokens) - start)
+            request.num_computed_tokens += item.num_new_tokens
+        samples = self.sampler.sample(logits, sampling)
+        return [self._append_token(r, token, lp) for r, (token, lp) in zip(sampling, samples)]
+
+    def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None) -> StepOutput:
+        request.output_token_ids.append(token)
+        self.counters.generated_tokens_total += 1
+        if logprob is not None:
+            request.logprobs.append(logprob)
+        reason = self._check_stop(request, token)
+        if reason is not None:
+            request.finish_reason = reason
+            self.requests.pop(request.request_id, None)
+            if request.hold_pages:
+                self.scheduler.park(request)
+                request.status = RequestStatus.FINISHED
+            else:
                 self.scheduler.finish(request)
-                self.requests.pop(request.request_id, None)
-            outputs.append(StepOutput(request.request_id, [token], [logprob] if logprob else [],
-                                      reason is not None, reason, request))
-        return outputs
+        return StepOutput(request.request_id, [token], [logprob] if logprob else [],
+                          reason is not None, reason, request)
 
     def _check_stop(self, request: Request, token: int) -> str | None:
         params = request.params

@@ -42,6 +42,9 @@ class Request:
     output_text: str = ""
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    # Prefill role: when the request finishes, keep its pages (out of the scheduler)
+    # until the owner has shipped them and calls Engine.release_held.
+    hold_pages: bool = False
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -35,7 +35,11 @@ class Scheduler:
         self.cache = RadixCache(config.page_size) if config.enable_prefix_cache else None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        # Out of the batch but holding pages: KV arriving from a remote prefill, or a
+        # finished prefill whose KV is still being shipped.
+        self.parked: dict[str, Request] = {}
         self.num_preemptions = 0
+        self.prefix_hit_tokens_total = 0  # prompt tokens first admissions took from the cache
 
     @property
     def available_pages(self) -> int:
@@ -58,13 +62,45 @@ class Scheduler:
         return Batch(scheduled)
 
     def finish(self, request: Request) -> None:
-        """Release a running or waiting request's pages (cached where possible)."""
+        """Release a request's pages (cached where possible), wherever it is."""
+        self._detach(request)
+        self._release(request)
+        request.status = RequestStatus.FINISHED
+
+    def park(self, request: Request) -> None:
+        """Take a request out of the batch while it keeps its pages."""
+        self._detach(request)
+        self.parked[request.request_id] = request
+
+    def reserve_prompt(self, request: Request) -> bool:
+        """Match the prefix cache and allocate pages for the whole prompt, for KV that
+        another worker computes; the request is parked. False: not enough pages now."""
+        self._match_prefix(request)
+        remaining = request.num_tokens - request.num_computed_tokens
+        if not self._reserve(self._pages_needed(request, remaining)):
+            self._release(request)
+            return False
+        self._grow(request, remaining)
+        self.prefix_hit_tokens_total += request.num_cached_tokens
+        self.parked[request.request_id] = request
+        return True
+
+    def resume(self, request: Request) -> None:
+        """A parked request whose prompt KV has landed joins the running batch."""
+        del self.parked[request.request_id]
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+
+    def queued_prefill_tokens(self) -> int:
+        return sum(max(0, r.num_prompt_tokens - r.num_computed_tokens)
+                   for r in [*self.waiting, *self.running])
+
+    def _detach(self, request: Request) -> None:
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self._release(request)
-        request.status = RequestStatus.FINISHED
+        self.parked.pop(request.request_id, None)
 
     def free_cache(self) -> int:
         """Evict every unreferenced cached page; returns how many were freed."""
@@ -77,8 +113,8 @@ class Scheduler:
     def accounting(self) -> PageAccounting:
         cached = self.cache.cached_pages if self.cache else 0
         evictable = self.cache.evictable_pages if self.cache else 0
-        shared = sum(len(r.prefix_nodes) for r in self.running)
-        held = sum(len(r.pages) for r in self.running) - shared
+        holders = [*self.running, *self.parked.values()]
+        held = sum(len(r.pages) - len(r.prefix_nodes) for r in holders)
         return PageAccounting(self.pool.total_pages, self.pool.free_pages, cached, evictable, held)
 
     # -- internals ---------------------------------------------------------------------
@@ -110,6 +146,8 @@ class Scheduler:
                 self._release(request)
                 return
             self._grow(request, count)
+            if request.num_preemptions == 0:
+                self.prefix_hit_tokens_total += request.num_cached_tokens
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
@@ -123,7 +161,7 @@ class Scheduler:
         match = self.cache.match(request.all_token_ids[: request.num_tokens - 1])
         request.pages, request.prefix_nodes = list(match.pages), match.nodes
         request.num_computed_tokens = match.num_pages * self.page_size
-        if not request.output_token_ids:
+        if not request.output_token_ids and request.num_preemptions == 0:
             request.num_cached_tokens = request.num_computed_tokens
 
     def _pages_needed(self, request: Request, count: int) -> int:

@@ -1,0 +1,115 @@
+"""Drives an Engine from asyncio: one engine thread, many coroutine callers.
+
+Every touch of the engine (steps, adding, aborting, reserving) runs on one worker
+thread, so the engine itself needs no locks; the event loop stays free for gRPC while a
+step computes. After each step an optional hook runs before the next step starts (the
+prefill role ships KV there, so pages it reads cannot be rewritten meanwhile).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from engine.engine import Engine, StepOutput
+from engine.sampling_params import SamplingParams
+
+T = TypeVar("T")
+logger = logging.getLogger(__name__)
+StepHook = Callable[[list[StepOutput]], Awaitable[None]]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, after_step: StepHook | None = None) -> None:
+        self.engine = engine
+        self._after_step = after_step
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._queues: dict[str, asyncio.Queue[StepOutput]] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.step_error: BaseException | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `fn` on the engine thread, between steps."""
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+        self._wake.set()
+        return result
+
+    def subscribe(self, request_id: str) -> asyncio.Queue[StepOutput]:
+        queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+        self._queues[request_id] = queue
+        return queue
+
+    def unsubscribe(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+
+    async def generate(self, prompt: list[int], params: SamplingParams, request_id: str,
+                       **options: Any) -> AsyncIterator[StepOutput]:
+        """Add a request and yield its step outputs until it finishes. Leaving the
+        iteration early (client gone) aborts the request."""
+        queue = self.subscribe(request_id)
+        try:
+            await self.run(self.engine.add_request, prompt, params, request_id, **options)
+            async for out in self.stream(queue):
+                yield out
+        finally:
+            await self.finish_stream(request_id)
+
+    async def stream(self, queue: asyncio.Queue[StepOutput]) -> AsyncIterator[StepOutput]:
+        while True:
+            out = await queue.get()
+            yield out
+            if out.finished:
+                return
+
+    async def finish_stream(self, request_id: str) -> None:
+        """Drop the subscription; abort the request if it is still live."""
+        self.unsubscribe(request_id)
+        await self.run(self.engine.abort_request, request_id)
+
+    def publish(self, outputs: list[StepOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not await self.run(self.engine.has_unfinished_requests):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            try:
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
+                logger.exception("engine step failed")
+                self.step_error = exc
+                outputs = await self.run(self._fail_all, f"engine step failed: {exc}")
+            self.publish(outputs)
+            if self._after_step is not None:
+                await self._after_step(outputs)
+            await asyncio.sleep(0)  # let callers queue work between steps
+
+    def _fail_all(self, message: str) -> list[StepOutput]:
+        outputs = []
+        for request_id in list(self.engine.requests):
+            request = self.engine.requests[request_id]
+            self.engine.abort_request(request_id)
+            request.finish_reason = "error"
+            request.stop_reason = message
+            outputs.append(StepOutput(request_id, [], [], True, "error", request))
+        return outputs

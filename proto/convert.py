@@ -1,0 +1,65 @@
+"""Conversions between wire messages and engine types, shared by router and workers."""
+from __future__ import annotations
+
+from engine.request import TokenLogprob
+from engine.sampling_params import SamplingParams
+from proto import epd_pb2 as pb
+
+FINISH_REASONS = {
+    "stop": pb.FINISH_REASON_STOP,
+    "length": pb.FINISH_REASON_LENGTH,
+    "abort": pb.FINISH_REASON_ABORT,
+    "error": pb.FINISH_REASON_ERROR,
+}
+FINISH_NAMES = {value: name for name, value in FINISH_REASONS.items()}
+
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        min_p=params.min_p, repetition_penalty=params.repetition_penalty,
+        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
+        stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens)
+    if params.top_k is not None:
+        msg.top_k = params.top_k
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Raises InvalidRequestError (from SamplingParams) on invalid values; unset optional
+    fields take SamplingParams' defaults."""
+    defaults = SamplingParams()
+
+    def get(name: str) -> object:
+        return getattr(msg, name) if msg.HasField(name) else getattr(defaults, name)
+
+    return SamplingParams(
+        max_tokens=get("max_tokens"),
+        temperature=get("temperature"),
+        top_k=msg.top_k if msg.HasField("top_k") else None,
+        top_p=get("top_p"),
+        min_p=msg.min_p,
+        repetition_penalty=get("repetition_penalty"),
+        frequency_penalty=msg.frequency_penalty,
+        presence_penalty=msg.presence_penalty,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=get("skip_special_tokens"),
+    )
+
+
+def logprob_to_proto(entry: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(token_id=entry.token_id, logprob=entry.logprob,
+                           top=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in entry.top])
+
+
+def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
