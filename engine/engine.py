@@ -53,7 +53,7 @@ class StepOutput:
     new_logprobs: list[TokenLogprob]
     finished: bool
     finish_reason: str | None
-    request: Request = field(repr=False)
+    request: Request | None = field(repr=False)  # None only for synthetic outputs (abort)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -174,6 +174,15 @@ class Engine:
         request.num_computed_tokens = request.num_prompt_tokens
         self.scheduler.resume(request)
         return self._append_token(request, first_token, logprob)
+
+    def cached_prefix_tokens(self, prompt: list[int]) -> int:
+        """Prompt tokens the local prefix cache would serve (nothing is held)."""
+        cache = self.scheduler.cache
+        if cache is None:
+            return 0
+        match = cache.match(prompt[:-1])
+        cache.unlock(match.nodes)
+        return match.num_pages * self.config.page_size
 
     def release_held(self, request_id: str) -> None:
         """Give back the pages of a finished request that held them (prefill role)."""

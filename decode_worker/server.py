@@ -1,0 +1,169 @@
+"""The decode worker: owns a request once routed.
+
+Flow (DESIGN.md): match the local prefix cache; if the uncached part is short, prefill
+here. Otherwise reserve pages for the prompt, ask prefill workers in turn to compute it
+and push its KV into those pages; the first that succeeds gives the first token and
+decoding continues here. If every prefill worker fails, prefill locally. Cancelling the
+stream (client gone) aborts the request here and cancels the prefill call.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+from typing import AsyncIterator
+
+import grpc
+
+from engine.engine import RemoteReservation, StepOutput
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from kv_transfer import TransferError
+from proto import epd_pb2 as pb
+from proto import epd_pb2_grpc as pb_grpc
+from proto.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
+from worker.config import WorkerConfig
+from worker.runtime import KV_REGION, WorkerRuntime
+
+logger = logging.getLogger(__name__)
+RESERVE_RETRY_S = 0.01
+
+
+class DecodeService(pb_grpc.DecodeWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self._generations = itertools.count(1)
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    async def Generate(self, request: pb.DecodeRequest,
+                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        async_engine = self.runtime.async_engine
+        try:
+            params = params_from_proto(request.sampling)
+            await async_engine.run(self.engine.validate, prompt, params)
+            if not rid:
+                raise InvalidRequestError("request_id is required")
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        queue = async_engine.subscribe(rid)
+        try:
+            await self._start(request, prompt, params)
+            async for out in async_engine.stream(queue):
+                for message in _responses(out):
+                    yield message
+        finally:
+            await async_engine.finish_stream(rid)
+
+    async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams) -> None:
+        rid = request.request_id
+        run = self.runtime.async_engine.run
+        if await self._prefill_remotely(request, prompt):
+            reservation = await self._reserve(prompt, params, rid)
+            first = await self._remote_prefill(request, reservation)
+            if first is not None:
+                out = await run(self.engine.resume_remote, rid, *first)
+                self.runtime.async_engine.publish([out])
+                return
+            await run(self.engine.abort_request, rid)  # every prefill failed: do it here
+        await run(self.engine.add_request, prompt, params, rid)
+
+    async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int]) -> bool:
+        if not request.prefill:
+            return False
+        if request.force_remote_prefill:
+            return True
+        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, prompt)
+        return len(prompt) - cached >= self.runtime.config.local_prefill_threshold
+
+    async def _reserve(self, prompt: list[int], params: SamplingParams, rid: str) -> RemoteReservation:
+        """Wait (bounded) until the pool has pages for the whole prompt."""
+        deadline = asyncio.get_running_loop().time() + self.runtime.config.prefill_timeout_s
+        while True:
+            reservation = await self.runtime.async_engine.run(self.engine.reserve_remote, prompt, params, rid)
+            if reservation is not None:
+                return reservation
+            if asyncio.get_running_loop().time() > deadline:
+                raise InvalidRequestError("timed out waiting for free KV pages")
+            await asyncio.sleep(RESERVE_RETRY_S)
+
+    async def _remote_prefill(self, request: pb.DecodeRequest,
+                              reservation: RemoteReservation) -> tuple[int, object] | None:
+        for candidate in request.prefill:
+            generation = next(self._generations)
+            room = f"{request.request_id}#{generation}"
+            await self.runtime.transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
+            try:
+                response = await self._call_prefill(candidate, request, reservation, room, generation)
+                await self.runtime.transfer.wait_final(room, timeout=self.runtime.config.transfer_timeout_s)
+                logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
+                return response.first_token, logprob
+            except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
+                logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
+            finally:
+                await self.runtime.transfer.release_room(room)
+        return None
+
+    async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
+                            reservation: RemoteReservation, room: str, generation: int) -> pb.PrefillResponse:
+        destination = pb.KVDestination(
+            endpoint_json=json.dumps(self.runtime.transfer.descriptor().to_dict()), room_id=room,
+            generation=generation, start_page=reservation.start_page, page_ids=reservation.page_ids,
+            region=KV_REGION)
+        stub = pb_grpc.PrefillWorkerStub(self._channel(candidate.address))
+        return await stub.Prefill(pb.PrefillRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=request.sampling, destination=destination), timeout=self.runtime.config.prefill_timeout_s)
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        if address not in self._channels:
+            self._channels[address] = grpc.aio.insecure_channel(address)
+        return self._channels[address]
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        found = await self.runtime.async_engine.run(self.engine.abort_request, request.request_id)
+        if found:
+            self.runtime.async_engine.publish([StepOutput(request.request_id, [], [], True, "abort", None)])
+        return pb.AbortResponse(found=found)
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
+        return await self.runtime.status(request)
+
+
+def _responses(out: StepOutput) -> list[pb.DecodeResponse]:
+    """A step's tokens as a chunk, then (when it ended the request) the finish."""
+    messages = [pb.DecodeResponse(chunk=_chunk(out))] if out.new_token_ids else []
+    if out.finished:
+        messages.append(pb.DecodeResponse(finished=_finished(out)))
+    return messages
+
+
+def _finished(out: StepOutput) -> pb.Finished:
+    finished = pb.Finished(reason=FINISH_REASONS.get(out.finish_reason or "", pb.FINISH_REASON_UNSPECIFIED))
+    request = out.request
+    if request is None:
+        return finished
+    finished.usage.CopyFrom(pb.Usage(prompt_tokens=request.num_prompt_tokens,
+                                     completion_tokens=len(request.output_token_ids),
+                                     cached_tokens=request.num_cached_tokens))
+    if isinstance(request.stop_reason, str):
+        if out.finish_reason == "error":
+            finished.error = request.stop_reason
+        else:
+            finished.stop_string = request.stop_reason
+    elif isinstance(request.stop_reason, int):
+        finished.stop_token = request.stop_reason
+    return finished
+
+
+def _chunk(out: StepOutput) -> pb.TokenChunk:
+    return pb.TokenChunk(token_ids=out.new_token_ids, logprobs=[logprob_to_proto(lp) for lp in out.new_logprobs])
+
+
+async def serve_decode(config: WorkerConfig) -> WorkerRuntime:
+    runtime = WorkerRuntime(config)
+    pb_grpc.add_DecodeWorkerServicer_to_server(DecodeService(runtime), runtime.server)
+    await runtime.start()
+    return runtime

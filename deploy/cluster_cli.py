@@ -1,0 +1,37 @@
+"""Cluster commands of the `epd` CLI: `epd worker`, `epd router`, `epd up`."""
+from __future__ import annotations
+
+import argparse
+
+from deploy.cli import add_engine_arguments, engine_options
+from worker.config import WorkerConfig, add_worker_arguments
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    worker = sub.add_parser("worker", help="start one prefill or decode worker")
+    worker.add_argument("role", choices=["prefill", "decode"])
+    add_engine_arguments(worker)
+    add_worker_arguments(worker)
+    worker.set_defaults(handler=_worker)
+    try:
+        from router.cli import add_router_command
+    except ImportError:
+        add_router_command = None
+    if add_router_command is not None:
+        add_router_command(sub)
+    from deploy.local import add_up_command
+    add_up_command(sub)
+
+
+def worker_config(args: argparse.Namespace) -> WorkerConfig:
+    return WorkerConfig(
+        role=args.role, model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
+        worker_id=args.worker_id, advertise_host=args.advertise_host, router=args.router,
+        transfer=args.transfer, transfer_timeout_s=args.transfer_timeout_s,
+        prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
+        engine_options=engine_options(args))
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from deploy.worker_main import main
+    return main(worker_config(args))

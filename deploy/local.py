@@ -1,0 +1,198 @@
+"""`epd up`: a local cluster of separate processes (router + prefill + decode workers).
+
+Each worker gets a free gRPC port chosen here and is handed to the router on its command
+line. `/health` on the router answers 200 once every worker is ready; the launcher
+waits for that, prints the endpoints, and stops everything on Ctrl-C or SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from deploy.cli import add_engine_arguments
+from worker.config import free_port
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    num_prefill: int = 1
+    num_decode: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: int = 50051
+    model: str | None = None
+    transfer: str = "tcp"
+    policy: str | None = None
+    local_prefill_threshold: int | None = None
+    worker_args: tuple[str, ...] = ()  # extra engine/worker flags for every worker
+    router_args: tuple[str, ...] = ()
+    log_dir: str | None = None  # None: children print to this terminal
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class LocalCluster:
+    def __init__(self, spec: ClusterSpec) -> None:
+        self.spec = spec
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.worker_addresses: dict[str, str] = {}
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.spec.host}:{self.spec.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.spec.host}:{self.spec.grpc_port}"
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        try:
+            for role, count in (("prefill", self.spec.num_prefill), ("decode", self.spec.num_decode)):
+                for index in range(count):
+                    self._start_worker(role, index)
+            self._start_router()
+            self.wait_ready(timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _common(self) -> list[str]:
+        return ["--model", self.spec.model] if self.spec.model else []
+
+    def _start_worker(self, role: str, index: int) -> None:
+        name, port = f"{role}-{index}", free_port(self.spec.host)
+        args = ["worker", role, "--host", self.spec.host, "--port", str(port), "--worker-id", name,
+                "--transfer", self.spec.transfer, "--metrics-port", str(free_port(self.spec.host)),
+                *self._common(), *self.spec.worker_args]
+        if role == "decode" and self.spec.local_prefill_threshold is not None:
+            args += ["--local-prefill-threshold", str(self.spec.local_prefill_threshold)]
+        self.worker_addresses[name] = f"{self.spec.host}:{port}"
+        self._spawn(name, args)
+
+    def _start_router(self) -> None:
+        args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
+                "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args]
+        for name, address in self.worker_addresses.items():
+            args += [f"--{name.split('-')[0]}", address]
+        if self.spec.policy:
+            args += ["--policy", self.spec.policy]
+        self._spawn("router", args)
+
+    def _spawn(self, name: str, args: list[str]) -> None:
+        output = None
+        if self.spec.log_dir:
+            Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
+            output = open(Path(self.spec.log_dir) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        self.processes[name] = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env,
+                                                stdout=output, stderr=subprocess.STDOUT if output else None)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.check_alive()
+            try:
+                if httpx.get(f"{self.http_url}/health", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s")
+
+    def check_alive(self) -> None:
+        for name, proc in self.processes.items():
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
+
+    def kill(self, name: str) -> None:
+        """Kill one component hard (failure tests)."""
+        self.processes[name].kill()
+        self.processes[name].wait(timeout=10)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def __enter__(self) -> LocalCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def add_up_command(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="start a local cluster: router + prefill + decode workers")
+    up.add_argument("--prefill", type=int, default=1, help="prefill workers")
+    up.add_argument("--decode", type=int, default=1, help="decode workers")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=8000, help="router HTTP port")
+    up.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
+    up.add_argument("--transfer", default="tcp", help="KV transfer backend")
+    up.add_argument("--policy", default=None, help="router policy")
+    up.add_argument("--local-prefill-threshold", type=int, default=None)
+    up.add_argument("--log-dir", default=None, help="write each process's log here")
+    add_engine_arguments(up)
+    up.set_defaults(handler=_up)
+
+
+def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    flags = ["--load-format", args.load_format, "--device", args.device, "--page-size", str(args.page_size),
+             "--num-pages", str(args.num_pages), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+             "--max-num-seqs", str(args.max_num_seqs), "--attention-backend", args.attention_backend]
+    if args.dtype:
+        flags += ["--dtype", args.dtype]
+    if args.max_model_len:
+        flags += ["--max-model-len", str(args.max_model_len)]
+    if args.no_prefix_cache:
+        flags.append("--no-prefix-cache")
+    return tuple(flags)
+
+
+def _up(args: argparse.Namespace) -> int:
+    if args.prefill < 0 or args.decode < 1:
+        raise SystemExit("epd up: --decode must be >= 1 and --prefill >= 0")
+    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, host=args.host, port=args.port,
+                       grpc_port=args.grpc_port, model=args.model, transfer=args.transfer, policy=args.policy,
+                       local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
+                       log_dir=args.log_dir)
+    cluster = LocalCluster(spec)
+    stopping = False
+
+    def _terminate(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(signal.SIGINT, _terminate)
+    cluster.start()
+    print(f"epd-serve is up: {args.prefill} prefill, {args.decode} decode worker(s)\n"
+          f"  OpenAI HTTP: {cluster.http_url}/v1   (health {cluster.http_url}/health, "
+          f"cluster {cluster.http_url}/cluster, metrics {cluster.http_url}/metrics)\n"
+          f"  gRPC:        {cluster.grpc_address}\nPress Ctrl-C to stop.", flush=True)
+    try:
+        while not stopping:
+            for name, proc in cluster.processes.items():
+                if proc.poll() is not None:
+                    print(f"epd up: {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
+                    stopping = True
+            time.sleep(0.5)
+    finally:
+        cluster.stop()
+    print("epd-serve stopped", flush=True)
+    return 0

@@ -1,0 +1,172 @@
+"""The prefill worker: computes prompts in chunks and pushes each chunk's KV pages into
+the decode worker's reserved pages as soon as it is computed.
+
+Pages are shipped from the engine's after-step hook, which runs before the next step:
+no page being read can be rewritten meanwhile. A finished prefill keeps its pages
+(`hold_pages`) until its last chunk has landed, then they go to the radix cache.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.engine import StepOutput
+from engine.errors import InvalidRequestError
+from kv_transfer import EndpointDescriptor, Notification, TransferError, coalesce
+from proto import epd_pb2 as pb
+from proto import epd_pb2_grpc as pb_grpc
+from proto.convert import logprob_to_proto, params_from_proto
+from worker.config import WorkerConfig
+from worker.runtime import KV_REGION, WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ShipJob:
+    """KV still to push for one request. Token page i goes to dst.page_ids[i - start]."""
+
+    request_id: str
+    prompt_len: int
+    destination: pb.KVDestination
+    peer: object
+    next_page: int
+    seq: int = 0
+    done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    bytes_sent: int = 0
+
+
+class PrefillService(pb_grpc.PrefillWorkerServicer):
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+        self.engine = runtime.engine
+        self.jobs: dict[str, ShipJob] = {}
+        self.page_size = self.engine.config.page_size
+        runtime.set_step_hook(self._ship)
+
+    async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        rid = request.request_id
+        try:
+            params = params_from_proto(request.sampling)
+            prompt = list(request.prompt_token_ids)
+            await self.runtime.async_engine.run(self.engine.validate, prompt, params)
+            self._check_destination(request.destination, len(prompt))
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            peer = await self._connect(request.destination)
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
+        job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
+        try:
+            return await self._run(job, prompt, params)
+        except TransferError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        finally:
+            self.jobs.pop(rid, None)
+            await self.runtime.async_engine.run(self._drop, rid)
+
+    async def _run(self, job: ShipJob, prompt: list[int], params) -> pb.PrefillResponse:  # noqa: ANN001
+        # Prefill samples exactly the first token; decode applies every stop rule to it.
+        first_only = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop=())
+        async_engine = self.runtime.async_engine
+        queue = async_engine.subscribe(job.request_id)
+        self.jobs[job.request_id] = job
+        try:
+            await async_engine.run(self.engine.add_request, prompt, first_only, job.request_id, hold_pages=True)
+            first: StepOutput = await asyncio.wait_for(queue.get(), self.runtime.config.prefill_timeout_s)
+            if first.finish_reason == "abort":
+                raise TransferError("prefill aborted")
+            if first.finish_reason == "error":
+                raise TransferError(f"prefill failed: {first.request.stop_reason}")
+            kv_bytes = await asyncio.wait_for(job.done, self.runtime.config.transfer_timeout_s)
+        finally:
+            async_engine.unsubscribe(job.request_id)
+        response = pb.PrefillResponse(first_token=first.new_token_ids[0],
+                                      cached_tokens=first.request.num_cached_tokens, kv_bytes=kv_bytes)
+        if first.new_logprobs:
+            response.logprob.CopyFrom(logprob_to_proto(first.new_logprobs[0]))
+        return response
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        job = self.jobs.pop(request.request_id, None)
+        if job is not None:
+            # Wake the waiting Prefill call: it fails with "aborted" and drops the request.
+            self.runtime.async_engine.publish([StepOutput(request.request_id, [], [], True, "abort", None)])
+        found = await self.runtime.async_engine.run(self.engine.abort_request, request.request_id)
+        return pb.AbortResponse(found=bool(found or job))
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
+        return await self.runtime.status(request)
+
+    def _drop(self, request_id: str) -> None:
+        """Engine thread: give back held pages, or abort a prefill still running."""
+        self.engine.release_held(request_id)
+        self.engine.abort_request(request_id)
+
+    def _check_destination(self, dst: pb.KVDestination, prompt_len: int) -> None:
+        pages = -(-prompt_len // self.page_size)
+        if not dst.endpoint_json or not dst.room_id:
+            raise InvalidRequestError("destination needs endpoint_json and room_id")
+        if dst.start_page + len(dst.page_ids) != pages:
+            raise InvalidRequestError(
+                f"destination has pages for token pages [{dst.start_page}, {dst.start_page + len(dst.page_ids)}); "
+                f"the prompt has {pages}")
+
+    async def _connect(self, dst: pb.KVDestination) -> object:
+        try:
+            descriptor = EndpointDescriptor.from_dict(json.loads(dst.endpoint_json))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidRequestError(f"malformed destination endpoint: {exc}") from exc
+        return await self.runtime.transfer.connect(descriptor, timeout=self.runtime.config.transfer_timeout_s)
+
+    # -- shipping (after each step, before the next) -----------------------------------
+
+    async def _ship(self, outputs: list[StepOutput]) -> None:
+        sends = [self._plan(job) for job in list(self.jobs.values())]
+        await asyncio.gather(*(self._send(job, runs, final) for job, runs, final in filter(None, sends)))
+
+    def _plan(self, job: ShipJob) -> tuple[ShipJob, list, bool] | None:
+        """Pages computed since the last send; read synchronously, before any await."""
+        if job.done.done():
+            return None
+        request = self.engine.requests.get(job.request_id) or self.engine.scheduler.parked.get(job.request_id)
+        if request is None:
+            return None
+        final = request.finished
+        limit = -(-job.prompt_len // self.page_size) if final else request.num_computed_tokens // self.page_size
+        limit = min(limit, -(-job.prompt_len // self.page_size))
+        if limit <= job.next_page and not final:
+            return None
+        start = job.destination.start_page
+        src = request.pages[job.next_page:limit]
+        dst = list(job.destination.page_ids[job.next_page - start:limit - start])
+        job.next_page = max(job.next_page, limit)
+        return job, coalesce(src, dst), final
+
+    async def _send(self, job: ShipJob, runs: list, final: bool) -> None:
+        dst = job.destination
+        note = Notification(room_id=dst.room_id, generation=dst.generation, seq=job.seq, payload=b"", final=final)
+        job.seq += 1
+        try:
+            sent = await self.runtime.transfer.write(
+                job.peer, room_id=dst.room_id, generation=dst.generation, region=dst.region or KV_REGION,
+                runs=runs, notification=note, timeout=self.runtime.config.transfer_timeout_s)
+            job.bytes_sent += int(sent or 0)
+            if final:
+                job.done.set_result(job.bytes_sent)
+        except TransferError as exc:
+            if not job.done.done():
+                job.done.set_exception(exc)
+
+
+async def serve_prefill(config: WorkerConfig) -> WorkerRuntime:
+    runtime = WorkerRuntime(config)
+    pb_grpc.add_PrefillWorkerServicer_to_server(PrefillService(runtime), runtime.server)
+    await runtime.start()
+    return runtime

@@ -1,0 +1,50 @@
+"""Worker configuration and its command-line arguments."""
+from __future__ import annotations
+
+import argparse
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    role: str  # "prefill" or "decode"
+    model: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0  # gRPC; 0 picks a free port
+    metrics_port: int | None = None  # HTTP /metrics; None: no metrics server
+    worker_id: str = ""
+    advertise_host: str | None = None  # address peers use; defaults to host
+    router: str | None = None  # register with this router's gRPC address
+    transfer: str = "tcp"
+    transfer_options: dict[str, Any] = field(default_factory=dict)
+    transfer_timeout_s: float = 10.0
+    prefill_timeout_s: float = 60.0
+    local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
+    heartbeat_interval_s: float = 1.0
+    engine_options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def public_host(self) -> str:
+        return self.advertise_host or self.host
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    parser.add_argument("--metrics-port", type=int, default=None, help="HTTP port of /metrics")
+    parser.add_argument("--worker-id", default="")
+    parser.add_argument("--advertise-host", default=None, help="host peers should dial")
+    parser.add_argument("--router", default=None, help="router gRPC address to register with")
+    parser.add_argument("--transfer", default="tcp", help="KV transfer backend")
+    parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
+    parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
+    parser.add_argument("--local-prefill-threshold", type=int, default=64,
+                        help="decode: prompts with fewer uncached tokens are prefilled locally")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])

@@ -1,0 +1,166 @@
+"""What every worker process has: the engine on its own thread, the transfer backend
+with the KV cache registered, a gRPC server, status with prefix-cache events,
+registration with a router, and a Prometheus /metrics endpoint."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.async_engine import AsyncEngine, StepHook
+from engine.config import EngineConfig
+from engine.engine import Engine
+from kv_transfer import TransferBackend, compat_hash, create_backend
+from proto import epd_pb2 as pb
+from proto import epd_pb2_grpc as pb_grpc
+from worker.config import WorkerConfig
+from worker.events import KVEventLog
+
+logger = logging.getLogger(__name__)
+KV_REGION = "kv"
+
+
+async def _maybe_await(value: Any) -> Any:
+    return await value if inspect.isawaitable(value) else value
+
+
+class WorkerRuntime:
+    def __init__(self, config: WorkerConfig) -> None:
+        self.config = config
+        self.engine = Engine(config.model, EngineConfig(), **config.engine_options)
+        self.async_engine = AsyncEngine(self.engine)
+        self.transfer: TransferBackend = create_backend(
+            config.transfer, compat_hash=self.compat_hash(), host=config.public_host,
+            **config.transfer_options)
+        self.events = KVEventLog()
+        self.server = grpc.aio.server()
+        self.port = 0
+        self.snapshot: dict[str, float] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.worker_id or f"{self.config.role}-{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.public_host}:{self.port}"
+
+    def compat_hash(self) -> str:
+        mc, ec = self.engine.model_config, self.engine.config
+        return compat_hash(architecture=mc.architecture, dtype=mc.dtype, num_layers=mc.num_layers,
+                           num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, page_size=ec.page_size,
+                           vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, tp="1")
+
+    def set_step_hook(self, hook: StepHook) -> None:
+        self.async_engine = AsyncEngine(self.engine, after_step=hook)
+
+    async def start(self) -> None:
+        await _maybe_await(self.transfer.start())
+        await _maybe_await(self.transfer.register_region(KV_REGION, self.engine.kv_cache.buffer))
+        await self.async_engine.start()
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        await self.server.start()
+        if self.config.metrics_port is not None:
+            registry = CollectorRegistry()
+            registry.register(_WorkerCollector(self))
+            start_http_server(self.config.metrics_port, addr=self.config.host, registry=registry)
+        self._tasks.append(asyncio.create_task(self._refresh_snapshot()))
+        if self.config.router:
+            self._tasks.append(asyncio.create_task(self._register_loop()))
+        logger.info("%s worker %s listening on %s", self.config.role, self.worker_id, self.address)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.server.stop(grace=1.0)
+        await self.async_engine.stop()
+        await _maybe_await(self.transfer.close())
+
+    # -- status ------------------------------------------------------------------------
+
+    def _counts(self) -> dict[str, Any]:
+        """Runs on the engine thread."""
+        engine = self.engine
+        cache = engine.scheduler.cache
+        if cache is not None:
+            self.events.extend(cache.drain_events())
+        acct = engine.page_accounting()
+        return dict(
+            kv_pages_total=acct.total, kv_pages_free=acct.free,
+            kv_pages_cached=acct.cached, running=len(engine.scheduler.running),
+            waiting=len(engine.scheduler.waiting) + len(engine.scheduler.parked),
+            prefill_tokens_total=engine.counters.prefill_tokens_total,
+            requests_total=engine.counters.requests_total,
+            queued_prefill_tokens=engine.scheduler.queued_prefill_tokens(),
+            prefix_hit_tokens_total=engine.scheduler.prefix_hit_tokens_total,
+            generated_tokens_total=engine.counters.generated_tokens_total,
+        )
+
+    def _status_on_engine(self, after_event: int) -> pb.WorkerStatus:
+        counts = self._counts()
+        counts.pop("generated_tokens_total")
+        cache = self.engine.scheduler.cache
+        batch = self.events.since(after_event, cache.all_hashes() if cache else [])
+        return pb.WorkerStatus(
+            role=self.config.role, id=self.worker_id, address=self.address, healthy=True,
+            kv_bytes_sent_total=self.transfer.bytes_sent_total,
+            kv_bytes_received_total=self.transfer.bytes_received_total,
+            page_size=self.engine.config.page_size, model=str(self.engine.model_path),
+            max_model_len=self.engine.max_model_len, event_seq=batch.seq,
+            events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
+            metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
+            transfer=self.config.transfer, **counts)
+
+    async def status(self, request: pb.StatusRequest) -> pb.WorkerStatus:
+        return await self.async_engine.run(self._status_on_engine, request.after_event)
+
+    async def _refresh_snapshot(self) -> None:
+        while True:
+            counts = await self.async_engine.run(self._counts)
+            counts["kv_bytes_sent_total"] = self.transfer.bytes_sent_total
+            counts["kv_bytes_received_total"] = self.transfer.bytes_received_total
+            counts["kv_transfer_seconds_total"] = self.transfer.transfer_seconds_total
+            self.snapshot = counts
+            await asyncio.sleep(0.5)
+
+    async def _register_loop(self) -> None:
+        assert self.config.router is not None
+        async with grpc.aio.insecure_channel(self.config.router) as channel:
+            registry = pb_grpc.RegistryStub(channel)
+            known = False
+            while True:
+                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                    if not known:
+                        await registry.Register(pb.RegisterRequest(
+                            role=self.config.role, id=self.worker_id, address=self.address), timeout=2.0)
+                    known = (await registry.Heartbeat(pb.HeartbeatRequest(id=self.worker_id),
+                                                      timeout=2.0)).known
+                await asyncio.sleep(self.config.heartbeat_interval_s)
+
+
+_COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "kv_bytes_received_total",
+             "prefix_hit_tokens_total", "generated_tokens_total", "kv_transfer_seconds_total")
+
+
+class _WorkerCollector:
+    """Exposes the runtime's last snapshot (refreshed twice a second)."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self):  # noqa: ANN201 - prometheus collector protocol
+        labels = {"role": self.runtime.config.role, "worker": self.runtime.worker_id}
+        for name, value in dict(self.runtime.snapshot).items():
+            family = (CounterMetricFamily if name in _COUNTERS else GaugeMetricFamily)(
+                f"epd_worker_{name.removesuffix('_total')}", name.replace("_", " "), labels=list(labels))
+            family.add_metric(list(labels.values()), float(value))
+            yield family
