@@ -131,6 +131,10 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
         return await self.runtime.status(request)
 
+    async def FlushCache(self, request: pb.FlushCacheRequest,
+                         context: grpc.aio.ServicerContext) -> pb.FlushCacheResponse:
+        return pb.FlushCacheResponse(pages_freed=await self.runtime.async_engine.run(self.engine.free_cache))
+
 
 def _responses(out: StepOutput) -> list[pb.DecodeResponse]:
     """A step's tokens as a chunk, then (when it ended the request) the finish."""

@@ -104,6 +104,10 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
     async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.WorkerStatus:
         return await self.runtime.status(request)
 
+    async def FlushCache(self, request: pb.FlushCacheRequest,
+                         context: grpc.aio.ServicerContext) -> pb.FlushCacheResponse:
+        return pb.FlushCacheResponse(pages_freed=await self.runtime.async_engine.run(self.engine.free_cache))
+
     def _drop(self, request_id: str) -> None:
         """Engine thread: give back held pages, or abort a prefill still running."""
         self.engine.release_held(request_id)
