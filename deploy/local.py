@@ -33,6 +33,8 @@ class ClusterSpec:
     policy: str | None = None
     local_prefill_threshold: int | None = None
     worker_args: tuple[str, ...] = ()  # extra engine/worker flags for every worker
+    prefill_args: tuple[str, ...] = ()  # ... for prefill workers only (after worker_args)
+    decode_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None  # None: children print to this terminal
     env: dict[str, str] = field(default_factory=dict)
@@ -70,7 +72,8 @@ class LocalCluster:
         name, port = f"{role}-{index}", free_port(self.spec.host)
         args = ["worker", role, "--host", self.spec.host, "--port", str(port), "--worker-id", name,
                 "--transfer", self.spec.transfer, "--metrics-port", str(free_port(self.spec.host)),
-                *self._common(), *self.spec.worker_args]
+                *self._common(), *self.spec.worker_args,
+                *(self.spec.prefill_args if role == "prefill" else self.spec.decode_args)]
         if role == "decode" and self.spec.local_prefill_threshold is not None:
             args += ["--local-prefill-threshold", str(self.spec.local_prefill_threshold)]
         self.worker_addresses[name] = f"{self.spec.host}:{port}"
