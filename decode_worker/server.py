@@ -94,16 +94,19 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         for candidate in request.prefill:
             generation = next(self._generations)
             room = f"{request.request_id}#{generation}"
-            await self.runtime.transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
+            transfer = self.runtime.transfer
+            transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
             try:
                 response = await self._call_prefill(candidate, request, reservation, room, generation)
-                await self.runtime.transfer.wait_final(room, timeout=self.runtime.config.transfer_timeout_s)
+                # Use the pages only once the final notification of this generation is in.
+                async for _ in transfer.notifications(room, timeout=self.runtime.config.transfer_timeout_s):
+                    pass
                 logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
                 return response.first_token, logprob
             except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
                 logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
             finally:
-                await self.runtime.transfer.release_room(room)
+                transfer.release_room(room)
         return None
 
     async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
