@@ -1,0 +1,213 @@
+"""KV transfer throughput: each backend vs. a raw loopback socket copy.
+
+Moves the KV cache of 2,048 tokens of Llama-3.1-8B (32 layers x K,V x 8 KV heads
+x 128 head dim x 2 bytes = 128 KiB per token -> 256 MiB; 16-token pages -> 2 MiB
+pages, 128 of them) from this process into a receiver process, as page runs
+scattered over the receiver's region, and times ``write`` until it returns
+(i.e. until the receiver has applied data and notification). In the same run
+it times a plain blocking ``sendall``/``recv_into`` of the same bytes between
+two processes, the ceiling a TCP-based backend can reach.
+
+    python -m bench.transfer_bench --backend tcp
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import multiprocessing as mp
+import random
+import shlex
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from kv_transfer import (EndpointDescriptor, Notification, available_backends,
+                         coalesce, compat_hash, create_backend)
+
+
+@dataclass(frozen=True)
+class KvGeometry:
+    """Page-major KV cache: [num_pages, layers, 2, page_size, kv_heads, head_dim]."""
+
+    layers: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    dtype_bytes: int = 2  # bf16
+    page_size: int = 16  # tokens per page
+    tokens: int = 2048
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.layers * 2 * self.kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def page_bytes(self) -> int:
+        return self.page_size * self.bytes_per_token
+
+    @property
+    def num_pages(self) -> int:
+        return -(-self.tokens // self.page_size)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.num_pages, self.layers, 2, self.page_size, self.kv_heads,
+                self.head_dim)
+
+    def compat(self) -> str:
+        return compat_hash(model="bench-llama-3.1-8b", dtype="bfloat16",
+                           layers=self.layers, kv_heads=self.kv_heads,
+                           head_dim=self.head_dim, page_size=self.page_size)
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    seconds: list[float]
+    nbytes: int
+
+    def gbps(self, seconds: float) -> float:
+        return self.nbytes / seconds / 1e9
+
+    def line(self) -> str:
+        best, median = min(self.seconds), statistics.median(self.seconds)
+        return (f"{self.label:<12} median {self.gbps(median):6.2f} GB/s   "
+                f"best {self.gbps(best):6.2f} GB/s   ({len(self.seconds)} runs)")
+
+
+def scattered_dst_pages(num_pages: int, block: int, seed: int = 0) -> list[int]:
+    """Destination pages in shuffled blocks, so the write is several page runs."""
+    blocks = [list(range(s, min(s + block, num_pages))) for s in range(0, num_pages, block)]
+    random.Random(seed).shuffle(blocks)
+    return [p for b in blocks for p in b]
+
+
+# ------------------------------------------------------------------ backend run
+
+
+def _backend_receiver(name: str, geo: KvGeometry, conn: Connection) -> None:
+    asyncio.run(_serve_backend(name, geo, conn))
+
+
+async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
+    kv = torch.zeros(geo.shape, dtype=torch.bfloat16)
+    async with create_backend(name, compat_hash=geo.compat()) as backend:
+        await backend.register_region("kv", kv)
+        conn.send(backend.descriptor().to_dict())
+        while (msg := await asyncio.to_thread(conn.recv)) is not None:
+            room, pages = msg
+            backend.reserve_room(room, 1, "kv", pages)
+            conn.send("reserved")
+            await backend.wait_notification(room, timeout=60)
+            digest = hashlib.sha256(kv.view(torch.uint8).numpy()).hexdigest()
+            backend.release_room(room)
+            conn.send(digest)
+
+
+async def _drive_backend(name: str, geo: KvGeometry, iters: int,
+                         kv: torch.Tensor, conn: Connection) -> list[float]:
+    dst_pages = scattered_dst_pages(geo.num_pages, block=8)
+    runs = coalesce(range(geo.num_pages), dst_pages)
+    expected = _expected_digest(kv, dst_pages)
+    seconds = []
+    async with create_backend(name, compat_hash=geo.compat()) as backend:
+        await backend.register_region("kv", kv)
+        peer_desc = EndpointDescriptor.from_dict(await asyncio.to_thread(conn.recv))
+        peer = await backend.connect(peer_desc, timeout=10)
+        for i in range(iters):
+            conn.send((f"bench-{i}", dst_pages))
+            await asyncio.to_thread(conn.recv)
+            note = Notification(f"bench-{i}", 1, 0, b"", final=True)
+            start = time.perf_counter()
+            await backend.write(peer, f"bench-{i}", 1, "kv", runs, note, timeout=60)
+            seconds.append(time.perf_counter() - start)
+            if await asyncio.to_thread(conn.recv) != expected:
+                raise SystemExit(f"{name}: receiver memory differs from the source")
+        conn.send(None)
+    return seconds
+
+
+def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
+    dst = torch.empty_like(kv)
+    dst[torch.tensor(dst_pages)] = kv
+    return hashlib.sha256(dst.view(torch.uint8).numpy()).hexdigest()
+
+
+def bench_backend(name: str, geo: KvGeometry, iters: int, kv: torch.Tensor) -> Result:
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_backend_receiver, args=(name, geo, child), daemon=True)
+    proc.start()
+    try:
+        seconds = asyncio.run(_drive_backend(name, geo, iters, kv, parent))
+    finally:
+        proc.join(timeout=30)
+        proc.kill()
+    return Result(name, seconds, kv.numel() * kv.element_size())
+
+
+# ----------------------------------------------------------------- raw baseline
+
+
+def _raw_receiver(nbytes: int, iters: int, conn: Connection) -> None:
+    buf = memoryview(bytearray(nbytes))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn.send(server.getsockname()[1])
+        sock, _ = server.accept()
+        with sock:
+            for _ in range(iters):
+                got = 0
+                while got < nbytes:
+                    got += sock.recv_into(buf[got:])
+                sock.sendall(b"k")
+
+
+def bench_raw(geo: KvGeometry, iters: int, kv: torch.Tensor) -> Result:
+    data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_raw_receiver, args=(len(data), iters, child), daemon=True)
+    proc.start()
+    seconds = []
+    with socket.create_connection(("127.0.0.1", parent.recv())) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for _ in range(iters):
+            start = time.perf_counter()
+            sock.sendall(data)
+            sock.recv(1)
+            seconds.append(time.perf_counter() - start)
+    proc.join(timeout=30)
+    return Result("raw-socket", seconds, len(data))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", action="append", choices=available_backends(),
+                        help="backend to measure (repeatable; default: all)")
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--page-size", type=int, default=16)
+    args = parser.parse_args(argv)
+    geo = KvGeometry(tokens=args.tokens, page_size=args.page_size)
+    kv = torch.randn(geo.shape, dtype=torch.bfloat16)
+    print("command:", shlex.join([sys.executable, "-m", "bench.transfer_bench",
+                                  *sys.argv[1:]]))
+    print(f"KV: {geo.tokens} tokens x {geo.bytes_per_token >> 10} KiB/token = "
+          f"{kv.numel() * 2 / 2**20:.0f} MiB; {geo.num_pages} pages of "
+          f"{geo.page_bytes / 2**20:g} MiB ({geo.page_size} tokens)")
+    raw = bench_raw(geo, args.iters, kv)
+    print(raw.line())
+    for name in args.backend or available_backends():
+        result = bench_backend(name, geo, args.iters, kv)
+        ratio = statistics.median(raw.seconds) / statistics.median(result.seconds)
+        print(f"{result.line()}   {ratio:.0%} of raw-socket (median)")
+
+
+if __name__ == "__main__":
+    main()
