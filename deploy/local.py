@@ -83,7 +83,7 @@ class LocalCluster:
         args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
                 "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args]
         for name, address in self.worker_addresses.items():
-            args += [f"--{name.split('-')[0]}", address]
+            args += [f"--{name.split('-')[0]}", f"{name}={address}"]
         if self.spec.policy:
             args += ["--policy", self.spec.policy]
         self._spawn("router", args)
