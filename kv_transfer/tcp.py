@@ -92,7 +92,7 @@ class _TcpPeer(PeerHandle):
         self._sock = fsock
         self._pending: dict[int, asyncio.Future[None]] = {}
         self._next_req = 0
-        self._reader = asyncio.create_task(self._read_acks())
+        self.reader = asyncio.create_task(self._read_acks())
         self._cancels: set[asyncio.Task[None]] = set()
 
     @property
@@ -166,7 +166,7 @@ class _TcpPeer(PeerHandle):
 
     async def close(self) -> None:
         self._sock.shutdown()
-        await asyncio.gather(self._reader, return_exceptions=True)
+        await asyncio.gather(self.reader, return_exceptions=True)
 
 
 # ---------------------------------------------------------------- receiver side
@@ -340,6 +340,7 @@ class TcpBackend(TransferBackend):
         self._accept_task: asyncio.Task[None] | None = None
         self._sessions: set[_InboundSession] = set()
         self._peers: set[_TcpPeer] = set()
+        self._by_address: dict[str, _TcpPeer] = {}  # live connection reused per peer
 
     # -- lifecycle
     async def start(self) -> None:
@@ -395,7 +396,12 @@ class TcpBackend(TransferBackend):
     # -- sender side
     async def connect(self, peer: EndpointDescriptor, *,
                       timeout: float = DEFAULT_TIMEOUT_S) -> PeerHandle:
+        """Reuses a live connection to the same address and hash: any number of
+        rooms share it, so callers need not pool or close handles per request."""
         self._check_compatible(peer.backend, peer.compat_hash, peer.address)
+        cached = self._by_address.get(peer.address)
+        if cached is not None and cached.connected and cached.descriptor == peer:
+            return cached
         try:
             handle = await asyncio.wait_for(self._open(peer), timeout)
         except asyncio.TimeoutError:
@@ -404,8 +410,14 @@ class TcpBackend(TransferBackend):
         except (OSError, ConnectionClosed) as exc:
             raise PeerDisconnectedError(f"cannot connect to {peer.address}: {exc}") from None
         self._peers.add(handle)
-        handle._reader.add_done_callback(lambda _t: self._peers.discard(handle))
+        self._by_address[peer.address] = handle
+        handle.reader.add_done_callback(lambda _t: self._forget_peer(handle))
         return handle
+
+    def _forget_peer(self, handle: _TcpPeer) -> None:
+        self._peers.discard(handle)
+        if self._by_address.get(handle.descriptor.address) is handle:
+            del self._by_address[handle.descriptor.address]
 
     def _check_compatible(self, backend: str, their_hash: str, address: str) -> None:
         if backend != self.name:
@@ -500,14 +512,14 @@ class TcpBackend(TransferBackend):
         return total
 
     # -- receiver side
-    def reserve_room(self, room_id: str, generation: int, region: str,
-                     page_ids: Iterable[int]) -> RoomReservation:
+    async def reserve_room(self, room_id: str, generation: int, region: str,
+                           page_ids: Iterable[int]) -> RoomReservation:
         local = self.regions.get(region)
         if local is None:
             raise ValueError(f"no local region {region!r}")
         return self.rooms.reserve(room_id, generation, local.spec, page_ids)
 
-    def release_room(self, room_id: str) -> None:
+    async def release_room(self, room_id: str) -> None:
         self.rooms.release(room_id)
 
     async def wait_notification(self, room_id: str, *,
