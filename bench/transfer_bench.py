@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", action="append", choices=available_backends(),
                         help="backend to measure (repeatable; default: all)")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
     args = parser.parse_args(argv)

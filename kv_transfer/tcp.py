@@ -23,6 +23,7 @@ connection wrote to.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import time
 from collections.abc import Iterable, Sequence
@@ -40,6 +41,8 @@ from .tcp_peer import TcpPeer
 from .tcp_session import InboundSession, LocalRegion, ReceiverContext, byte_view
 from .tcp_wire import (PROTOCOL_VERSION, Begin, ConnectionClosed, FrameSocket,
                        FrameType, Hello, Status, configure_socket, decode_status)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,12 @@ class TcpBackend(TransferBackend):
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: retry, don't die
+                log.warning("tcp transfer backend: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             configure_socket(conn)
             session = InboundSession(self._receiver, FrameSocket(conn))
             self._sessions.add(session)
@@ -214,7 +222,10 @@ class TcpBackend(TransferBackend):
         local = self.regions.get(region)
         if local is None:
             raise ValueError(f"no local region {region!r}")
-        remote = peer.descriptor.region(region)
+        try:
+            remote = peer.descriptor.region(region)
+        except KeyError as exc:
+            raise IncompatiblePeerError(str(exc)) from None
         if remote.page_bytes != local.spec.page_bytes:
             raise IncompatiblePeerError(f"region {region!r}: local pages are "
                                         f"{local.spec.page_bytes} B, peer's "

@@ -34,7 +34,7 @@ class LocalRegion:
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """Flat writable bytes of a contiguous CPU tensor, sharing its storage."""
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+    return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
 
 
 @dataclass(frozen=True)
@@ -126,6 +126,8 @@ class InboundSession:
 
     async def _on_begin(self, req_id: int, body: bytes) -> None:
         begin = Begin.decode(body)
+        if req_id in self._writes:
+            raise ProtocolError(f"request {req_id} opened twice")
         region = self._ctx.regions.get(begin.region)
         try:
             if region is None:
