@@ -69,19 +69,8 @@ class Plan:
 
 
 def sampling_to_proto(params: SamplingParams) -> epd_pb2.SamplingParams:
-    message = epd_pb2.SamplingParams(
-        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-        min_p=params.min_p, repetition_penalty=params.repetition_penalty,
-        frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
-        stop=list(params.stop), stop_token_ids=list(params.stop_token_ids), ignore_eos=params.ignore_eos,
-        skip_special_tokens=params.skip_special_tokens)
-    if params.top_k is not None:
-        message.top_k = params.top_k
-    if params.seed is not None:
-        message.seed = params.seed
-    if params.logprobs is not None:
-        message.logprobs = params.logprobs
-    return message
+    from proto.convert import params_to_proto
+    return params_to_proto(params)
 
 
 class Dispatcher:

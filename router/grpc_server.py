@@ -25,21 +25,26 @@ _FINISH_REASONS = {
 
 
 def sampling_options(message: epd_pb2.SamplingParams) -> dict[str, object]:
-    """SamplingParams' fields from the wire message. Unset scalars of proto3 read as 0:
-    max_tokens 0 means the rest of the context, top_p 0 means 1, repetition_penalty 0
-    means 1; temperature 0 is greedy. skip_special_tokens is taken as sent (false keeps
-    special tokens in the text; the HTTP API skips them, as OpenAI servers do)."""
+    """SamplingParams' fields from the wire message. Optional fields left unset take
+    their defaults: max_tokens the rest of the context, temperature 1, top_p 1,
+    repetition_penalty 1, skip_special_tokens true; a field that is set is validated as
+    sent (max_tokens 0 is an error)."""
+    from proto.convert import params_from_proto
+    defaults = params_from_proto(epd_pb2.SamplingParams())
     return dict(
-        max_tokens=message.max_tokens or None, temperature=message.temperature,
+        max_tokens=message.max_tokens if message.HasField("max_tokens") else None,
+        temperature=message.temperature if message.HasField("temperature") else defaults.temperature,
         top_k=message.top_k if message.HasField("top_k") else None,
-        top_p=message.top_p or 1.0, min_p=message.min_p,
-        repetition_penalty=message.repetition_penalty or 1.0,
+        top_p=message.top_p if message.HasField("top_p") else defaults.top_p, min_p=message.min_p,
+        repetition_penalty=(message.repetition_penalty if message.HasField("repetition_penalty")
+                            else defaults.repetition_penalty),
         frequency_penalty=message.frequency_penalty, presence_penalty=message.presence_penalty,
         seed=message.seed if message.HasField("seed") else None,
         stop=tuple(message.stop), stop_token_ids=tuple(message.stop_token_ids),
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
-        skip_special_tokens=message.skip_special_tokens)
+        skip_special_tokens=(message.skip_special_tokens if message.HasField("skip_special_tokens")
+                             else defaults.skip_special_tokens))
 
 
 def finished_message(finish: Finish) -> epd_pb2.Finished:
