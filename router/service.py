@@ -246,8 +246,8 @@ class _Run:
                     delta = self._on_chunk(response.chunk)
                     if delta is not None:
                         yield delta
-                    if self.text.stopped or len(self.tokens) >= self.request.params.max_tokens:
-                        finish = self._finish_here()
+                    if self.text.stopped:  # the router saw a stop string first: cut the stream
+                        finish = self._make_finish("stop", self.text.stop_string)
                         break
             finish = finish or self._stream_ended()
         except RouterError as exc:
@@ -284,12 +284,6 @@ class _Run:
         self.last_token_at = now
         self.tokens.extend(ids)
         return TokenDelta(ids, self.text.push(ids), list(chunk.logprobs)[:len(ids)])
-
-    def _finish_here(self) -> Finish:
-        """The router ended the stream itself: a stop string or max_tokens."""
-        if self.text.stopped:
-            return self._make_finish("stop", self.text.stop_string)
-        return self._make_finish("length", None)
 
     def _on_finished(self, finished: epd_pb2.Finished) -> Finish:
         self.cached_tokens = finished.usage.cached_tokens
