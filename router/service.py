@@ -149,8 +149,6 @@ class RouterService:
             raise InvalidRequest(str(exc), param=_param_of(str(exc), options)) from exc
         except TypeError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-        if request_id in self._active:
-            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         return GenerationRequest(request_id, prompt, params)
 
     def _check_prompt(self, prompt: list[int]) -> None:
@@ -210,6 +208,10 @@ class RouterService:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream one generation. Raises RouterError only before anything was yielded."""
+        if request.request_id in self._active:
+            exc = InvalidRequest(f"request id {request.request_id!r} is already in use", param="request_id")
+            self.record_error(exc)
+            raise exc
         active = _Active()
         self._active[request.request_id] = active
         run = _Run(self, request, active)
@@ -291,9 +293,7 @@ class _Run:
         if reason == "error":
             message = finished.error or "the decode worker failed"
             if not self.tokens:
-                exc = WorkerFailed(message)
-                self.service.record_error(exc)
-                raise exc
+                raise WorkerFailed(message)  # counted by events()
             return self._error_finish(message)
         stop_reason: str | int | None = None
         if finished.stop_string:

@@ -205,3 +205,38 @@ async def test_prefill_candidates_passed_in_order(make_cluster: MakeCluster) -> 
     candidates = cluster.decodes[0].requests[0].prefill
     assert [c.id for c in candidates] == ["p1", "p0"]
     assert candidates[0].address == cluster.prefills[1].address
+
+
+async def test_streaming_n_choices(make_cluster: MakeCluster, script: list[int]) -> None:
+    cluster = await make_cluster()
+    stream = await client(cluster).chat.completions.create(
+        model=cluster.model, messages=CHAT, max_tokens=5, n=2, stream=True, stream_options={"include_usage": True})
+    texts = {0: "", 1: ""}
+    finishes = {}
+    usage = None
+    async for chunk in stream:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+        usage = chunk.usage or usage
+    assert texts == {0: script_text(cluster, script, 5), 1: script_text(cluster, script, 5)}
+    assert finishes == {0: "length", 1: "length"}
+    assert usage.completion_tokens == 10
+
+
+async def test_duplicate_grpc_request_id_is_rejected(make_cluster: MakeCluster) -> None:
+    import grpc
+
+    from proto import epd_pb2, epd_pb2_grpc
+    cluster = await make_cluster(behaviour=DecodeBehaviour(token_delay=0.05))
+    async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+        stub = epd_pb2_grpc.RouterStub(channel)
+        request = epd_pb2.GenerateRequest(request_id="same", text="x", sampling=epd_pb2.SamplingParams(max_tokens=20))
+        first = stub.Generate(request)
+        await first.read()
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            async for _ in stub.Generate(request):
+                pass
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        first.cancel()

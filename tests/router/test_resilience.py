@@ -176,3 +176,18 @@ async def test_prefix_events_steer_prefill_choice(make_cluster: MakeCluster) -> 
     prefill.events = [("stored", h) for h in page_hashes(prompt, 16)[:2]]
     await prefill.start()
     await wait_until(lambda: cluster.app.registry.get("p1").state.prefix.num_pages == 2)
+
+
+async def test_client_disconnect_before_first_token_cancels_decode(make_cluster: MakeCluster) -> None:
+    cluster = await make_cluster(behaviour=DecodeBehaviour(first_token_delay=5.0))
+    async with httpx.AsyncClient(base_url=cluster.base_url) as http:
+        task = asyncio.create_task(http.post("/v1/completions", json={"prompt": "x", "stream": True}))
+        await wait_until(lambda: len(cluster.decodes[0].requests) == 1)
+        task.cancel()
+        gone = time.monotonic()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    decode = cluster.decodes[0]
+    await wait_until(lambda: len(decode.cancelled) == 1, timeout=1.0)
+    assert next(iter(decode.cancelled.values())) - gone < 1.0
+    await wait_until(lambda: cluster.app.service.admission.running == 0, timeout=1.0)
