@@ -179,6 +179,9 @@ class HealthMonitor:
         except grpc.aio.AioRpcError as exc:
             self._failed(handle, f"{exc.code().name}: {exc.details()}")
             return
+        except Exception as exc:  # noqa: BLE001 - e.g. a channel closed under us; a failed poll either way
+            self._failed(handle, repr(exc))
+            return
         if self._registry.get(handle.state.id) is handle:  # not replaced meanwhile
             self._succeeded(handle, status)
 
