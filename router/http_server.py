@@ -13,7 +13,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,6 +28,8 @@ from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, Pr
                                     chat_max_tokens, chat_messages, check_body_size, completion_prompts,
                                     parse_body, sampling_options, validate_model)
 from router.service import Finish, GenerationRequest, RouterService, TokenDelta
+
+T = TypeVar("T")
 
 _CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
                    "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total")
@@ -110,9 +112,30 @@ class _ClosingStreamingResponse(StreamingResponse):
             await self._on_close()
 
 
+class _ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
 async def _wait_for_disconnect(request: Request) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (Starlette does not
+    notice a disconnect on its own until it writes the response)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
 
 
 class OpenAIServer:
@@ -178,19 +201,21 @@ class OpenAIServer:
         except RouterError as exc:
             return error_response(exc)
         fanout = Fanout(self.service, job.requests)
+        streaming = False
         try:
-            await fanout.start()
+            await _unless_disconnected(request, fanout.start())
+            if job.stream:
+                streaming = True  # the response now owns the fanout and the slot
+                return self._stream(job, fanout, slot)
+            return await _unless_disconnected(request, self._collect(job, fanout))
         except RouterError as exc:
-            await fanout.close()
-            slot.release()
             return error_response(exc)
-        except BaseException:
-            await fanout.close()
-            slot.release()
-            raise
-        if job.stream:
-            return self._stream(job, fanout, slot)
-        return await self._collect_until_disconnect(request, job, fanout, slot)
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not streaming:
+                await fanout.close()
+                slot.release()
 
     def _stream(self, job: Job, fanout: Fanout, slot: Slot) -> Response:
         async def close() -> None:
@@ -216,21 +241,6 @@ class OpenAIServer:
                 body = usage_body([u for _, u in ordered], [job.first_of_prompt[i] for i, _ in ordered])
                 yield _sse(job.formatter.usage_chunk(body))
         yield "data: [DONE]\n\n"
-
-    async def _collect_until_disconnect(self, request: Request, job: Job, fanout: Fanout, slot: Slot) -> Response:
-        work = asyncio.ensure_future(self._collect(job, fanout))
-        watch = asyncio.ensure_future(_wait_for_disconnect(request))
-        try:
-            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if not work.done():  # the client went away: stop its generations
-                work.cancel()
-                return Response(status_code=499)
-            return work.result()
-        finally:
-            watch.cancel()
-            await asyncio.gather(work, watch, return_exceptions=True)
-            await fanout.close()
-            slot.release()
 
     async def _collect(self, job: Job, fanout: Fanout) -> Response:
         choices = [Choice(i) for i in range(len(job.requests))]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -187,4 +187,3 @@ def check_body_size(content_length: str | None, limit: int) -> None:
         raise RequestTooLarge(f"the request body is {content_length} bytes; the limit is {limit}")
 
 
-EndpointKind = Literal["chat", "completion"]

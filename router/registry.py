@@ -50,6 +50,7 @@ class WorkerRegistry:
         self._config = config
         self._clock = clock
         self._workers: dict[str, WorkerHandle] = {}
+        self._closing: set[asyncio.Future[None]] = set()  # channels of dropped workers
         for spec in config.static_workers():
             self.add(spec.role, spec.id, spec.address, static=True)
 
@@ -76,7 +77,9 @@ class WorkerRegistry:
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             handle.state.healthy = False
-            asyncio.ensure_future(handle.channel.close())
+            closing = asyncio.ensure_future(handle.channel.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
             log.info("removed %s worker %s", handle.state.role, worker_id)
 
     def remove(self, worker_id: str) -> bool:
@@ -120,7 +123,7 @@ class WorkerRegistry:
 
     async def close(self) -> None:
         handles, self._workers = list(self._workers.values()), {}
-        await asyncio.gather(*(h.channel.close() for h in handles), return_exceptions=True)
+        await asyncio.gather(*(h.channel.close() for h in handles), *self._closing, return_exceptions=True)
 
 
 def _take_down(state: WorkerState, now: float) -> None:
@@ -175,6 +178,9 @@ class HealthMonitor:
             status = await handle.stub.Status(request, timeout=self._config.health_timeout)
         except grpc.aio.AioRpcError as exc:
             self._failed(handle, f"{exc.code().name}: {exc.details()}")
+            return
+        except Exception as exc:  # noqa: BLE001 - e.g. a channel closed under us; a failed poll either way
+            self._failed(handle, repr(exc))
             return
         if self._registry.get(handle.state.id) is handle:  # not replaced meanwhile
             self._succeeded(handle, status)

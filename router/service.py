@@ -149,8 +149,6 @@ class RouterService:
             raise InvalidRequest(str(exc), param=_param_of(str(exc), options)) from exc
         except TypeError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-        if request_id in self._active:
-            raise InvalidRequest(f"request id {request_id!r} is already in use", param="request_id")
         return GenerationRequest(request_id, prompt, params)
 
     def _check_prompt(self, prompt: list[int]) -> None:
@@ -210,6 +208,10 @@ class RouterService:
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
         """Stream one generation. Raises RouterError only before anything was yielded."""
+        if request.request_id in self._active:
+            exc = InvalidRequest(f"request id {request.request_id!r} is already in use", param="request_id")
+            self.record_error(exc)
+            raise exc
         active = _Active()
         self._active[request.request_id] = active
         run = _Run(self, request, active)
@@ -246,8 +248,8 @@ class _Run:
                     delta = self._on_chunk(response.chunk)
                     if delta is not None:
                         yield delta
-                    if self.text.stopped or len(self.tokens) >= self.request.params.max_tokens:
-                        finish = self._finish_here()
+                    if self.text.stopped:  # the router saw a stop string first: cut the stream
+                        finish = self._make_finish("stop", self.text.stop_string)
                         break
             finish = finish or self._stream_ended()
         except RouterError as exc:
@@ -285,21 +287,13 @@ class _Run:
         self.tokens.extend(ids)
         return TokenDelta(ids, self.text.push(ids), list(chunk.logprobs)[:len(ids)])
 
-    def _finish_here(self) -> Finish:
-        """The router ended the stream itself: a stop string or max_tokens."""
-        if self.text.stopped:
-            return self._make_finish("stop", self.text.stop_string)
-        return self._make_finish("length", None)
-
     def _on_finished(self, finished: epd_pb2.Finished) -> Finish:
         self.cached_tokens = finished.usage.cached_tokens
         reason = _FINISH_REASONS.get(finished.reason, "error")
         if reason == "error":
             message = finished.error or "the decode worker failed"
             if not self.tokens:
-                exc = WorkerFailed(message)
-                self.service.record_error(exc)
-                raise exc
+                raise WorkerFailed(message)  # counted by events()
             return self._error_finish(message)
         stop_reason: str | int | None = None
         if finished.stop_string:
