@@ -32,7 +32,8 @@ from router.service import Finish, GenerationRequest, RouterService, TokenDelta
 T = TypeVar("T")
 
 _CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
-                   "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total")
+                   "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total",
+                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens")
 
 
 def error_response(exc: RouterError) -> JSONResponse:
