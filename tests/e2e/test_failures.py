@@ -29,7 +29,8 @@ def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # no
                       worker_args=("--max-num-batched-tokens", "16")) as cluster:
         rng = random.Random(3)
         prompt = [rng.randrange(3, 500) for _ in range(900)]
-        body = {"model": "tiny", "prompt": prompt, "max_tokens": 500, "stream": True, "ignore_eos": True}
+        model = httpx.get(f"{cluster.http_url}/v1/models", timeout=5).json()["data"][0]["id"]
+        body = {"model": model, "prompt": prompt, "max_tokens": 100, "stream": True, "ignore_eos": True}
         with httpx.Client(timeout=30) as client:
             with client.stream("POST", f"{cluster.http_url}/v1/completions", json=body) as response:
                 assert response.status_code == 200
@@ -38,7 +39,7 @@ def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # no
         wait_for(lambda: _idle(cluster_status(cluster)), 5, 0.05)
         assert time.monotonic() - closed < 1.0 + 0.5  # 0.5 s allowance for the status polls themselves
         # Now a disconnect while decoding.
-        body["prompt"] = prompt[:100]
+        body["prompt"], body["max_tokens"] = prompt[:100], 500
         with httpx.Client(timeout=30) as client:
             with client.stream("POST", f"{cluster.http_url}/v1/completions", json=body) as response:
                 lines = response.iter_lines()
