@@ -102,11 +102,11 @@ async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
         conn.send(backend.descriptor().to_dict())
         while (msg := await asyncio.to_thread(conn.recv)) is not None:
             room, pages = msg
-            await backend.reserve_room(room, 1, "kv", pages)
+            backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
             await backend.wait_notification(room, timeout=60)
             digest = hashlib.sha256(kv.view(torch.uint8).numpy()).hexdigest()
-            await backend.release_room(room)
+            backend.release_room(room)
             conn.send(digest)
 
 
