@@ -95,7 +95,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             generation = next(self._generations)
             room = f"{request.request_id}#{generation}"
             transfer = self.runtime.transfer
-            await transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
+            transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
             try:
                 response = await self._call_prefill(candidate, request, reservation, room, generation)
                 # Use the pages only once the final notification of this generation is in.
@@ -106,7 +106,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
                 logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
             finally:
-                await transfer.release_room(room)
+                transfer.release_room(room)
         return None
 
     async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
