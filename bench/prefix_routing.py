@@ -43,10 +43,11 @@ class Workload:
         return work
 
     def prefill_pages(self) -> int:
-        """Room for two groups' prefixes plus the requests in flight at once."""
+        """Room for two groups' prefixes plus one request computing beside them: a
+        third prefix cannot stay cached."""
         prefix_pages = self.prefix_tokens // self.page_size
         request_pages = -(-(self.prefix_tokens + self.suffix_tokens) // self.page_size)
-        return 2 * prefix_pages + 2 * request_pages
+        return 2 * prefix_pages + request_pages
 
 
 async def _send(address: str, prompts: list[list[int]], concurrency: int) -> None:

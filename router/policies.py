@@ -7,6 +7,7 @@ Policies register by name (`@register_policy`); `create_policy(name)` builds one
 from __future__ import annotations
 
 import itertools
+from collections import Counter, OrderedDict
 import random
 from abc import ABC, abstractmethod
 from typing import Callable, ClassVar, Sequence
@@ -20,6 +21,7 @@ PAGE_PRESSURE_WEIGHT = 4.0
 # whichever cached prefix its pages evict. Without this, a worker holding a prefix loses
 # it to a slightly shorter queue elsewhere and the caches thrash under load.
 MISS_WEIGHT = 2
+OWNER_TABLE_SIZE = 4096
 
 
 class RouteRequest:
@@ -120,12 +122,41 @@ class PrefixAwarePolicy(RoutingPolicy):
     def __init__(self, seed: int | None = None) -> None:
         self._decode = _Rotation()
         self._prefill = _Rotation()
+        # First-page hash of recent prompts -> prefill worker it went to, LRU-bounded.
+        # A prefix nobody holds goes to the worker owning the fewest recent prefixes, so
+        # distinct prefixes spread evenly instead of following momentary queue lengths.
+        self._owners: OrderedDict[int, str] = OrderedDict()
 
     def rank_decode(self, request: RouteRequest, workers: Sequence[WorkerState]) -> list[WorkerState]:
         return self._decode.rank(workers, lambda w: (decode_load(w), -request.cached_tokens(w)))
 
     def rank_prefill(self, request: RouteRequest, workers: Sequence[WorkerState]) -> list[WorkerState]:
-        return self._prefill.rank(workers, lambda w: (prefill_cost(request, w), -w.load.kv_pages_free, w.inflight_requests))
+        root = self._root(request, workers)
+        owned = Counter(self._owners.values())
+        owner = self._owners.get(root) if root is not None else None
+
+        def miss_penalty(w: WorkerState) -> int:
+            # Only when the prompt is a miss everywhere: keep to its owner, else spread.
+            if owner is not None:
+                return 0 if w.id == owner else 1
+            return owned[w.id]
+
+        all_miss = all(request.cached_tokens(w) == 0 for w in workers)
+        ranked = self._prefill.rank(workers, lambda w: (
+            prefill_cost(request, w) + (request.prompt_len * miss_penalty(w) if all_miss else 0),
+            -w.load.kv_pages_free, w.inflight_requests))
+        if root is not None and ranked:
+            self._owners[root] = ranked[0].id
+            self._owners.move_to_end(root)
+            while len(self._owners) > OWNER_TABLE_SIZE:
+                self._owners.popitem(last=False)
+        return ranked
+
+    @staticmethod
+    def _root(request: RouteRequest, workers: Sequence[WorkerState]) -> int | None:
+        page_size = next((w.load.page_size for w in workers if w.load.page_size > 0), 0)
+        hashes = request.page_hashes(page_size) if page_size else []
+        return hashes[0] if hashes else None
 
 
 @register_policy
