@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_policy(policy, workload, logs))
     print(f"command: python -m bench.prefix_routing {shlex.join(argv if argv is not None else sys.argv[1:])}")
     print(f"workload: {workload}")
-    print(f"{'policy':<14} {'hit tokens':>10} {'computed':>9} {'max share':>9}  shares")
+    print(f"{'policy':<14} {'hit tokens':>10} {'computed':>9} {'requests':>8} {'max share':>9}  shares")
     for r in results:
-        print(f"{r['policy']:<14} {r['hit_tokens']:>10} {r['computed_tokens']:>9} {max(r['shares']):>9}  {r['shares']}")
+        print(f"{r['policy']:<14} {r['hit_tokens']:>10} {r['computed_tokens']:>9} {r['requests']:>8} {max(r['shares']):>9}  {r['shares']}")
     if len(results) >= 2 and results[1]["hit_tokens"]:
         print(f"hit-token ratio {results[0]['policy']}/{results[1]['policy']}: "
               f"{results[0]['hit_tokens'] / results[1]['hit_tokens']:.2f}")
