@@ -241,11 +241,12 @@ def bench_decode(engine: Engine, copy_bw: float, batch_size: int, context: int, 
     release(engine, requests)
 
 
-def bench_overlap(engine: Engine, batch_size: int, prompt_len: int, steps: int, rows: list[Row]) -> None:
+def bench_overlap(engine: Engine, batch_size: int, prompt_len: int, steps: int, rows: list[Row],
+                  profile: bool = False) -> None:
     from engine.overlap import OverlapScheduler, OverlapTimings
     rng = random.Random(5)
     vocab = engine.model_config.vocab_size
-    params = SamplingParams(temperature=0, max_tokens=4 * steps + 40, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=4 * steps + 60, ignore_eos=True)
     for _ in range(batch_size):
         engine.add_request([rng.randrange(vocab) for _ in range(prompt_len)], params)
     while any(r.num_computed_tokens < r.num_prompt_tokens for r in engine.scheduler.running) or engine.scheduler.waiting:
@@ -267,6 +268,13 @@ def bench_overlap(engine: Engine, batch_size: int, prompt_len: int, steps: int, 
     overlap = engine.overlap = OverlapScheduler(engine)
     overlap_s = timed_steps(lambda: setattr(overlap, "timings", OverlapTimings()))
     timings = overlap.timings
+    if profile:
+        import cProfile
+        import pstats
+        profiler = cProfile.Profile()
+        profiler.runcall(lambda: [engine.step() for _ in range(20)])
+        print("\n## host profile: 20 overlapped engine steps")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(22)
     cpu = timings.cpu / timings.steps
     last = max(r.num_tokens for r in engine.scheduler.running)
     note = f"contexts {first}..{last}"
@@ -310,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
                                                      args.profile))
     if "overlap" not in skip:
         guarded(rows, "overlap", lambda: bench_overlap(engine, max(batches), args.decode_context - 24,
-                                                      args.overlap_steps, rows))
+                                                      args.overlap_steps, rows, args.profile))
     report(rows, args)
 
 

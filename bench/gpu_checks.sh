@@ -10,3 +10,4 @@ python3 -m pytest -q -m gpu -p no:cacheprovider tests/engine/test_kernels.py tes
   2>&1 | tee -a "$log_dir/gpu_checks.log"
 python3 -m bench.engine_bench --model llama-3.1-8b --out "$log_dir/engine_bench.json" "$@" \
   2>&1 | tee "$log_dir/engine_bench.log"
+python3 -m bench.kernel_sweep --model llama-3.1-8b 2>&1 | tee "$log_dir/kernel_sweep.log"

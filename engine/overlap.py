@@ -59,6 +59,10 @@ class OverlapScheduler:
         self.engine = engine
         self.in_flight: InFlightStep | None = None
         self.timings = OverlapTimings()
+        # Two pinned buffers alternate: step N's is read while step N+1's is written.
+        self._host_buffers: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event] = []
+        self._turn = 0
 
     @property
     def busy(self) -> bool:
@@ -100,14 +104,22 @@ class OverlapScheduler:
         for request in sampling:
             request.output_token_ids.append(_PLACEHOLDER)
             indices.append(len(request.output_token_ids) - 1)
-        if tokens.is_cuda:
-            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            host.copy_(tokens, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host, ready = tokens, None
+        host, ready = self._copy_to_host(tokens)
         return InFlightStep(sampling, indices, tokens, host, ready)
+
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not tokens.is_cuda:
+            return tokens, None
+        count = tokens.shape[0]
+        if not self._host_buffers or self._host_buffers[0].shape[0] < count:
+            size = max(count, self.engine.config.max_num_seqs)
+            self._host_buffers = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+        self._turn ^= 1
+        host = self._host_buffers[self._turn][:count]
+        host.copy_(tokens, non_blocking=True)
+        self._events[self._turn].record()
+        return host, self._events[self._turn]
 
     def _resolve(self) -> list[StepOutput]:
         """Read the in-flight step's tokens, replace the placeholders, apply stops."""
@@ -124,13 +136,15 @@ class OverlapScheduler:
         for request, index, token in zip(step.requests, step.output_indices, step.host_tokens.tolist()):
             if request.finished:  # aborted, or finished on an earlier token
                 continue
-            request.output_token_ids[index] = token
+            outputs_so_far = request.output_token_ids
+            outputs_so_far[index] = token
             # Stop checks see exactly the tokens read so far: hold back a newer placeholder.
-            later = request.output_token_ids[index + 1:]
-            del request.output_token_ids[index + 1:]
+            later = outputs_so_far[index + 1:]
+            if later:
+                del outputs_so_far[index + 1:]
             reason = self.engine._check_stop(request, token)
             if reason is None:
-                request.output_token_ids.extend(later)
+                outputs_so_far.extend(later)
             else:
                 self.engine._finish(request, reason)
             outputs.append(StepOutput(request.request_id, [token], [], reason is not None, reason, request))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, register_attention_backend
 from engine.batch import Batch
@@ -25,6 +26,9 @@ class TritonAttentionMetadata:
     query_start: torch.Tensor  # [B + 1] int32 offsets of each sequence's new tokens
     max_query_len: int
     num_splits: int  # decode only: context splits, fixed per CUDA graph
+    # Lengths of the prompts when the batch is a few whole prompts with nothing cached:
+    # their K/V are the step's own k/v, and torch's fused SDPA is faster there (measured).
+    whole_prompts: tuple[int, ...] | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -53,6 +57,7 @@ def host_page_table(batch: Batch, page_size: int, width: int | None = None) -> n
 @register_attention_backend
 class TritonAttention(AttentionBackend):
     name = "triton"
+    sdpa_max_prompts = 8  # more prompts than this: one Triton launch beats a loop of SDPA calls
 
     def __init__(self, kv_cache: KVCache, scale: float) -> None:
         super().__init__(kv_cache, scale)
@@ -75,9 +80,12 @@ class TritonAttention(AttentionBackend):
         np.cumsum(batch.query_lens, out=query_start[1:])
         page_table_dev, seq_lens_dev, query_start_dev = pack_int32(
             [page_table, seq_lens, query_start], self.kv_cache.buffer.device)
+        whole = batch.query_lens == batch.seq_lens and 1 < max(batch.query_lens, default=0) and \
+            len(batch.query_lens) <= self.sdpa_max_prompts
         batch.attention_metadata = TritonAttentionMetadata(
             page_table_dev, seq_lens_dev, query_start_dev, max(batch.query_lens, default=0),
-            self.num_splits(len(batch.seq_lens), max(batch.seq_lens, default=1)))
+            self.num_splits(len(batch.seq_lens), max(batch.seq_lens, default=1)),
+            tuple(batch.query_lens) if whole else None)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
@@ -88,5 +96,21 @@ class TritonAttention(AttentionBackend):
         if meta.is_decode:
             return self._decode.decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens,
                                                  self.scale, meta.num_splits)
+        if meta.whole_prompts is not None:
+            return self._whole_prompts(q, k, v, meta.whole_prompts)
         return self._prefill.prefill_attention(q, k_pages, v_pages, meta.page_table, meta.query_start,
                                                meta.seq_lens, meta.max_query_len, self.scale)
+
+    def _whole_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       lengths: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty_like(q)
+        start = 0
+        for length in lengths:
+            rows = slice(start, start + length)
+            # [L, heads, D] -> [1, heads, L, D] views; SDPA repeats K/V heads itself.
+            attended = F.scaled_dot_product_attention(
+                q[rows].transpose(0, 1)[None], k[rows].transpose(0, 1)[None], v[rows].transpose(0, 1)[None],
+                is_causal=True, scale=self.scale, enable_gqa=True)
+            out[rows] = attended[0].transpose(0, 1)
+            start += length
+        return out

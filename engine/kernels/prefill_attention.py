@@ -7,11 +7,25 @@ need no mask; only the diagonal band is masked.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+class PrefillConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# 128x64 tiles with 8 warps suit head_dim 128 on Hopper; tiny tiles keep the interpreter fast.
+GPU_CONFIG = PrefillConfig(128, 64, 8, 3)
+INTERPRETER_CONFIG = PrefillConfig(16, 16, 4, 1)
 
 
 @triton.jit
@@ -47,7 +61,7 @@ def _prefill_kernel(
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    query_block = tl.program_id(2)
+    query_block = tl.num_programs(2) - 1 - tl.program_id(2)  # the longest rows first
     q_start = tl.load(query_start_ptr + seq)
     q_len = tl.load(query_start_ptr + seq + 1) - q_start
     if query_block * BLOCK_M < q_len:
@@ -84,16 +98,13 @@ def _prefill_kernel(
 
 def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                       page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
-                      max_query_len: int, scale: float) -> torch.Tensor:
+                      max_query_len: int, scale: float, config: PrefillConfig | None = None) -> torch.Tensor:
     """q [T, H, D] of all sequences' new tokens, in order; query_start [B + 1] int32
     offsets into T; seq_lens [B] int32; page_table [B, W] int32 -> out [T, H, D]."""
     tokens, heads, head_dim = q.shape
     seqs = seq_lens.shape[0]
     group = heads // k_pages.shape[2]
-    on_gpu = q.is_cuda
-    # 128x64 tiles with 8 warps suit head_dim 128 on Hopper; tiny tiles keep the
-    # interpreter fast.
-    block_m, block_n, warps, stages = (128, 64, 8, 3) if on_gpu else (16, 16, 4, 1)
+    block_m, block_n, warps, stages = config or (GPU_CONFIG if q.is_cuda else INTERPRETER_CONFIG)
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out

@@ -15,6 +15,9 @@ from engine.models.rope import apply_rotary
 class TorchOps:
     name = "torch"
 
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return F.linear(x, weight, bias)
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # Normalise in float32 and cast back before the weight, as transformers does.
         x32 = x.float()

@@ -107,3 +107,20 @@ def test_prefill_attention_ragged_with_paged_prefix(device: str) -> None:
     # fresh prompt, a decode row, a chunk after a prefix, a chunk ending mid-page
     _attention_case(device, [long // 2, long, long, 2 * s.page_size + 3],
                     [long // 2, 1, long // 3, s.page_size + 2], None)
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_skinny_matmul(device: str, rows: int) -> None:
+    from engine.kernels.skinny_matmul import skinny_matmul
+    s = SIZES[device]
+    n, k = (s.intermediate, s.hidden) if device == "cuda" else (40, 72)  # n, k not block multiples on CPU
+    x = torch.randn(rows, k, device=device, dtype=s.dtype)
+    weight = torch.randn(n, k, device=device, dtype=s.dtype) * k**-0.5
+    bias = torch.randn(n, device=device, dtype=s.dtype)
+    assert rel_err(skinny_matmul(x, weight), TORCH_OPS.linear(x.float(), weight.float())) <= s.tolerance
+    assert rel_err(skinny_matmul(x, weight, bias), TORCH_OPS.linear(x.float(), weight.float(), bias.float())) <= s.tolerance
+
+
+def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
+    s = SIZES[device]
+    _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
