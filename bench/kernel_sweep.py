@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.presets import PRESETS
+from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import PrefillConfig, prefill_attention
 from engine.kernels.skinny_matmul import SkinnyConfig, skinny_matmul
 
@@ -95,11 +96,32 @@ def sweep_prefill(model: str, prompts: int = 4, length: int = 2048) -> None:
             print(f"prefill attention {tuple(config)}: {type(exc).__name__}: {exc}"[:200])
 
 
+def sweep_decode_splits(model: str, context: int = 1024) -> None:
+    """Split-K counts of the decode kernel (merge kernel included when splits > 1)."""
+    c = PRESETS[model]
+    heads, kv, d, page = c["num_attention_heads"], c["num_key_value_heads"], c["head_dim"], 16
+    for batch, choices in ((1, (8, 16, 33, 64)), (64, (1, 2, 4))):
+        pages = batch * context // page
+        k_pages = torch.randn(pages, page, kv, d, device="cuda", dtype=torch.bfloat16)
+        v_pages = torch.randn_like(k_pages)
+        page_table = torch.randperm(pages, device="cuda", dtype=torch.int32).view(batch, -1)
+        seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+        q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
+        gb = 2 * k_pages.numel() * 2 / 1e9
+        for splits in choices:
+            seconds = graph_time([lambda s=splits: decode_attention(q, k_pages, v_pages, page_table, seq_lens,
+                                                                   d**-0.5, s)] * 8)
+            print(f"decode attention batch {batch} x {context}, {splits} splits: {seconds * 1e6:6.1f} us "
+                  f"({gb / seconds:.2f} TB/s of K/V)")
+        del k_pages, v_pages
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default="llama-3.1-8b")
     parser.add_argument("--rows", default="1,16")
     args = parser.parse_args()
+    sweep_decode_splits(args.model)
     sweep_prefill(args.model)
     sweep_skinny(args.model, [int(r) for r in args.rows.split(",")])
 

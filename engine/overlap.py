@@ -18,7 +18,7 @@ resolves the step in flight and then runs as `Engine.step` does.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -48,10 +48,10 @@ class OverlapTimings:
     """Host time per step, for benchmarks: `cpu` excludes `wait` (blocked on the GPU)."""
 
     steps: int = 0
-    schedule: float = 0.0
-    cpu: float = 0.0
+    schedule: float = 0.0  # Scheduler.schedule
+    launch: float = 0.0  # input preparation and kernel/graph launch of the next step
+    cpu: float = 0.0  # all host time of step(), waits excluded
     wait: float = 0.0
-    samples: list[float] = field(default_factory=list)
 
 
 class OverlapScheduler:
@@ -79,7 +79,9 @@ class OverlapScheduler:
             outputs = self._resolve()
             outputs += self._run_synchronously(batch)
         else:
+            launch_start = time.perf_counter()
             launched = self._launch(batch) if batch.scheduled else None
+            self.timings.launch += time.perf_counter() - launch_start
             outputs = self._resolve()
             self.in_flight = launched
         self.timings.steps += 1
@@ -88,7 +90,7 @@ class OverlapScheduler:
 
     @staticmethod
     def _can_overlap(batch: Batch) -> bool:
-        return all(is_plain_greedy(s.request.params) for s in batch.scheduled if s.completes_prompt)
+        return all(is_plain_greedy(s.request.params) or not s.completes_prompt for s in batch.scheduled)
 
     def _launch(self, batch: Batch) -> InFlightStep:
         sampling = [s.request for s in batch.scheduled if s.completes_prompt]

@@ -98,8 +98,10 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, st
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                       block_n: int = 64) -> int:
-    """Enough programs for ~4 per multiprocessor, never a split shorter than one block."""
-    wanted = math.ceil(4 * num_sms / max(1, num_seqs * num_kv_heads))
+    """About two programs per multiprocessor (what fits beside each other with three
+    pipelined K/V stages), never a split shorter than one block. Large batches need no
+    split, and so no merge kernel."""
+    wanted = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, math.ceil(max_seq_len / block_n), 64))
 
 

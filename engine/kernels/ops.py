@@ -7,7 +7,7 @@ import torch
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.rmsnorm import add_rms_norm, rms_norm
 from engine.kernels.rotary import apply_rotary_
-from engine.kernels.skinny_matmul import MAX_ROWS, skinny_matmul
+from engine.kernels.skinny_matmul import MAX_ROWS, skinny_matmul, wins_over_cublas
 from engine.models.ops import TorchOps
 
 
@@ -15,8 +15,9 @@ class TritonOps(TorchOps):
     name = "triton"
 
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        # A few rows only stream the weight: measured faster than cuBLAS there (BENCHMARKS.md).
-        if x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1:
+        # A few rows only stream the weight; used where measured faster than cuBLAS.
+        if x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and (
+                wins_over_cublas(weight.shape[0]) or not x.is_cuda):
             return skinny_matmul(x, weight, bias)
         return super().linear(x, weight, bias)
 

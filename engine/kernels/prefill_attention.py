@@ -23,8 +23,9 @@ class PrefillConfig(NamedTuple):
     num_stages: int
 
 
-# 128x64 tiles with 8 warps suit head_dim 128 on Hopper; tiny tiles keep the interpreter fast.
-GPU_CONFIG = PrefillConfig(128, 64, 8, 3)
+# The fastest of bench/kernel_sweep.py's tiles for head_dim 128 on an H200; tiny tiles keep
+# the interpreter fast.
+GPU_CONFIG = PrefillConfig(128, 32, 4, 4)
 INTERPRETER_CONFIG = PrefillConfig(16, 16, 4, 1)
 
 

@@ -48,10 +48,19 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
 
 
 def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
+    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
     if not on_gpu:
         return SkinnyConfig(16, 16, 4, 1)
-    # Enough programs to give every multiprocessor two or more weight streams.
-    return SkinnyConfig(16 if n <= 8192 else 32, 256, 4, 4)
+    if n >= 65536:  # LM heads
+        return SkinnyConfig(64, 128, 4, 5)
+    return SkinnyConfig(32, 512 if k >= 8192 else 256, 4, 5)
+
+
+def wins_over_cublas(n: int) -> bool:
+    """Where the sweep measured this kernel faster than cuBLAS at 1..16 rows: narrow
+    outputs (cuBLAS takes split-K plus a reduce kernel there) and LM heads; equal or
+    slower in between."""
+    return n <= 4096 or n >= 65536
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
