@@ -162,8 +162,9 @@ def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
         flags += ["--dtype", args.dtype]
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
-    if args.no_prefix_cache:
-        flags.append("--no-prefix-cache")
+    for name in ("no_prefix_cache", "cuda_graphs", "overlap_schedule"):
+        if getattr(args, name):
+            flags.append("--" + name.replace("_", "-"))
     return tuple(flags)
 
 
