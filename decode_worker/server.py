@@ -71,7 +71,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         await run(self.engine.add_request, prompt, params, rid)
 
     async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int]) -> bool:
-        if not request.prefill:
+        if not request.prefill or self.runtime.transfer is None:
             return False
         if request.force_remote_prefill:
             return True
