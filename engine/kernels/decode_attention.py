@@ -99,11 +99,10 @@ def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, st
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                       block_n: int = 64) -> int:
     """About two programs per multiprocessor (what fits beside each other with three
-    pipelined K/V stages). Large batches need no split, and so no merge kernel."""
+    pipelined K/V stages), never a split shorter than one block. Large batches need no
+    split, and so no merge kernel."""
     wanted = math.ceil(2 * num_sms / max(1, num_seqs * num_kv_heads))
-    # Splits of at least four blocks: at batch 1 x 1024, 16 splits ran 6.0 us against 7.6 us
-    # for 33 (bench/kernel_sweep.py, H200).
-    return max(1, min(wanted, math.ceil(max_seq_len / (4 * block_n)), 64))
+    return max(1, min(wanted, math.ceil(max_seq_len / block_n), 64))
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

@@ -30,13 +30,6 @@ class TritonOps(TorchOps):
                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         return add_rms_norm(x, delta, weight, eps)
 
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # At a few rows the activation is fused into the weight-streaming matmul.
-        if 0 < gate_up.shape[0] <= MAX_ROWS and gate_up.stride(-1) == 1 and (
-                wins_over_cublas(weight.shape[0]) or not gate_up.is_cuda):
-            return skinny_matmul(gate_up, weight, gated=True)
-        return super().silu_mul_linear(gate_up, weight)
-
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary_(q, k, cos, sin)

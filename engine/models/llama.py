@@ -84,8 +84,7 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # down_proj has no bias in any supported architecture (mlp_bias is not read).
-        return self.ops.silu_mul_linear(self.gate_up_proj(x), self.down_proj.weight)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

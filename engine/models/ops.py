@@ -38,9 +38,5 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def silu_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """linear(silu(gate) * up, weight): the MLP's activation and down projection."""
-        return self.linear(self.silu_and_mul(gate_up), weight)
-
 
 TORCH_OPS = TorchOps()

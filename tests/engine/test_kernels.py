@@ -124,14 +124,3 @@ def test_skinny_matmul(device: str, rows: int) -> None:
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
     s = SIZES[device]
     _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
-
-
-@pytest.mark.parametrize("rows", [1, 7])
-def test_skinny_matmul_with_fused_silu_and_mul(device: str, rows: int) -> None:
-    from engine.kernels.skinny_matmul import skinny_matmul
-    s = SIZES[device]
-    n, k = (s.hidden, s.intermediate) if device == "cuda" else (24, 40)
-    gate_up = torch.randn(rows, 2 * k, device=device, dtype=s.dtype)
-    weight = torch.randn(n, k, device=device, dtype=s.dtype) * k**-0.5
-    ref = TORCH_OPS.silu_mul_linear(gate_up, weight)
-    assert rel_err(skinny_matmul(gate_up, weight, gated=True), ref) <= s.tolerance
