@@ -67,10 +67,10 @@ def sweep_skinny(model: str, rows_list: list[int]) -> None:
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
                     print(f"  {config}: {type(exc).__name__}")
             results.sort()
-            gb = n * k * 2 / 1e9
+            tb = n * k * 2 / 1e12
             best_s, best = results[0]
             print(f"skinny {name:8s} M={rows:<3d} N={n:<6d} K={k:<5d} cuBLAS {cublas * 1e6:7.1f} us "
-                  f"({gb / cublas:5.2f} TB/s)  best {best_s * 1e6:7.1f} us ({gb / best_s:5.2f} TB/s) {tuple(best)}  "
+                  f"({tb / cublas:5.2f} TB/s)  best {best_s * 1e6:7.1f} us ({tb / best_s:5.2f} TB/s) {tuple(best)}  "
                   f"next {[(round(t * 1e6, 1), tuple(c)) for t, c in results[1:4]]}")
         del weights
 
@@ -107,12 +107,12 @@ def sweep_decode_splits(model: str, context: int = 1024) -> None:
         page_table = torch.randperm(pages, device="cuda", dtype=torch.int32).view(batch, -1)
         seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
         q = torch.randn(batch, heads, d, device="cuda", dtype=torch.bfloat16)
-        gb = 2 * k_pages.numel() * 2 / 1e9
+        tb = 2 * k_pages.numel() * 2 / 1e12
         for splits in choices:
             seconds = graph_time([lambda s=splits: decode_attention(q, k_pages, v_pages, page_table, seq_lens,
                                                                    d**-0.5, s)] * 8)
             print(f"decode attention batch {batch} x {context}, {splits} splits: {seconds * 1e6:6.1f} us "
-                  f"({gb / seconds:.2f} TB/s of K/V)")
+                  f"({tb / seconds:.2f} TB/s of K/V; L2-resident at batch 1)")
         del k_pages, v_pages
 
 
