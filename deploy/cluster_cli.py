@@ -41,17 +41,6 @@ def add_router_command(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_router(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import sys
-
     from router.config import config_from_args
-    from router.server import serve
-    try:
-        config = config_from_args(args)
-    except ValueError as exc:
-        print(f"epd router: error: {exc}", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
-    return 0
+    from router.server import run_router
+    return run_router(lambda: config_from_args(args), "epd router")

@@ -9,7 +9,8 @@ import logging
 import signal
 import socket
 from pathlib import Path
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 import grpc
 import uvicorn
@@ -119,3 +120,16 @@ async def serve(config: RouterConfig) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         await app.stop()
+
+
+def run_router(build_config: Callable[[], RouterConfig], prog: str) -> int:
+    """Entry point shared by `epd router` and `python -m router`: build the config
+    (a ValueError is a usage error, exit 2), set up logging, serve until stopped."""
+    try:
+        config = build_config()
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0

@@ -118,17 +118,22 @@ async def _seconds_until_unhealthy(cluster, worker_id: str, limit_s: float = 10.
     return float("inf")
 
 
+def _kill_during_load(cluster, name: str, requests: int, after_s: float) -> tuple[list, float]:  # noqa: ANN001
+    """Send `requests` requests, kill worker `name` after `after_s` seconds; returns the
+    results and how long the router took to mark the worker unhealthy."""
+    async def scenario() -> tuple[list, float]:
+        task = asyncio.create_task(_many(cluster.grpc_address, requests))
+        await asyncio.sleep(after_s)
+        cluster.kill(name)
+        removed_after = await _seconds_until_unhealthy(cluster, name)
+        return await task, removed_after
+    return asyncio.run(scenario())
+
+
 def test_dead_prefill_worker_is_retried_and_removed(tmp_path) -> None:  # noqa: ANN001
     with make_cluster(tmp_path, num_prefill=2, num_decode=1,
                       worker_args=("--max-num-batched-tokens", "64")) as cluster:
-        async def scenario() -> tuple[list, float]:
-            task = asyncio.create_task(_many(cluster.grpc_address, 24))
-            await asyncio.sleep(1.0)
-            cluster.kill("prefill-0")
-            removed_after = await _seconds_until_unhealthy(cluster, "prefill-0")
-            return await task, removed_after
-
-        results, removed_after = asyncio.run(scenario())
+        results, removed_after = _kill_during_load(cluster, "prefill-0", 24, 1.0)
         assert removed_after < 5.0
         # Decode retried every prefill that died with prefill-0 on prefill-1 (or locally).
         assert all(_succeeded(r) for r in results), [r for r in results if not _succeeded(r)][:3]
@@ -142,14 +147,7 @@ def test_dead_prefill_worker_is_retried_and_removed(tmp_path) -> None:  # noqa: 
 def test_dead_decode_worker_before_first_token_is_retried(tmp_path) -> None:  # noqa: ANN001
     with make_cluster(tmp_path, num_prefill=1, num_decode=2,
                       worker_args=("--max-num-batched-tokens", "32")) as cluster:
-        async def scenario() -> tuple[list, float]:
-            task = asyncio.create_task(_many(cluster.grpc_address, 16))
-            await asyncio.sleep(0.5)
-            cluster.kill("decode-0")
-            removed_after = await _seconds_until_unhealthy(cluster, "decode-0")
-            return await task, removed_after
-
-        results, removed_after = asyncio.run(scenario())
+        results, removed_after = _kill_during_load(cluster, "decode-0", 16, 0.5)
         assert removed_after < 5.0
         failed = [r for r in results if not _succeeded(r)]
         # Only requests already streaming from decode-0 may fail; every request still
