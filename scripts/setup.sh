@@ -17,5 +17,5 @@ $VPY -m pip install -q --upgrade pip
 # Install the CPU build of torch first: a bare `torch` requirement could pull a CUDA build.
 $VPY -c "import torch" 2>/dev/null || $VPY -m pip install -q "torch==2.13.0"
 $VPY -m pip install -q -e ".[test]"
-$VPY -m proto.build  # gRPC stubs from proto/epd.proto
+$VPY -c "import proto"  # generates the gRPC stubs from proto/epd.proto
 echo "$want" > "$stamp"
