@@ -95,12 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_command(sub)
     _add_generate_command(sub)
-    try:
-        from deploy import cluster_cli
-    except ImportError:  # the cluster commands are optional until their packages exist
-        cluster_cli = None
-    if cluster_cli is not None:
-        cluster_cli.add_commands(sub)
+    from deploy import cluster_cli
+    cluster_cli.add_commands(sub)
     return parser
 
 
