@@ -102,11 +102,11 @@ async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
         conn.send(backend.descriptor().to_dict())
         while (msg := await asyncio.to_thread(conn.recv)) is not None:
             room, pages = msg
-            backend.reserve_room(room, 1, "kv", pages)
+            await backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
             await backend.wait_notification(room, timeout=60)
             digest = hashlib.sha256(kv.view(torch.uint8).numpy()).hexdigest()
-            backend.release_room(room)
+            await backend.release_room(room)
             conn.send(digest)
 
 
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", action="append", choices=available_backends(),
                         help="backend to measure (repeatable; default: all)")
-    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
     args = parser.parse_args(argv)

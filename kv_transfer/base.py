@@ -40,6 +40,7 @@ Design rationale
 from __future__ import annotations
 
 import abc
+import asyncio
 import hashlib
 import json
 import struct
@@ -365,14 +366,17 @@ class TransferBackend(abc.ABC):
 
     # -- receiver side
     @abc.abstractmethod
-    def reserve_room(self, room_id: str, generation: int, region: str,
-                     page_ids: Iterable[int]) -> RoomReservation:
+    async def reserve_room(self, room_id: str, generation: int, region: str,
+                           page_ids: Iterable[int]) -> RoomReservation:
         """Allow ``(room_id, generation)`` to write ``page_ids`` of ``region``.
-        Re-reserving a room id needs a higher generation and fences the old."""
+        A page may belong to one live room only. Re-reserving a room id needs a
+        higher generation and fences the old one. Async so that one-sided
+        backends can publish the reservation to their control channel."""
 
     @abc.abstractmethod
-    def release_room(self, room_id: str) -> None:
-        """Forget the room (idempotent); in-flight and later writes to it fail."""
+    async def release_room(self, room_id: str) -> None:
+        """Forget the room (idempotent); in-flight and later writes to it fail
+        with FencingError, waiters wake with FencingError."""
 
     @abc.abstractmethod
     async def wait_notification(self, room_id: str, *,
@@ -391,6 +395,18 @@ class TransferBackend(abc.ABC):
             yield note
             if note.final:
                 return
+
+    async def wait_final(self, room_id: str, *,
+                         timeout: float = DEFAULT_TIMEOUT_S) -> Notification:
+        """Consume the room's notifications until the final one and return it;
+        ``timeout`` bounds the whole wait. Once it returns, every chunk landed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            remaining = max(deadline - loop.time(), 0.0)
+            note = await self.wait_notification(room_id, timeout=remaining)
+            if note.final:
+                return note
 
     # -- counters
     @property

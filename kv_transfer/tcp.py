@@ -25,26 +25,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import struct
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .base import (DEFAULT_TIMEOUT_S, EndpointDescriptor, FencingError,
-                   IncompatiblePeerError, Notification, PageRun, PeerDisconnectedError,
-                   PeerHandle, RegionSpec, RoomReservation, TransferBackend,
-                   TransferError, TransferTimeoutError, region_spec_for,
-                   register_backend)
-from .rooms import RoomTable, WriteTicket
+from .base import (DEFAULT_TIMEOUT_S, EndpointDescriptor, IncompatiblePeerError,
+                   Notification, PageRun, PeerDisconnectedError, PeerHandle, RegionSpec,
+                   RoomReservation, TransferBackend, TransferTimeoutError,
+                   region_spec_for, register_backend)
+from .rooms import RoomTable
+from .tcp_peer import TcpPeer
+from .tcp_session import InboundSession, LocalRegion, ReceiverContext, byte_view
 from .tcp_wire import (PROTOCOL_VERSION, Begin, ConnectionClosed, FrameSocket,
-                       FrameType, Hello, ProtocolError, Status, configure_socket,
-                       decode_status, encode_status)
+                       FrameType, Hello, Status, configure_socket, decode_status)
 
 log = logging.getLogger(__name__)
-
-_MALFORMED = (ProtocolError, ValueError, struct.error, UnicodeDecodeError)
 
 
 @dataclass(frozen=True)
@@ -56,273 +54,6 @@ class TcpConfig:
     handshake_timeout: float = 10.0
 
 
-@dataclass(frozen=True)
-class _LocalRegion:
-    spec: RegionSpec
-    tensor: torch.Tensor  # keeps the memory alive while `view` is in use
-    view: memoryview  # writable byte view of the tensor's storage, zero copy
-
-
-def _byte_view(tensor: torch.Tensor) -> memoryview:
-    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-
-
-def _status_error(status: Status, text: str) -> TransferError | None:
-    if status is Status.OK:
-        return None
-    if status is Status.FENCED:
-        return FencingError(text)
-    return TransferError(text)
-
-
-def _status_of(error: TransferError | None) -> Status:
-    if error is None:
-        return Status.OK
-    return Status.FENCED if isinstance(error, FencingError) else Status.ERROR
-
-
-# ------------------------------------------------------------------ sender side
-
-
-class _TcpPeer(PeerHandle):
-    """Client end of one connection: sends frames, matches ACKs to writes."""
-
-    def __init__(self, descriptor: EndpointDescriptor, fsock: FrameSocket) -> None:
-        self.descriptor = descriptor
-        self._sock = fsock
-        self._pending: dict[int, asyncio.Future[None]] = {}
-        self._next_req = 0
-        self._reader = asyncio.create_task(self._read_acks())
-        self._cancels: set[asyncio.Task[None]] = set()
-
-    @property
-    def connected(self) -> bool:
-        return not self._sock.closed
-
-    def open_request(self) -> tuple[int, asyncio.Future[None]]:
-        if not self.connected:
-            raise PeerDisconnectedError(f"not connected to {self.descriptor.address}")
-        self._next_req = (self._next_req + 1) % (1 << 32)
-        fut = asyncio.get_running_loop().create_future()
-        self._pending[self._next_req] = fut
-        return self._next_req, fut
-
-    def drop_request(self, req_id: int) -> None:
-        """The write gave up: forget its ACK and tell the receiver to drop it."""
-        fut = self._pending.pop(req_id, None)
-        if fut is not None and fut.done() and not fut.cancelled():
-            fut.exception()  # retrieved: the caller already raised its own error
-        if self.connected:
-            task = asyncio.create_task(self.send(FrameType.CANCEL, req_id))
-            self._cancels.add(task)
-            task.add_done_callback(self._cancel_done)
-
-    def _cancel_done(self, task: asyncio.Task[None]) -> None:
-        self._cancels.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    async def send(self, ftype: FrameType, req_id: int,
-                   body: bytes | memoryview = b"") -> None:
-        try:
-            await self._sock.send_frame(ftype, req_id, body)
-        except ConnectionClosed as exc:
-            raise PeerDisconnectedError(
-                f"connection to {self.descriptor.address} lost: {exc}") from None
-
-    async def _read_acks(self) -> None:
-        reason = "closed"
-        try:
-            while True:
-                ftype, req_id, length = await self._sock.recv_header()
-                body = await self._sock.recv_body(length)
-                if ftype is not FrameType.ACK:
-                    raise ProtocolError(f"unexpected {ftype.name} frame from server")
-                self._resolve(req_id, *decode_status(body))
-        except (ConnectionClosed, *_MALFORMED) as exc:
-            reason = str(exc)
-        finally:
-            self._fail_all(PeerDisconnectedError(
-                f"connection to {self.descriptor.address} lost: {reason}"))
-            await self._sock.aclose()
-
-    def _resolve(self, req_id: int, status: Status, text: str) -> None:
-        fut = self._pending.pop(req_id, None)
-        if fut is None or fut.done():
-            return  # the write already gave up (timeout/cancel)
-        error = _status_error(status, text)
-        if error is None:
-            fut.set_result(None)
-        else:
-            fut.set_exception(error)
-
-    def _fail_all(self, error: PeerDisconnectedError) -> None:
-        self._sock.shutdown()
-        pending, self._pending = self._pending, {}
-        for fut in pending.values():
-            if not fut.done():
-                fut.set_exception(error)
-                fut.add_done_callback(lambda f: f.exception())
-
-    async def close(self) -> None:
-        self._sock.shutdown()
-        await asyncio.gather(self._reader, return_exceptions=True)
-
-
-# ---------------------------------------------------------------- receiver side
-
-
-class _InboundWrite:
-    """Cursor over the destination byte ranges of one admitted write."""
-
-    def __init__(self, ticket: WriteTicket, region: _LocalRegion,
-                 runs: Sequence[PageRun]) -> None:
-        self.ticket = ticket
-        self._view = region.view
-        page = region.spec.page_bytes
-        self._ranges = [(r.dst_page * page, r.num_pages * page) for r in runs]
-        self._index = 0
-        self.remaining = sum(length for _, length in self._ranges)
-
-    def target(self, limit: int) -> memoryview:
-        offset, length = self._ranges[self._index]
-        return self._view[offset:offset + min(length, limit)]
-
-    def advance(self, n: int) -> None:
-        offset, length = self._ranges[self._index]
-        self._ranges[self._index] = (offset + n, length - n)
-        if length == n:
-            self._index += 1
-        self.remaining -= n
-
-
-class _InboundSession:
-    """Server end of one connection: admits, lands and ACKs writes."""
-
-    _SCRATCH_BYTES = 1 << 20
-
-    def __init__(self, backend: TcpBackend, fsock: FrameSocket) -> None:
-        self._backend = backend
-        self._sock = fsock
-        self._writes: dict[int, _InboundWrite] = {}
-        self._scratch = memoryview(bytearray(self._SCRATCH_BYTES))
-        self._replies: set[asyncio.Task[None]] = set()
-        self.task = asyncio.create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            if await self._handshake():
-                await self._serve()
-        except (ConnectionClosed, asyncio.TimeoutError, *_MALFORMED) as exc:
-            log.debug("tcp session ended: %s", exc)
-        finally:
-            self._sock.shutdown()  # no replies from here on
-            self._writes.clear()
-            self._backend.rooms.writer_lost(self)
-            await self._sock.aclose()
-
-    async def _handshake(self) -> bool:
-        timeout = self._backend.config.handshake_timeout
-        ftype, _, length = await asyncio.wait_for(self._sock.recv_header(), timeout)
-        body = await asyncio.wait_for(self._sock.recv_body(length), timeout)
-        if ftype is not FrameType.HELLO:
-            raise ProtocolError(f"expected HELLO, got {ftype.name}")
-        hello = Hello.decode(body)
-        ours = self._backend.compat_hash
-        ok = (hello.version == PROTOCOL_VERSION and hello.backend == "tcp"
-              and hello.compat_hash == ours)
-        status = Status.OK if ok else Status.INCOMPATIBLE
-        await self._sock.send_frame(FrameType.HELLO_REPLY, 0, encode_status(status, ours))
-        return ok
-
-    async def _serve(self) -> None:
-        while True:
-            ftype, req_id, length = await self._sock.recv_header()
-            if ftype is FrameType.DATA:
-                await self._on_data(req_id, length)
-            elif ftype is FrameType.BEGIN:
-                await self._on_begin(req_id, await self._sock.recv_body(length))
-            elif ftype is FrameType.CANCEL and length == 0:
-                self._on_cancel(req_id)
-            else:
-                raise ProtocolError(f"unexpected {ftype.name} frame from client")
-
-    async def _on_begin(self, req_id: int, body: bytes) -> None:
-        begin = Begin.decode(body)
-        region = self._backend.regions.get(begin.region)
-        try:
-            if region is None:
-                raise FencingError(f"no region {begin.region!r} on this endpoint")
-            ticket = self._backend.rooms.admit(
-                begin.notification, begin.region, begin.runs, writer=self,
-                on_abort=lambda error: self._abort(req_id, error))
-        except TransferError as exc:
-            await self._reply(req_id, exc)
-            return
-        write = _InboundWrite(ticket, region, begin.runs)
-        if write.remaining == 0:
-            await self._finish(req_id, write)
-        else:
-            self._writes[req_id] = write
-
-    async def _on_data(self, req_id: int, length: int) -> None:
-        write = self._writes.get(req_id)  # None: refused/aborted, drain the bytes
-        if write is not None and length > write.remaining:
-            raise ProtocolError(f"request {req_id}: more data than its runs")
-        left = length
-        while left:
-            landed = False
-
-            def pick() -> memoryview:
-                # Runs right before recv_into: the fence check and the write into
-                # the region happen in one event-loop step.
-                nonlocal landed
-                landed = write is not None and write.ticket.live
-                if landed:
-                    return write.target(left)
-                return self._scratch[:min(left, self._SCRATCH_BYTES)]
-
-            n = await self._sock.recv_some(pick)
-            left -= n
-            if landed:
-                write.advance(n)
-                self._backend.count_received(n)
-        if write is not None and write.ticket.live and write.remaining == 0:
-            del self._writes[req_id]
-            await self._finish(req_id, write)
-
-    async def _finish(self, req_id: int, write: _InboundWrite) -> None:
-        try:
-            write.ticket.finish(self._backend.rooms)
-        except TransferError as exc:
-            await self._reply(req_id, exc)
-            return
-        await self._reply(req_id, None)
-
-    def _on_cancel(self, req_id: int) -> None:
-        write = self._writes.pop(req_id, None)
-        if write is not None:
-            write.ticket.abandon()
-
-    def _abort(self, req_id: int, error: TransferError) -> None:
-        """Room released/replaced/failed while the write was in flight."""
-        if self._writes.pop(req_id, None) is None or self._sock.closed:
-            return
-        task = asyncio.create_task(self._reply(req_id, error))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
-
-    async def _reply(self, req_id: int, error: TransferError | None) -> None:
-        body = encode_status(_status_of(error), str(error) if error else "")
-        try:
-            await self._sock.send_frame(FrameType.ACK, req_id, body)
-        except ConnectionClosed:
-            pass  # the reader notices the loss and cleans up
-
-    async def close(self) -> None:
-        self._sock.shutdown()
-        await asyncio.gather(self.task, return_exceptions=True)
-
 
 # ---------------------------------------------------------------------- backend
 
@@ -331,15 +62,20 @@ class _InboundSession:
 class TcpBackend(TransferBackend):
     """Built-in backend: asyncio + TCP between CPU tensors. Default for CI."""
 
-    def __init__(self, compat_hash: str, **config: object) -> None:
+    def __init__(self, compat_hash: str, **config: Any) -> None:
+        """``config``: the fields of ``TcpConfig`` (host, port, advertise_host, ...)."""
         super().__init__(compat_hash)
-        self.config = TcpConfig(**config)  # type: ignore[arg-type]
-        self.regions: dict[str, _LocalRegion] = {}
+        self.config = TcpConfig(**config)
+        self.regions: dict[str, LocalRegion] = {}
         self.rooms = RoomTable()
+        self._receiver = ReceiverContext(self.name, compat_hash,
+                                         self.config.handshake_timeout, self.regions,
+                                         self.rooms, self._count_received)
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
-        self._sessions: set[_InboundSession] = set()
-        self._peers: set[_TcpPeer] = set()
+        self._sessions: set[InboundSession] = set()
+        self._peers: set[TcpPeer] = set()
+        self._by_address: dict[str, TcpPeer] = {}  # live connection reused per peer
 
     # -- lifecycle
     async def start(self) -> None:
@@ -356,9 +92,14 @@ class TcpBackend(TransferBackend):
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(listener)
+            try:
+                conn, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. out of file descriptors: retry, don't die
+                log.warning("tcp transfer backend: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
             configure_socket(conn)
-            session = _InboundSession(self, FrameSocket(conn))
+            session = InboundSession(self._receiver, FrameSocket(conn))
             self._sessions.add(session)
             session.task.add_done_callback(lambda _t, s=session: self._sessions.discard(s))
 
@@ -381,7 +122,7 @@ class TcpBackend(TransferBackend):
         if name in self.regions:
             raise ValueError(f"region {name!r} already registered")
         spec = region_spec_for(name, tensor, page_bytes)
-        self.regions[name] = _LocalRegion(spec, tensor, _byte_view(tensor))
+        self.regions[name] = LocalRegion(spec, tensor, byte_view(tensor))
         return spec
 
     def descriptor(self) -> EndpointDescriptor:
@@ -395,7 +136,12 @@ class TcpBackend(TransferBackend):
     # -- sender side
     async def connect(self, peer: EndpointDescriptor, *,
                       timeout: float = DEFAULT_TIMEOUT_S) -> PeerHandle:
+        """Reuses a live connection to the same address and hash: any number of
+        rooms share it, so callers need not pool or close handles per request."""
         self._check_compatible(peer.backend, peer.compat_hash, peer.address)
+        cached = self._by_address.get(peer.address)
+        if cached is not None and cached.connected and cached.descriptor == peer:
+            return cached
         try:
             handle = await asyncio.wait_for(self._open(peer), timeout)
         except asyncio.TimeoutError:
@@ -404,8 +150,14 @@ class TcpBackend(TransferBackend):
         except (OSError, ConnectionClosed) as exc:
             raise PeerDisconnectedError(f"cannot connect to {peer.address}: {exc}") from None
         self._peers.add(handle)
-        handle._reader.add_done_callback(lambda _t: self._peers.discard(handle))
+        self._by_address[peer.address] = handle
+        handle.reader.add_done_callback(lambda _t: self._forget_peer(handle))
         return handle
+
+    def _forget_peer(self, handle: TcpPeer) -> None:
+        self._peers.discard(handle)
+        if self._by_address.get(handle.descriptor.address) is handle:
+            del self._by_address[handle.descriptor.address]
 
     def _check_compatible(self, backend: str, their_hash: str, address: str) -> None:
         if backend != self.name:
@@ -416,7 +168,7 @@ class TcpBackend(TransferBackend):
                 f"peer {address} has compat hash {their_hash}, this endpoint has "
                 f"{self.compat_hash}: model/dtype/KV layout differ, refusing")
 
-    async def _open(self, peer: EndpointDescriptor) -> _TcpPeer:
+    async def _open(self, peer: EndpointDescriptor) -> TcpPeer:
         host, _, port = peer.address.rpartition(":")
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
@@ -435,13 +187,13 @@ class TcpBackend(TransferBackend):
             self._check_compatible(self.name, their_hash, peer.address)
             raise IncompatiblePeerError(f"peer {peer.address} refused the handshake "
                                         f"(protocol version {PROTOCOL_VERSION})")
-        return _TcpPeer(peer, fsock)
+        return TcpPeer(peer, fsock)
 
     async def write(self, peer: PeerHandle, room_id: str, generation: int,
                     region: str, runs: Sequence[PageRun],
                     notification: Notification, *,
                     timeout: float = DEFAULT_TIMEOUT_S) -> int:
-        if not isinstance(peer, _TcpPeer):
+        if not isinstance(peer, TcpPeer):
             raise TypeError(f"tcp backend cannot write through {type(peer).__name__}")
         local = self._check_write(peer, room_id, generation, region, runs, notification)
         started = time.perf_counter()
@@ -462,15 +214,18 @@ class TcpBackend(TransferBackend):
         self._counters.transfer_seconds += time.perf_counter() - started
         return sent
 
-    def _check_write(self, peer: _TcpPeer, room_id: str, generation: int, region: str,
-                     runs: Sequence[PageRun], note: Notification) -> _LocalRegion:
+    def _check_write(self, peer: TcpPeer, room_id: str, generation: int, region: str,
+                     runs: Sequence[PageRun], note: Notification) -> LocalRegion:
         if (note.room_id, note.generation) != (room_id, generation):
             raise ValueError(f"notification is for room {note.room_id!r} gen "
                              f"{note.generation}, write is for {room_id!r} gen {generation}")
         local = self.regions.get(region)
         if local is None:
             raise ValueError(f"no local region {region!r}")
-        remote = peer.descriptor.region(region)
+        try:
+            remote = peer.descriptor.region(region)
+        except KeyError as exc:
+            raise IncompatiblePeerError(str(exc)) from None
         if remote.page_bytes != local.spec.page_bytes:
             raise IncompatiblePeerError(f"region {region!r}: local pages are "
                                         f"{local.spec.page_bytes} B, peer's "
@@ -481,8 +236,8 @@ class TcpBackend(TransferBackend):
                                  f"({local.spec.num_pages} pages)")
         return local
 
-    async def _stream(self, peer: _TcpPeer, req_id: int, ack: asyncio.Future[None],
-                      local: _LocalRegion, runs: Sequence[PageRun],
+    async def _stream(self, peer: TcpPeer, req_id: int, ack: asyncio.Future[None],
+                      local: LocalRegion, runs: Sequence[PageRun],
                       note: Notification) -> int:
         begin = Begin(local.spec.name, tuple(runs), note)
         await peer.send(FrameType.BEGIN, req_id, begin.encode())
@@ -500,19 +255,19 @@ class TcpBackend(TransferBackend):
         return total
 
     # -- receiver side
-    def reserve_room(self, room_id: str, generation: int, region: str,
-                     page_ids: Iterable[int]) -> RoomReservation:
+    async def reserve_room(self, room_id: str, generation: int, region: str,
+                           page_ids: Iterable[int]) -> RoomReservation:
         local = self.regions.get(region)
         if local is None:
             raise ValueError(f"no local region {region!r}")
         return self.rooms.reserve(room_id, generation, local.spec, page_ids)
 
-    def release_room(self, room_id: str) -> None:
+    async def release_room(self, room_id: str) -> None:
         self.rooms.release(room_id)
 
     async def wait_notification(self, room_id: str, *,
                                 timeout: float = DEFAULT_TIMEOUT_S) -> Notification:
         return await self.rooms.next_notification(room_id, timeout)
 
-    def count_received(self, nbytes: int) -> None:
+    def _count_received(self, nbytes: int) -> None:
         self._counters.bytes_received += nbytes

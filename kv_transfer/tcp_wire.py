@@ -23,7 +23,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .base import Notification, PageRun
+from .base import FencingError, Notification, PageRun, TransferError
 
 PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!BIQ")
@@ -58,6 +58,10 @@ class ConnectionClosed(Exception):
 
 class ProtocolError(Exception):
     """The peer sent a malformed frame; the connection is dropped."""
+
+
+# Everything decoding a hostile or corrupt frame can raise.
+MALFORMED = (ProtocolError, ValueError, struct.error, UnicodeDecodeError)
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,20 @@ def encode_status(status: Status, text: str = "") -> bytes:
 def decode_status(body: bytes) -> tuple[Status, str]:
     (status,) = _ACK.unpack_from(body)
     return Status(status), body[_ACK.size:].decode(errors="replace")
+
+
+def status_error(status: Status, text: str) -> TransferError | None:
+    if status is Status.OK:
+        return None
+    if status is Status.FENCED:
+        return FencingError(text)
+    return TransferError(text)
+
+
+def status_of(error: TransferError | None) -> Status:
+    if error is None:
+        return Status.OK
+    return Status.FENCED if isinstance(error, FencingError) else Status.ERROR
 
 
 def configure_socket(sock: socket.socket) -> None:
