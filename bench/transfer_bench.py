@@ -4,9 +4,9 @@ Moves the KV cache of 2,048 tokens of Llama-3.1-8B (32 layers x K,V x 8 KV heads
 x 128 head dim x 2 bytes = 128 KiB per token -> 256 MiB; 16-token pages -> 2 MiB
 pages, 128 of them) from this process into a receiver process, as page runs
 scattered over the receiver's region, and times ``write`` until it returns
-(i.e. until the receiver has applied data and notification). In the same run
-it times a plain blocking ``sendall``/``recv_into`` of the same bytes between
-two processes, the ceiling a TCP-based backend can reach.
+(i.e. until the receiver has applied data and notification). In turns with it
+(same run, same machine load) it times a plain blocking ``sendall``/``recv_into``
+of the same bytes between two processes: the ceiling for a TCP-based backend.
 
     python -m bench.transfer_bench --backend tcp
 """
@@ -102,35 +102,79 @@ async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
         conn.send(backend.descriptor().to_dict())
         while (msg := await asyncio.to_thread(conn.recv)) is not None:
             room, pages = msg
-            await backend.reserve_room(room, 1, "kv", pages)
+            backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
             await backend.wait_notification(room, timeout=60)
             digest = hashlib.sha256(kv.view(torch.uint8).numpy()).hexdigest()
-            await backend.release_room(room)
+            backend.release_room(room)
             conn.send(digest)
 
 
-async def _drive_backend(name: str, geo: KvGeometry, iters: int,
-                         kv: torch.Tensor, conn: Connection) -> list[float]:
+class RawLink:
+    """A plain blocking socket to a receiver process that ``recv_into``s a
+    preallocated buffer: the baseline, timed in turns with the backend so that
+    both see the same machine load."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        ctx = mp.get_context("spawn")
+        parent, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_raw_receiver, args=(len(data), child), daemon=True)
+        self._proc.start()
+        self._sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def copy_once(self) -> float:
+        start = time.perf_counter()
+        self._sock.sendall(self._data)
+        self._sock.recv(1)  # the receiver has every byte
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        self._sock.close()
+        self._proc.join(timeout=30)
+
+
+def _raw_receiver(nbytes: int, conn: Connection) -> None:
+    buf = memoryview(bytearray(nbytes))
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        conn.send(server.getsockname()[1])
+        sock, _ = server.accept()
+        with sock:
+            while True:
+                got = 0
+                while got < nbytes:
+                    n = sock.recv_into(buf[got:])
+                    if n == 0:
+                        return
+                    got += n
+                sock.sendall(b"k")
+
+
+async def _drive_backend(name: str, geo: KvGeometry, iters: int, kv: torch.Tensor,
+                         conn: Connection, raw: RawLink) -> tuple[list[float], list[float]]:
     dst_pages = scattered_dst_pages(geo.num_pages, block=8)
     runs = coalesce(range(geo.num_pages), dst_pages)
     expected = _expected_digest(kv, dst_pages)
-    seconds = []
+    seconds, raw_seconds = [], []
     async with create_backend(name, compat_hash=geo.compat()) as backend:
         await backend.register_region("kv", kv)
         peer_desc = EndpointDescriptor.from_dict(await asyncio.to_thread(conn.recv))
         peer = await backend.connect(peer_desc, timeout=10)
-        for i in range(iters):
+        for i in range(iters + 1):  # iteration 0 warms both paths up, untimed
+            raw_time = raw.copy_once()
             conn.send((f"bench-{i}", dst_pages))
             await asyncio.to_thread(conn.recv)
             note = Notification(f"bench-{i}", 1, 0, b"", final=True)
             start = time.perf_counter()
             await backend.write(peer, f"bench-{i}", 1, "kv", runs, note, timeout=60)
-            seconds.append(time.perf_counter() - start)
+            if i:
+                seconds.append(time.perf_counter() - start)
+                raw_seconds.append(raw_time)
             if await asyncio.to_thread(conn.recv) != expected:
                 raise SystemExit(f"{name}: receiver memory differs from the source")
         conn.send(None)
-    return seconds
+    return seconds, raw_seconds
 
 
 def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
@@ -139,58 +183,29 @@ def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
     return hashlib.sha256(dst.view(torch.uint8).numpy()).hexdigest()
 
 
-def bench_backend(name: str, geo: KvGeometry, iters: int, kv: torch.Tensor) -> Result:
+def bench_backend(name: str, geo: KvGeometry, iters: int,
+                  kv: torch.Tensor) -> tuple[Result, Result]:
+    """(backend, raw socket), measured in alternation."""
+    data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_backend_receiver, args=(name, geo, child), daemon=True)
     proc.start()
+    raw = RawLink(data)
     try:
-        seconds = asyncio.run(_drive_backend(name, geo, iters, kv, parent))
+        seconds, raw_seconds = asyncio.run(_drive_backend(name, geo, iters, kv, parent, raw))
     finally:
+        raw.close()
         proc.join(timeout=30)
         proc.kill()
-    return Result(name, seconds, kv.numel() * kv.element_size())
-
-
-# ----------------------------------------------------------------- raw baseline
-
-
-def _raw_receiver(nbytes: int, iters: int, conn: Connection) -> None:
-    buf = memoryview(bytearray(nbytes))
-    with socket.create_server(("127.0.0.1", 0)) as server:
-        conn.send(server.getsockname()[1])
-        sock, _ = server.accept()
-        with sock:
-            for _ in range(iters):
-                got = 0
-                while got < nbytes:
-                    got += sock.recv_into(buf[got:])
-                sock.sendall(b"k")
-
-
-def bench_raw(geo: KvGeometry, iters: int, kv: torch.Tensor) -> Result:
-    data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_raw_receiver, args=(len(data), iters, child), daemon=True)
-    proc.start()
-    seconds = []
-    with socket.create_connection(("127.0.0.1", parent.recv())) as sock:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(iters):
-            start = time.perf_counter()
-            sock.sendall(data)
-            sock.recv(1)
-            seconds.append(time.perf_counter() - start)
-    proc.join(timeout=30)
-    return Result("raw-socket", seconds, len(data))
+    return Result(name, seconds, len(data)), Result("raw-socket", raw_seconds, len(data))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", action="append", choices=available_backends(),
                         help="backend to measure (repeatable; default: all)")
-    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
     args = parser.parse_args(argv)
@@ -200,12 +215,13 @@ def main(argv: list[str] | None = None) -> None:
                                   *sys.argv[1:]]))
     print(f"KV: {geo.tokens} tokens x {geo.bytes_per_token >> 10} KiB/token = "
           f"{kv.numel() * 2 / 2**20:.0f} MiB; {geo.num_pages} pages of "
-          f"{geo.page_bytes / 2**20:g} MiB ({geo.page_size} tokens)")
-    raw = bench_raw(geo, args.iters, kv)
-    print(raw.line())
+          f"{geo.page_bytes / 2**20:g} MiB ({geo.page_size} tokens), "
+          f"{len(coalesce(range(geo.num_pages), scattered_dst_pages(geo.num_pages, 8)))}"
+          " page runs")
     for name in args.backend or available_backends():
-        result = bench_backend(name, geo, args.iters, kv)
+        result, raw = bench_backend(name, geo, args.iters, kv)
         ratio = statistics.median(raw.seconds) / statistics.median(result.seconds)
+        print(raw.line())
         print(f"{result.line()}   {ratio:.0%} of raw-socket (median)")
 
 

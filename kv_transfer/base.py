@@ -366,15 +366,17 @@ class TransferBackend(abc.ABC):
 
     # -- receiver side
     @abc.abstractmethod
-    async def reserve_room(self, room_id: str, generation: int, region: str,
-                           page_ids: Iterable[int]) -> RoomReservation:
+    def reserve_room(self, room_id: str, generation: int, region: str,
+                     page_ids: Iterable[int]) -> RoomReservation:
         """Allow ``(room_id, generation)`` to write ``page_ids`` of ``region``.
         A page may belong to one live room only. Re-reserving a room id needs a
-        higher generation and fences the old one. Async so that one-sided
-        backends can publish the reservation to their control channel."""
+        higher generation and fences the old one. Synchronous so that a caller
+        can reserve and hand out the destination without yielding; one-sided
+        backends give senders the returned reservation (it travels with the
+        request) or publish it on their control channel in the background."""
 
     @abc.abstractmethod
-    async def release_room(self, room_id: str) -> None:
+    def release_room(self, room_id: str) -> None:
         """Forget the room (idempotent); in-flight and later writes to it fail
         with FencingError, waiters wake with FencingError."""
 

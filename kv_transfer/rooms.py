@@ -102,13 +102,14 @@ class RoomTable:
         if old is not None and generation <= old.reservation.generation:
             raise ValueError(f"room {room_id!r}: generation {generation} is not "
                              f"newer than live generation {old.reservation.generation}")
-        if old is not None:
-            self.release(room_id)
-        clash = [p for p in pages if (region.name, p) in self._page_owner]
+        clash = [p for p in pages
+                 if self._page_owner.get((region.name, p), room_id) != room_id]
         if clash:
             owner = self._page_owner[(region.name, clash[0])]
             raise ValueError(f"pages {sorted(clash)[:8]} already reserved by room "
                              f"{owner!r}")
+        if old is not None:
+            self.release(room_id)  # fences the old generation's writes and waiters
         reservation = RoomReservation(room_id, generation, region.name, pages)
         self._rooms[room_id] = _Room(reservation)
         self._page_owner.update({(region.name, p): room_id for p in pages})

@@ -255,14 +255,14 @@ class TcpBackend(TransferBackend):
         return total
 
     # -- receiver side
-    async def reserve_room(self, room_id: str, generation: int, region: str,
-                           page_ids: Iterable[int]) -> RoomReservation:
+    def reserve_room(self, room_id: str, generation: int, region: str,
+                     page_ids: Iterable[int]) -> RoomReservation:
         local = self.regions.get(region)
         if local is None:
             raise ValueError(f"no local region {region!r}")
         return self.rooms.reserve(room_id, generation, local.spec, page_ids)
 
-    async def release_room(self, room_id: str) -> None:
+    def release_room(self, room_id: str) -> None:
         self.rooms.release(room_id)
 
     async def wait_notification(self, room_id: str, *,

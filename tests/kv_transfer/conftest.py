@@ -4,17 +4,14 @@ pairs, and separate-process peers that are always reaped."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
-import torch
 
-from kv_transfer import PeerHandle, TransferBackend, available_backends
-from tests.kv_transfer.support import (BackendFactory, PeerProcess, factory_for,
-                                       random_kv, spawn_peer)
-
-NUM_PAGES = 256
+from kv_transfer import available_backends
+from tests.kv_transfer.support import (NUM_PAGES, BackendFactory, Pair, PeerProcess,
+                                       factory_for, open_endpoint, random_kv,
+                                       spawn_peer)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,25 +22,6 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(params=available_backends())
 def factory(request: pytest.FixtureRequest) -> BackendFactory:
     return factory_for(request.param)
-
-
-@dataclass(frozen=True)
-class Pair:
-    """Two started endpoints in this process, region "kv" on each, connected."""
-
-    sender: TransferBackend
-    receiver: TransferBackend
-    src: torch.Tensor  # sender's region (random bytes)
-    dst: torch.Tensor  # receiver's region (different random bytes)
-    peer: PeerHandle  # sender -> receiver
-
-
-async def open_endpoint(factory: BackendFactory, kv: torch.Tensor,
-                        **overrides: Any) -> TransferBackend:
-    backend = factory.create(**overrides)
-    await backend.start()
-    await backend.register_region("kv", kv)
-    return backend
 
 
 @pytest.fixture

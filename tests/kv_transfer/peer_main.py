@@ -36,7 +36,7 @@ async def main(name: str, num_pages: int, config: dict[str, object]) -> None:
     kv = random_kv(num_pages, seed=99, device=factory.device)
     async with factory.create(**config) as backend:
         await backend.register_region("kv", kv)
-        await backend.reserve_room(PEER_ROOM, 1, "kv", range(num_pages))
+        backend.reserve_room(PEER_ROOM, 1, "kv", range(num_pages))
         print(json.dumps(backend.descriptor().to_dict()), flush=True)
         reporter = asyncio.create_task(_report(backend, kv))
         # Stdin closing means the test process is gone: do not outlive it.

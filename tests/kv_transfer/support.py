@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import signal
 import sys
@@ -20,12 +21,14 @@ from typing import Any
 import pytest
 import torch
 
-from kv_transfer import EndpointDescriptor, TransferBackend, compat_hash, create_backend
+from kv_transfer import (EndpointDescriptor, PeerHandle, TransferBackend, compat_hash,
+                         create_backend)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A small KV page: [layers=2, K/V, page_size=4, kv_heads=2, head_dim=32] in bf16.
 PAGE_SHAPE = (2, 2, 4, 2, 32)
-PAGE_BYTES = 2 * 2 * 4 * 2 * 32 * 2
+PAGE_BYTES = math.prod(PAGE_SHAPE) * 2
+NUM_PAGES = 256  # pages of the endpoints of the `pair` fixture
 COMPAT = compat_hash(model="conformance", dtype="bfloat16", num_layers=2,
                      num_kv_heads=2, head_dim=32, page_size=4, tp="1")
 
@@ -72,6 +75,25 @@ def random_bytes(nbytes: int, seed: int) -> torch.Tensor:
 def random_kv(num_pages: int, seed: int, device: str = "cpu") -> torch.Tensor:
     raw = random_bytes(num_pages * PAGE_BYTES, seed)
     return raw.view(torch.bfloat16).reshape(num_pages, *PAGE_SHAPE).to(device)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two started endpoints in this process, region "kv" on each, connected."""
+
+    sender: TransferBackend
+    receiver: TransferBackend
+    src: torch.Tensor  # sender's region (random bytes)
+    dst: torch.Tensor  # receiver's region (different random bytes)
+    peer: PeerHandle  # sender -> receiver
+
+
+async def open_endpoint(factory: BackendFactory, kv: torch.Tensor,
+                        **overrides: Any) -> TransferBackend:
+    backend = factory.create(**overrides)
+    await backend.start()
+    await backend.register_region("kv", kv)
+    return backend
 
 
 def page_bytes_of(kv: torch.Tensor, pages: list[int] | range) -> bytes:

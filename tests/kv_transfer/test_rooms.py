@@ -25,6 +25,10 @@ def test_reserve_validates_pages_and_generations() -> None:
         table.reserve("b", 1, KV, [1, 2])
     with pytest.raises(ValueError, match="not newer"):
         table.reserve("a", 1, KV, [0, 1])
+    table.reserve("z", 1, KV, [4])
+    with pytest.raises(ValueError, match="already reserved by room 'z'"):
+        table.reserve("a", 2, KV, [0, 4, 5])
+    assert table.is_live("a", 1)  # a refused re-reservation leaves the old one alone
     table.reserve("a", 2, KV, [5])  # replaces generation 1, frees pages 0 and 1
     table.reserve("b", 1, KV, [0, 1])
     table.release("a")

@@ -52,7 +52,7 @@ async def assert_still_serves(backend: TransferBackend, kv: torch.Tensor) -> Non
     await sender.register_region("kv", src)
     try:
         peer = await sender.connect(backend.descriptor(), timeout=5)
-        await backend.reserve_room("ok", 1, "kv", [6])
+        backend.reserve_room("ok", 1, "kv", [6])
         await sender.write(peer, "ok", 1, "kv", [PageRun(0, 6, 1)],
                            Notification("ok", 1, 0, b"", True), timeout=5)
         assert torch.equal(kv[6], src[0])
@@ -93,7 +93,7 @@ async def test_wrong_hash_in_handshake_is_refused(
 async def test_sender_overrunning_its_runs_is_cut_off(
         receiver: tuple[TransferBackend, torch.Tensor]) -> None:
     backend, kv = receiver
-    await backend.reserve_room("r", 1, "kv", [2])
+    backend.reserve_room("r", 1, "kv", [2])
     reader, writer, status = await raw_client(backend)
     assert status is Status.OK
     begin = Begin("kv", (PageRun(0, 2, 1),), Notification("r", 1, 0, b"", True)).encode()
