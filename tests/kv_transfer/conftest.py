@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from kv_transfer import available_backends
 from tests.kv_transfer.support import (NUM_PAGES, BackendFactory, Pair, PeerProcess,
                                        factory_for, open_endpoint, random_kv,
-                                       spawn_peer)
+                                       spawn_peer, suite_params)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -19,7 +18,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "large_transfer: moves >= 256 MiB; runs in CI (~1-2 s, ~1 GiB RAM)")
 
 
-@pytest.fixture(params=available_backends())
+@pytest.fixture(params=suite_params())
 def factory(request: pytest.FixtureRequest) -> BackendFactory:
     return factory_for(request.param)
 

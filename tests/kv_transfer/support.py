@@ -21,8 +21,8 @@ from typing import Any
 import pytest
 import torch
 
-from kv_transfer import (EndpointDescriptor, PeerHandle, TransferBackend, compat_hash,
-                         create_backend)
+from kv_transfer import (EndpointDescriptor, PeerHandle, TransferBackend,
+                         backend_availability, compat_hash, create_backend)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A small KV page: [layers=2, K/V, page_size=4, kv_heads=2, head_dim=32] in bf16.
@@ -52,10 +52,39 @@ class BackendFactory:
                               **{**self.config, **overrides})
 
 
+# One-sided backends (kv_transfer/onesided.py) move 4 MiB slices, so that the
+# abort test catches a write midway. The environment makes their libraries take
+# the network path on loopback: NIXL's UCX over TCP on "lo" (inside one host it
+# would pick shared memory), Mooncake's TCP transport bound to 127.0.0.1. Set
+# before any engine exists; peer processes inherit it.
+os.environ.setdefault("UCX_TLS", "tcp")
+os.environ.setdefault("UCX_NET_DEVICES", "lo")
+os.environ.setdefault("MC_TCP_BIND_ADDRESS", "127.0.0.1")
+_ONE_SIDED = {"host": "127.0.0.1", "port": 0, "slice_bytes": 4 << 20}
+
 FACTORIES: dict[str, BackendFactory] = {
     "tcp": BackendFactory("tcp", config={"host": "127.0.0.1", "port": 0},
                           same_address=_same_address),
+    "mooncake": BackendFactory("mooncake", config={**_ONE_SIDED, "protocol": "tcp"},
+                               same_address=_same_address),
+    "nixl": BackendFactory("nixl", config=_ONE_SIDED, same_address=_same_address),
+    "cuda_ipc": BackendFactory("cuda_ipc", device="cuda", config=_ONE_SIDED,
+                               same_address=_same_address),
 }
+
+
+def suite_params() -> list[Any]:
+    """Params of the ``factory`` fixture: every registered backend; those whose
+    regions live on a GPU are marked ``gpu``, those that cannot run here
+    (missing package, no CUDA) are skipped with the reason."""
+    params = []
+    for name, reason in backend_availability().items():
+        known = FACTORIES.get(name)
+        marks = [pytest.mark.gpu] if known is not None and known.device == "cuda" else []
+        if reason is not None:
+            marks.append(pytest.mark.skip(reason=f"{name}: {reason}"))
+        params.append(pytest.param(name, marks=marks))
+    return params
 
 
 def factory_for(name: str) -> BackendFactory:

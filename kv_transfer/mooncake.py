@@ -1,0 +1,166 @@
+"""The ``mooncake`` backend: Mooncake Transfer Engine writes (TCP or RDMA).
+
+Each endpoint runs one ``mooncake.engine.TransferEngine`` in P2PHANDSHAKE
+metadata mode (no etcd/metadata server: engines exchange segment descriptors
+directly over their RPC port), registers each region once
+(``register_memory``), and writes coalesced page runs with
+``batch_transfer_sync_write``. That call blocks, so it runs in a small thread
+pool and the event loop only awaits it, bounded by the write's timeout.
+Rooms, fencing and notifications are ``OneSidedBackend``'s: the engine is
+one-sided, the receiver learns of a write over the control channel.
+
+Install: ``pip install mooncake-transfer-engine-non-cuda`` (CPU machines, TCP
+and RDMA over host memory) or ``mooncake-transfer-engine`` (CUDA build, same
+module; also registers GPU memory). Never both in one environment. RDMA needs
+``libibverbs1`` (the wheel links it even for TCP).
+
+What peers learn in the handshake (``local_info``): the Mooncake session id
+``"host:rpc_port"`` and the base address of every registered region.
+
+Environment knobs of the library worth knowing: ``MC_TCP_BIND_ADDRESS`` (the
+TCP transport listens on all interfaces unless set), ``MC_TRANSFER_TIMEOUT``
+(seconds, >= 5; bounds an abandoned sync write in its thread, default 30),
+``MC_LOG_LEVEL``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from .base import (EndpointDescriptor, IncompatiblePeerError, Notification,
+                   TransferError, register_backend)
+from .onesided import EngineBackend, OneSidedConfig
+from .onesided_engine import CopyEngine, LocalRegion, Segment, region_info
+
+_INSTALL_HINT = ("pip install mooncake-transfer-engine-non-cuda (CPU) or "
+                 "mooncake-transfer-engine (CUDA)")
+
+
+@dataclass(frozen=True)
+class MooncakeConfig(OneSidedConfig):
+    protocol: str = "tcp"  # "tcp" or "rdma"
+    device_name: str = ""  # RDMA device filter, e.g. "mlx5_0" or "mlx5_0,mlx5_1"
+    max_inflight_slices: int = 4  # threads blocked in batch_transfer_sync_write
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.protocol not in ("tcp", "rdma"):
+            raise ValueError(f"mooncake protocol must be 'tcp' or 'rdma', "
+                             f"got {self.protocol!r}")
+        if self.protocol == "rdma" and not self.device_name:
+            raise ValueError("mooncake protocol 'rdma' needs device_name "
+                             "(e.g. 'mlx5_0')")
+
+
+@dataclass(frozen=True)
+class MooncakeTarget:
+    session_id: str  # "host:rpc_port" of the peer's engine
+    region_addresses: Mapping[str, int]  # region name -> base address there
+
+
+class MooncakeEngine(CopyEngine):
+    """One ``TransferEngine`` and the thread pool its blocking calls run in."""
+
+    def __init__(self, config: MooncakeConfig) -> None:
+        try:
+            from mooncake.engine import TransferEngine
+        except ImportError as exc:
+            raise TransferError(f"the mooncake transfer backend needs the Mooncake "
+                                f"Transfer Engine ({_INSTALL_HINT}): {exc}") from exc
+        self._config = config
+        self._engine = TransferEngine()
+        self._session_id = ""
+        self._registered: dict[str, LocalRegion] = {}
+        self._pool = ThreadPoolExecutor(config.max_inflight_slices,
+                                        thread_name_prefix="mooncake-write")
+
+    async def start(self, hostname: str) -> None:
+        cfg = self._config
+        rc = await asyncio.to_thread(self._engine.initialize, hostname, "P2PHANDSHAKE",
+                                     cfg.protocol, cfg.device_name)
+        if rc != 0:
+            raise TransferError(f"mooncake TransferEngine.initialize({hostname!r}, "
+                                f"P2PHANDSHAKE, {cfg.protocol!r}, {cfg.device_name!r}) "
+                                f"failed with {rc}")
+        self._session_id = f"{hostname}:{self._engine.get_rpc_port()}"
+
+    async def close(self) -> None:
+        # Threads still inside a sync write hold their own reference to the
+        # engine; they finish (or time out) on their own.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for region in self._registered.values():
+            self._engine.unregister_memory(region.address)
+        self._registered.clear()
+
+    def register(self, region: LocalRegion) -> None:
+        rc = self._engine.register_memory(region.address, region.nbytes)
+        if rc != 0:
+            raise TransferError(f"mooncake register_memory of region {region.name!r} "
+                                f"({region.nbytes} B) failed with {rc}")
+        self._registered[region.name] = region
+
+    def local_info(self, sender: Mapping[str, Any]) -> dict[str, Any]:
+        return {"session_id": self._session_id,
+                "regions": {name: {"address": r.address}
+                            for name, r in self._registered.items()}}
+
+    async def open_target(self, peer: EndpointDescriptor,
+                          info: Mapping[str, Any]) -> MooncakeTarget:
+        session = info.get("session_id")
+        if not isinstance(session, str) or ":" not in session:
+            raise IncompatiblePeerError(f"peer {peer.address} sent no mooncake session id")
+        addresses = {}
+        for spec in peer.regions:
+            address = region_info(info, peer, spec.name).get("address")
+            if not isinstance(address, int) or address <= 0:
+                raise IncompatiblePeerError(f"peer {peer.address}: bad address for "
+                                            f"region {spec.name!r}")
+            addresses[spec.name] = address
+        return MooncakeTarget(session, addresses)
+
+    def close_target(self, target: object) -> None:
+        pass  # the engine caches the peer's segment by session id itself
+
+    async def copy(self, target: object, local: LocalRegion, segments: Sequence[Segment],
+                   notification: Notification | None) -> None:
+        assert isinstance(target, MooncakeTarget)
+        dst_base = target.region_addresses[local.name]
+        src = [local.address + s.src_offset for s in segments]
+        dst = [dst_base + s.dst_offset for s in segments]
+        lengths = [s.nbytes for s in segments]
+        loop = asyncio.get_running_loop()
+        # The partial keeps the engine and the source tensor alive for as long
+        # as the thread runs, even if this coroutine is cancelled (timeout).
+        rc = await loop.run_in_executor(self._pool, _sync_write, self._engine,
+                                        local, target.session_id, src, dst, lengths)
+        if rc != 0:
+            raise TransferError(f"mooncake batch_transfer_sync_write to "
+                                f"{target.session_id} returned {rc}")
+
+
+def _sync_write(engine: Any, local: LocalRegion, session_id: str, src: list[int],
+                dst: list[int], lengths: list[int]) -> int:
+    del local  # only held so that the source memory outlives the call
+    return int(engine.batch_transfer_sync_write(session_id, src, dst, lengths))
+
+
+@register_backend("mooncake")
+class MooncakeBackend(EngineBackend):
+    """Mooncake Transfer Engine (TCP or RDMA), P2P handshake, one-sided writes."""
+
+    def __init__(self, compat_hash: str, **config: Any) -> None:
+        """``config``: the fields of ``MooncakeConfig`` (host, port, protocol,
+        device_name, slice_bytes, ...)."""
+        cfg = MooncakeConfig(**config)
+        super().__init__(compat_hash, cfg, MooncakeEngine(cfg))
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if importlib.util.find_spec("mooncake") is None:
+            return f"package 'mooncake' is not installed ({_INSTALL_HINT})"
+        return None
