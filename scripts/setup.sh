@@ -17,5 +17,17 @@ $VPY -m pip install -q --upgrade pip
 # Install the CPU build of torch first: a bare `torch` requirement could pull a CUDA build.
 $VPY -c "import torch" 2>/dev/null || $VPY -m pip install -q "torch==2.13.0"
 $VPY -m pip install -q -e ".[test]"
+# Real transfer backends for the CPU conformance suite: Mooncake's CPU wheel (never beside
+# the CUDA wheel `mooncake-transfer-engine`) needs libibverbs; NIXL without its torch/CUDA deps.
+if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq libibverbs1) >/dev/null 2>&1 \
+      || echo "setup: could not install libibverbs1; the mooncake backend will be unavailable" >&2
+  else
+    echo "setup: libibverbs1 missing (apt-get install libibverbs1); the mooncake backend will be unavailable" >&2
+  fi
+fi
+$VPY -m pip show -q mooncake-transfer-engine >/dev/null 2>&1 || $VPY -m pip install -q mooncake-transfer-engine-non-cuda
+$VPY -m pip install -q --no-deps nixl==1.5.1 nixl-cu12==1.5.1
 $VPY -c "import proto"  # generates the gRPC stubs from proto/epd.proto
 echo "$want" > "$stamp"
