@@ -48,7 +48,6 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = runtime.engine
         self.jobs: dict[str, ShipJob] = {}
         self.page_size = self.engine.config.page_size
-        self._peers: dict[str, PeerHandle] = {}  # descriptor address -> connected peer
         runtime.set_step_hook(self._ship)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -129,11 +128,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             descriptor = EndpointDescriptor.from_dict(json.loads(dst.endpoint_json))
         except (ValueError, KeyError, TypeError) as exc:
             raise InvalidRequestError(f"malformed destination endpoint: {exc}") from exc
-        peer = self._peers.get(descriptor.address)
-        if peer is None or not peer.connected or peer.descriptor != descriptor:
-            peer = await self.runtime.transfer.connect(descriptor, timeout=self.runtime.config.transfer_timeout_s)
-            self._peers[descriptor.address] = peer
-        return peer
+        # The backend reuses a live connection to the same descriptor.
+        return await self.runtime.transfer.connect(descriptor, timeout=self.runtime.config.transfer_timeout_s)
 
     # -- shipping (after each step, before the next) -----------------------------------
 
