@@ -43,10 +43,11 @@ class Workload:
         return work
 
     def prefill_pages(self) -> int:
-        """Room for two groups' prefixes plus the requests in flight at once."""
+        """Room for two groups' prefixes plus one request computing beside them: a
+        third prefix cannot stay cached."""
         prefix_pages = self.prefix_tokens // self.page_size
         request_pages = -(-(self.prefix_tokens + self.suffix_tokens) // self.page_size)
-        return 2 * prefix_pages + 2 * request_pages
+        return 2 * prefix_pages + request_pages
 
 
 async def _send(address: str, prompts: list[list[int]], concurrency: int) -> None:
@@ -96,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             results.append(run_policy(policy, workload, logs))
     print(f"command: python -m bench.prefix_routing {shlex.join(argv if argv is not None else sys.argv[1:])}")
     print(f"workload: {workload}")
-    print(f"{'policy':<14} {'hit tokens':>10} {'computed':>9} {'max share':>9}  shares")
+    print(f"{'policy':<14} {'hit tokens':>10} {'computed':>9} {'requests':>8} {'max share':>9}  shares")
     for r in results:
-        print(f"{r['policy']:<14} {r['hit_tokens']:>10} {r['computed_tokens']:>9} {max(r['shares']):>9}  {r['shares']}")
+        print(f"{r['policy']:<14} {r['hit_tokens']:>10} {r['computed_tokens']:>9} {r['requests']:>8} {max(r['shares']):>9}  {r['shares']}")
     if len(results) >= 2 and results[1]["hit_tokens"]:
         print(f"hit-token ratio {results[0]['policy']}/{results[1]['policy']}: "
               f"{results[0]['hit_tokens'] / results[1]['hit_tokens']:.2f}")

@@ -18,6 +18,7 @@ import grpc
 
 from engine.engine import RemoteReservation, StepOutput
 from engine.errors import InvalidRequestError
+from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
 from kv_transfer import TransferError
 from proto import epd_pb2 as pb
@@ -71,7 +72,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         await run(self.engine.add_request, prompt, params, rid)
 
     async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int]) -> bool:
-        if not request.prefill:
+        if not request.prefill or self.runtime.transfer is None:
             return False
         if request.force_remote_prefill:
             return True
@@ -90,7 +91,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await asyncio.sleep(RESERVE_RETRY_S)
 
     async def _remote_prefill(self, request: pb.DecodeRequest,
-                              reservation: RemoteReservation) -> tuple[int, object] | None:
+                              reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
         for candidate in request.prefill:
             generation = next(self._generations)
             room = f"{request.request_id}#{generation}"

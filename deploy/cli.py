@@ -37,7 +37,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-cache", action="store_true")
-    parser.add_argument("--attention-backend", default="torch")
+    parser.add_argument("--attention-backend", default="torch", help="torch (reference) or triton (GPU)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="capture decode batches in CUDA graphs (needs --device cuda --attention-backend triton)")
+    parser.add_argument("--overlap-schedule", action="store_true",
+                        help="prepare step N+1 on the CPU while the GPU runs step N (greedy requests)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -45,7 +49,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 page_size=args.page_size, num_pages=args.num_pages,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
-                attention_backend=args.attention_backend)
+                attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
+                overlap_schedule=args.overlap_schedule)
 
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:
@@ -90,12 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_model_command(sub)
     _add_generate_command(sub)
-    try:
-        from deploy import cluster_cli
-    except ImportError:  # the cluster commands are optional until their packages exist
-        cluster_cli = None
-    if cluster_cli is not None:
-        cluster_cli.add_commands(sub)
+    from deploy import cluster_cli
+    cluster_cli.add_commands(sub)
     return parser
 
 

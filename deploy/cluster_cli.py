@@ -13,12 +13,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_engine_arguments(worker)
     add_worker_arguments(worker)
     worker.set_defaults(handler=_worker)
-    try:
-        from router.cli import add_router_command
-    except ImportError:
-        add_router_command = None
-    if add_router_command is not None:
-        add_router_command(sub)
+    add_router_command(sub)
     from deploy.local import add_up_command
     add_up_command(sub)
 
@@ -35,3 +30,17 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
 def _worker(args: argparse.Namespace) -> int:
     from deploy.worker_main import main
     return main(worker_config(args))
+
+
+def add_router_command(sub: argparse._SubParsersAction) -> None:
+    """`epd router [options]`: the router alone (gRPC + OpenAI HTTP API)."""
+    from router.config import add_router_arguments
+    parser = sub.add_parser("router", help="run the router (gRPC + OpenAI-compatible HTTP)")
+    add_router_arguments(parser)
+    parser.set_defaults(handler=_run_router)
+
+
+def _run_router(args: argparse.Namespace) -> int:
+    from router.config import config_from_args
+    from router.server import run_router
+    return run_router(lambda: config_from_args(args), "epd router")

@@ -83,7 +83,7 @@ class LocalCluster:
         args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
                 "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args]
         for name, address in self.worker_addresses.items():
-            args += [f"--{name.split('-')[0]}", address]
+            args += [f"--{name.split('-')[0]}", f"{name}={address}"]
         if self.spec.policy:
             args += ["--policy", self.spec.policy]
         self._spawn("router", args)
@@ -162,8 +162,9 @@ def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
         flags += ["--dtype", args.dtype]
     if args.max_model_len:
         flags += ["--max-model-len", str(args.max_model_len)]
-    if args.no_prefix_cache:
-        flags.append("--no-prefix-cache")
+    for name in ("no_prefix_cache", "cuda_graphs", "overlap_schedule"):
+        if getattr(args, name):
+            flags.append("--" + name.replace("_", "-"))
     return tuple(flags)
 
 

@@ -7,7 +7,7 @@ positions [seq_lens[i] - query_lens[i], seq_lens[i]) and their K/V go to slot_ma
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,8 @@ class Batch:
     seq_lens: list[int] = field(default_factory=list)
     page_tables: list[torch.Tensor] = field(default_factory=list)  # per sequence, [pages]
     logits_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    # Filled by the attention backend's prepare(), once per step; only it reads this.
+    attention_metadata: Any = None
 
     @property
     def num_tokens(self) -> int:

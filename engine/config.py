@@ -188,6 +188,13 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
     seed: int = 0
     attention_backend: str = "torch"
+    # GPU path (issue 5): Triton norm/rotary/activation kernels, CUDA graphs for decode
+    # batches (padded up to the next captured size), and overlap scheduling (the CPU
+    # prepares step N+1 while the GPU runs step N).
+    triton_kernels: bool = False
+    cuda_graphs: bool = False
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+    overlap_schedule: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> EngineConfig:
@@ -200,3 +207,5 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):
+            raise ConfigError("cuda_graphs needs device 'cuda' and attention_backend 'triton'")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -26,6 +26,9 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
 from engine.tiny import default_model_path
 from engine.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from engine.overlap import OverlapScheduler
 
 
 @dataclass
@@ -83,7 +86,14 @@ class Engine:
                                 self.device, self.model_config.torch_dtype)
         backend = create_attention_backend(config.attention_backend)
         attention = backend(self.kv_cache, self.model_config.head_dim**-0.5)
-        self.runner = ModelRunner(model_module, attention, self.device)
+        if config.triton_kernels:
+            from engine.kernels.ops import TRITON_OPS  # needs triton: imported only when asked
+            model_module.use_ops(TRITON_OPS)
+        graphs = None
+        if config.cuda_graphs:
+            from engine.cuda_graph import DecodeGraphs
+            graphs = DecodeGraphs.build(self.config, model_module, attention)
+        self.runner = ModelRunner(model_module, attention, self.device, graphs)
         self.scheduler = Scheduler(self.config)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
@@ -94,6 +104,11 @@ class Engine:
         self.last_logits: torch.Tensor | None = None  # of the last step, for inspection
         self.last_batch: Batch | None = None
         self.counters = EngineCounters()
+        # Set only with overlap_schedule; then step() returns the previous step's tokens.
+        self.overlap: OverlapScheduler | None = None
+        if config.overlap_schedule:
+            from engine.overlap import OverlapScheduler  # imports this module
+            self.overlap = OverlapScheduler(self)
 
     @property
     def max_model_len(self) -> int:
@@ -203,11 +218,13 @@ class Engine:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or (self.overlap is not None and self.overlap.busy)
 
     # -- stepping ----------------------------------------------------------------------
 
     def step(self) -> list[StepOutput]:
+        if self.overlap is not None:
+            return self.overlap.step()
         batch = self.scheduler.schedule()
         self.last_batch = batch
         if not batch.scheduled:
@@ -234,15 +251,18 @@ class Engine:
             request.logprobs.append(logprob)
         reason = self._check_stop(request, token)
         if reason is not None:
-            request.finish_reason = reason
-            self.requests.pop(request.request_id, None)
-            if request.hold_pages:
-                self.scheduler.park(request)
-                request.status = RequestStatus.FINISHED
-            else:
-                self.scheduler.finish(request)
+            self._finish(request, reason)
         return StepOutput(request.request_id, [token], [logprob] if logprob else [],
                           reason is not None, reason, request)
+
+    def _finish(self, request: Request, reason: str) -> None:
+        request.finish_reason = reason
+        self.requests.pop(request.request_id, None)
+        if request.hold_pages:  # prefill role: pages stay until release_held
+            self.scheduler.park(request)
+            request.status = RequestStatus.FINISHED
+        else:
+            self.scheduler.finish(request)
 
     def _check_stop(self, request: Request, token: int) -> str | None:
         params = request.params

@@ -86,13 +86,16 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, start: int | None, en
 
 
 def init_dummy_weights(model: CausalLM, seed: int) -> None:
-    """Seeded random weights: N(0, 0.02) matrices, unit norms, small biases."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    """Seeded random weights: N(0, 0.02) matrices, unit norms, small biases. Drawn on the
+    parameters' device (an 8B model's weights in seconds on a GPU); the same seed gives
+    the same weights on the same kind of device."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
             continue
-        values = torch.randn(param.shape, generator=generator) * 0.02
+        values = torch.randn(param.shape, generator=generator, device=device) * 0.02
         param.data.copy_(values.to(param.dtype))
 
 

@@ -47,12 +47,21 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def is_plain_greedy(params: SamplingParams) -> bool:
+    """Greedy with nothing that needs the host per row: argmax of the raw logits."""
+    return (params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
+            and not params.frequency_penalty and not params.presence_penalty)
+
+
 class Sampler:
     def __init__(self, seed: int) -> None:
         self._generator = torch.Generator().manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, requests: list[Request]) -> list[tuple[int, TokenLogprob | None]]:
         """logits [N, vocab] (one row per request) -> a token per request."""
+        if all(is_plain_greedy(r.params) for r in requests):
+            # One argmax and one device-to-host read for the whole batch.
+            return [(int(t), None) for t in logits.argmax(dim=-1).tolist()]
         logits = logits.float()
         raw_logprobs = torch.log_softmax(logits, dim=-1)
         results = []

@@ -17,7 +17,8 @@ import grpc
 
 from engine.engine import StepOutput
 from engine.errors import InvalidRequestError
-from kv_transfer import EndpointDescriptor, Notification, TransferError, coalesce
+from engine.sampling_params import SamplingParams
+from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferError, coalesce
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto.convert import logprob_to_proto, params_from_proto
@@ -34,7 +35,7 @@ class ShipJob:
     request_id: str
     prompt_len: int
     destination: pb.KVDestination
-    peer: object
+    peer: PeerHandle
     next_page: int
     seq: int = 0
     done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
@@ -47,7 +48,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = runtime.engine
         self.jobs: dict[str, ShipJob] = {}
         self.page_size = self.engine.config.page_size
-        self._peers: dict[str, object] = {}  # descriptor address -> connected peer
+        self._peers: dict[str, PeerHandle] = {}  # descriptor address -> connected peer
         runtime.set_step_hook(self._ship)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -72,7 +73,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             self.jobs.pop(rid, None)
             await self.runtime.async_engine.run(self._drop, rid)
 
-    async def _run(self, job: ShipJob, prompt: list[int], params) -> pb.PrefillResponse:  # noqa: ANN001
+    async def _run(self, job: ShipJob, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
         # Prefill samples exactly the first token; decode applies every stop rule to it.
         first_only = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop=())
         async_engine = self.runtime.async_engine
@@ -123,7 +124,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                 f"destination has pages for token pages [{dst.start_page}, {dst.start_page + len(dst.page_ids)}); "
                 f"the prompt has {pages}")
 
-    async def _connect(self, dst: pb.KVDestination) -> object:
+    async def _connect(self, dst: pb.KVDestination) -> PeerHandle:
         try:
             descriptor = EndpointDescriptor.from_dict(json.loads(dst.endpoint_json))
         except (ValueError, KeyError, TypeError) as exc:
@@ -140,7 +141,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         sends = [self._plan(job) for job in list(self.jobs.values())]
         await asyncio.gather(*(self._send(job, runs, final) for job, runs, final in filter(None, sends)))
 
-    def _plan(self, job: ShipJob) -> tuple[ShipJob, list, bool] | None:
+    def _plan(self, job: ShipJob) -> tuple[ShipJob, list[PageRun], bool] | None:
         """Pages computed since the last send; read synchronously, before any await."""
         if job.done.done():
             return None
@@ -158,7 +159,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         job.next_page = max(job.next_page, limit)
         return job, coalesce(src, dst), final
 
-    async def _send(self, job: ShipJob, runs: list, final: bool) -> None:
+    async def _send(self, job: ShipJob, runs: list[PageRun], final: bool) -> None:
         dst = job.destination
         note = Notification(room_id=dst.room_id, generation=dst.generation, seq=job.seq, payload=b"", final=final)
         job.seq += 1

@@ -37,7 +37,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default="")
     parser.add_argument("--advertise-host", default=None, help="host peers should dial")
     parser.add_argument("--router", default=None, help="router gRPC address to register with")
-    parser.add_argument("--transfer", default="tcp", help="KV transfer backend")
+    parser.add_argument("--transfer", default="tcp",
+                        help="KV transfer backend; 'none' for an aggregated decode worker that prefills itself")
     parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,

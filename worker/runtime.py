@@ -35,9 +35,13 @@ class WorkerRuntime:
         self.config = config
         self.engine = Engine(config.model, EngineConfig(), **config.engine_options)
         self.async_engine = AsyncEngine(self.engine)
-        self.transfer: TransferBackend = create_backend(
-            config.transfer, compat_hash=self.compat_hash(), host=config.public_host,
-            **config.transfer_options)
+        # "none": an aggregated worker (decode that prefills everything itself).
+        self.transfer: TransferBackend | None = None
+        if config.transfer != "none":
+            self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
+                                           host=config.public_host, **config.transfer_options)
+        elif config.role == "prefill":
+            raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
         self.server = grpc.aio.server()
         self.port = 0
@@ -62,8 +66,9 @@ class WorkerRuntime:
         self.async_engine = AsyncEngine(self.engine, after_step=hook)
 
     async def start(self) -> None:
-        await _maybe_await(self.transfer.start())
-        await _maybe_await(self.transfer.register_region(KV_REGION, self.engine.kv_cache.buffer))
+        if self.transfer is not None:
+            await _maybe_await(self.transfer.start())
+            await _maybe_await(self.transfer.register_region(KV_REGION, self.engine.kv_cache.buffer))
         await self.async_engine.start()
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
@@ -83,7 +88,8 @@ class WorkerRuntime:
                 await task
         await self.server.stop(grace=1.0)
         await self.async_engine.stop()
-        await _maybe_await(self.transfer.close())
+        if self.transfer is not None:
+            await _maybe_await(self.transfer.close())
 
     # -- status ------------------------------------------------------------------------
 
@@ -112,8 +118,8 @@ class WorkerRuntime:
         batch = self.events.since(after_event, cache.all_hashes() if cache else [])
         return pb.WorkerStatus(
             role=self.config.role, id=self.worker_id, address=self.address, healthy=True,
-            kv_bytes_sent_total=self.transfer.bytes_sent_total,
-            kv_bytes_received_total=self.transfer.bytes_received_total,
+            kv_bytes_sent_total=self.transfer.bytes_sent_total if self.transfer else 0,
+            kv_bytes_received_total=self.transfer.bytes_received_total if self.transfer else 0,
             page_size=self.engine.config.page_size, model=str(self.engine.model_path),
             max_model_len=self.engine.max_model_len, event_seq=batch.seq,
             events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
@@ -126,9 +132,10 @@ class WorkerRuntime:
     async def _refresh_snapshot(self) -> None:
         while True:
             counts = await self.async_engine.run(self._counts)
-            counts["kv_bytes_sent_total"] = self.transfer.bytes_sent_total
-            counts["kv_bytes_received_total"] = self.transfer.bytes_received_total
-            counts["kv_transfer_seconds_total"] = self.transfer.transfer_seconds_total
+            if self.transfer is not None:
+                counts["kv_bytes_sent_total"] = self.transfer.bytes_sent_total
+                counts["kv_bytes_received_total"] = self.transfer.bytes_received_total
+                counts["kv_transfer_seconds_total"] = self.transfer.transfer_seconds_total
             self.snapshot = counts
             await asyncio.sleep(0.5)
 

@@ -23,6 +23,10 @@ class AttentionBackend(ABC):
         self.kv_cache = kv_cache
         self.scale = scale
 
+    def prepare(self, batch: Batch) -> None:
+        """Once per step, after the runner filled the batch: build whatever the backend
+        needs for all layers (device page tables, offsets) into batch.attention_metadata."""
+
     @abstractmethod
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch

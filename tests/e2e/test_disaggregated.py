@@ -10,7 +10,7 @@ import pytest
 
 from engine import LLM, SamplingParams
 from proto import epd_pb2 as pb
-from tests.e2e.cluster import by_role, cluster_status, flush_worker_caches, grpc_generate, make_cluster
+from tests.e2e.cluster import by_role, cluster_status, flush_worker_caches, grpc_generate, make_cluster, wait_for
 
 pytestmark = pytest.mark.timeout(600)
 CONTEXT = 1024
@@ -55,6 +55,8 @@ def test_two_by_two_cluster_matches_offline_engine(tmp_path, tiny_model_path) ->
             assert tokens == ref.outputs[0].token_ids, f"request {index}: tokens differ"
             assert text == ref.outputs[0].text, f"request {index}: text differs"
             assert finished.usage.completion_tokens == len(tokens)
+        # The router refreshes worker status every half second: wait for the idle state.
+        wait_for(lambda: all(e["running"] == 0 and e["waiting"] == 0 for e in cluster_status(cluster)), 10)
         status = cluster_status(cluster)
         assert len(by_role(status, "prefill")) == 2 and len(by_role(status, "decode")) == 2
         for entry in by_role(status, "prefill"):
@@ -67,5 +69,4 @@ def test_two_by_two_cluster_matches_offline_engine(tmp_path, tiny_model_path) ->
             assert entry["running"] == 0 and entry["waiting"] == 0
             assert entry["kv_pages_free"] == entry["kv_pages_total"] - entry["kv_pages_cached"], entry
         asyncio.run(flush_worker_caches(status))
-        for entry in cluster_status(cluster):
-            assert entry["kv_pages_free"] == entry["kv_pages_total"], entry
+        wait_for(lambda: all(e["kv_pages_free"] == e["kv_pages_total"] for e in cluster_status(cluster)), 10)

@@ -82,6 +82,52 @@ def test_openai_client_chat_and_completions(epd_up, tiny_model_path) -> None:  #
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 0
 
 
+BAD_HTTP = [
+    ("/v1/completions", b"{not json", 400),
+    ("/v1/completions", b'{"model": MODEL, "prompt": 5, "max_tokens": 4}', 400),
+    ("/v1/completions", b'{"model": MODEL, "prompt": "hi", "max_tokens": "four"}', 400),
+    ("/v1/completions", b'{"model": "no-such-model", "prompt": "hi"}', 404),
+    ("/v1/completions", b'{"model": MODEL, "prompt": "hi", "max_tokens": -1}', 400),
+    ("/v1/completions", b'{"model": MODEL, "prompt": "hi", "n": 0}', 400),
+    ("/v1/completions", b'{"model": MODEL, "prompt": "\xff\xfe", "max_tokens": 2}', 400),
+    ("/v1/completions", b'{"model": MODEL, "prompt": LONG, "max_tokens": 4}', 400),
+    ("/v1/chat/completions", b'{"model": MODEL, "messages": "hello"}', 400),
+]
+
+
+def test_bad_input_gets_4xx_and_cluster_keeps_serving(epd_up) -> None:  # noqa: ANN001
+    import grpc
+
+    from proto import epd_pb2 as pb
+    from proto import epd_pb2_grpc as pb_grpc
+    url, _, log = epd_up
+    model = httpx.get(f"{url}/v1/models", timeout=5).json()["data"][0]["id"]
+    long_prompt = str(list(range(3, 1100)))
+    for path, body, status in BAD_HTTP:
+        body = body.replace(b"MODEL", f'"{model}"'.encode()).replace(b"LONG", long_prompt.encode())
+        response = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=10)
+        assert response.status_code == status, (body[:60], response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["type"], response.text
+    log.seek(0)
+    grpc_port = int(log.read().decode().split("gRPC:")[1].split()[0].rsplit(":", 1)[1])
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = pb_grpc.RouterStub(channel)
+        bad = [pb.GenerateRequest(text="", sampling=pb.SamplingParams(max_tokens=4)),
+               pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=0)),
+               pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(top_p=1.5)),
+               pb.GenerateRequest(token_ids=pb.TokenIds(ids=list(range(3, 1100))))]
+        for request in bad:
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.Generate(request, timeout=10))
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and info.value.details()
+        good = list(stub.Generate(pb.GenerateRequest(text="still serving", sampling=pb.SamplingParams(
+            max_tokens=3, ignore_eos=True)), timeout=30))
+        assert sum(len(r.chunk.token_ids) for r in good if r.HasField("chunk")) == 3
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused")
+    assert client.completions.create(model=model, prompt="ok", max_tokens=2).usage.completion_tokens >= 1
+
+
 def test_ctrl_c_stops_everything(epd_up) -> None:  # noqa: ANN001
     url, proc, log = epd_up
     proc.send_signal(signal.SIGINT)

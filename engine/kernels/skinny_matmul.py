@@ -1,0 +1,79 @@
+"""x @ W^T for a handful of rows (decode at small batch): a weight-streaming kernel.
+
+At batch 1..16 a linear layer only streams its weight once; cuBLAS picks split-K
+kernels plus a reduce kernel for the 4096-wide layers. Here each program owns BLOCK_N
+output columns and walks the whole K, so the weight is read once, in 16-byte rows, with
+`num_stages` tiles in flight, and no reduction pass follows. The rows sit in the M side
+of a 16-row `tl.dot` (padding rows are masked loads of zeros).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16
+
+
+class SkinnyConfig(NamedTuple):
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@triton.jit
+def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x, stride_w, stride_out,
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ids = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = row_ids < rows
+    col_mask = cols < n
+    x_ptrs = x_ptr + row_ids[:, None] * stride_x + ks[None, :]
+    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        k_mask = (k0 + ks) < k
+        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + row_ids[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
+    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
+    if not on_gpu:
+        return SkinnyConfig(16, 16, 4, 1)
+    if n >= 65536:  # LM heads
+        return SkinnyConfig(64, 128, 4, 5)
+    return SkinnyConfig(32, 512 if k >= 8192 else 256, 4, 5)
+
+
+def wins_over_cublas(n: int) -> bool:
+    """Where the sweep measured this kernel faster than cuBLAS at 1..16 rows: narrow
+    outputs (cuBLAS takes split-K plus a reduce kernel there) and LM heads; equal or
+    slower in between."""
+    return n <= 4096 or n >= 65536
+
+
+def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  config: SkinnyConfig | None = None) -> torch.Tensor:
+    """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]."""
+    rows, k = x.shape
+    n = weight.shape[0]
+    assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
+    config = config or default_config(n, k, x.is_cuda)
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
+        x, weight, bias if bias is not None else weight, out, rows, n, k,
+        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    return out

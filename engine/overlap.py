@@ -1,0 +1,162 @@
+"""Overlap scheduling: the CPU schedules and launches step N+1 while the GPU runs step N.
+
+A step's sampled tokens stay on the device; the next step takes its inputs from there
+(`CarriedTokens`), and the host reads them one step late, through a pinned buffer and an
+event, after it has launched the next step: nothing on this path waits for the GPU
+except for a step that is already done or is the one before the step now running.
+
+Until a token is read, its request holds a placeholder as the last output token, so
+that the scheduler counts it. Invariant: only the last output token can be a placeholder,
+its KV is not computed yet (so no cache insert covers it), and the runner overwrites it
+on the device before any kernel reads it. A request that finishes on a token read late
+was already scheduled once more: that step's work is discarded (its KV writes land in
+pages that later steps may reuse only after it, in stream order).
+
+Only batches whose sampling is plain greedy take this path; any other batch first
+resolves the step in flight and then runs as `Engine.step` does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from engine.batch import Batch
+from engine.model_runner import CarriedTokens
+from engine.request import Request
+from engine.sampler import is_plain_greedy
+
+if TYPE_CHECKING:
+    from engine.engine import Engine, StepOutput
+
+_PLACEHOLDER = 0  # value of a not-yet-read token; never read (see the invariant above)
+
+
+@dataclass
+class InFlightStep:
+    requests: list[Request]  # requests that sample, in logits-row order
+    output_indices: list[int]  # where each one's placeholder sits in output_token_ids
+    tokens: torch.Tensor  # [N] sampled ids, on the device
+    host_tokens: torch.Tensor  # [N] pinned copy, valid once `ready` has passed
+    ready: torch.cuda.Event | None  # None on CPU, where the copy is already done
+
+
+@dataclass
+class OverlapTimings:
+    """Host time per step, for benchmarks: `cpu` excludes `wait` (blocked on the GPU)."""
+
+    steps: int = 0
+    schedule: float = 0.0  # Scheduler.schedule
+    launch: float = 0.0  # input preparation and kernel/graph launch of the next step
+    cpu: float = 0.0  # all host time of step(), waits excluded
+    wait: float = 0.0
+
+
+class OverlapScheduler:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.in_flight: InFlightStep | None = None
+        self.timings = OverlapTimings()
+        # Two pinned buffers alternate: step N's is read while step N+1's is written.
+        self._host_buffers: list[torch.Tensor] = []
+        self._events: list[torch.cuda.Event] = []
+        self._turn = 0
+
+    @property
+    def busy(self) -> bool:
+        """A step is in flight whose tokens someone still waits for (a step holding only
+        requests that finished meanwhile is waste, dropped at the next resolve)."""
+        return self.in_flight is not None and not all(r.finished for r in self.in_flight.requests)
+
+    def step(self) -> list[StepOutput]:
+        start = time.perf_counter()
+        wait_before = self.timings.wait
+        batch = self.engine.scheduler.schedule()
+        self.timings.schedule += time.perf_counter() - start
+        if batch.scheduled and not self._can_overlap(batch):
+            outputs = self._resolve()
+            outputs += self._run_synchronously(batch)
+        else:
+            launch_start = time.perf_counter()
+            launched = self._launch(batch) if batch.scheduled else None
+            self.timings.launch += time.perf_counter() - launch_start
+            outputs = self._resolve()
+            self.in_flight = launched
+        self.timings.steps += 1
+        self.timings.cpu += time.perf_counter() - start - (self.timings.wait - wait_before)
+        return outputs
+
+    @staticmethod
+    def _can_overlap(batch: Batch) -> bool:
+        return all(is_plain_greedy(s.request.params) or not s.completes_prompt for s in batch.scheduled)
+
+    def _launch(self, batch: Batch) -> InFlightStep:
+        sampling = [s.request for s in batch.scheduled if s.completes_prompt]
+        previous = self.in_flight
+        carried = None
+        if previous is not None:
+            carried = CarriedTokens({r: i for i, r in enumerate(previous.requests)}, previous.tokens)
+        logits = self.engine.runner.execute(batch, carried)
+        tokens = logits.argmax(dim=-1)
+        for item in batch.scheduled:
+            item.request.num_computed_tokens += item.num_new_tokens
+        indices = []
+        for request in sampling:
+            request.output_token_ids.append(_PLACEHOLDER)
+            indices.append(len(request.output_token_ids) - 1)
+        host, ready = self._copy_to_host(tokens)
+        return InFlightStep(sampling, indices, tokens, host, ready)
+
+    def _copy_to_host(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        if not tokens.is_cuda:
+            return tokens, None
+        count = tokens.shape[0]
+        if not self._host_buffers or self._host_buffers[0].shape[0] < count:
+            size = max(count, self.engine.config.max_num_seqs)
+            self._host_buffers = [torch.empty(size, dtype=torch.long, pin_memory=True) for _ in range(2)]
+            self._events = [torch.cuda.Event() for _ in range(2)]
+        self._turn ^= 1
+        host = self._host_buffers[self._turn][:count]
+        host.copy_(tokens, non_blocking=True)
+        self._events[self._turn].record()
+        return host, self._events[self._turn]
+
+    def _resolve(self) -> list[StepOutput]:
+        """Read the in-flight step's tokens, replace the placeholders, apply stops."""
+        from engine.engine import StepOutput
+
+        step, self.in_flight = self.in_flight, None
+        if step is None:
+            return []
+        if step.ready is not None:
+            start = time.perf_counter()
+            step.ready.synchronize()
+            self.timings.wait += time.perf_counter() - start
+        outputs = []
+        for request, index, token in zip(step.requests, step.output_indices, step.host_tokens.tolist()):
+            if request.finished:  # aborted, or finished on an earlier token
+                continue
+            outputs_so_far = request.output_token_ids
+            outputs_so_far[index] = token
+            # Stop checks see exactly the tokens read so far: hold back a newer placeholder.
+            later = outputs_so_far[index + 1:]
+            if later:
+                del outputs_so_far[index + 1:]
+            reason = self.engine._check_stop(request, token)
+            if reason is None:
+                outputs_so_far.extend(later)
+            else:
+                self.engine._finish(request, reason)
+            outputs.append(StepOutput(request.request_id, [token], [], reason is not None, reason, request))
+        return outputs
+
+    def _run_synchronously(self, batch: Batch) -> list[StepOutput]:
+        # Requests that finished on the tokens just read were scheduled before we knew.
+        batch.scheduled = [s for s in batch.scheduled if not s.request.finished]
+        if not batch.scheduled:
+            return []
+        logits = self.engine.runner.execute(batch)
+        self.engine.last_logits = logits
+        return self.engine._process(batch, logits)

@@ -1,0 +1,128 @@
+"""The router's configuration: a frozen dataclass and the command-line options that
+fill it. `epd router` and `python -m router` share `add_router_arguments`."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+from typing import Sequence
+
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """A worker named on the command line: `ADDR` or `ID=ADDR`."""
+
+    role: str
+    id: str
+    address: str
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Everything the router needs to start. Durations are seconds."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000                       # HTTP (OpenAI API); 0 picks a free port
+    grpc_port: int = 50051                 # Router + Registry services; 0 picks a free port
+    model: str | None = None               # model directory; None: the built-in tiny model
+    served_model_name: str | None = None   # defaults to the model directory's name
+    max_model_len: int | None = None       # defaults to config.json's max_position_embeddings
+    prefill: tuple[str, ...] = ()          # static prefill workers, `ADDR` or `ID=ADDR`
+    decode: tuple[str, ...] = ()           # static decode workers
+    expect_prefill: int = 0                # /health needs this many healthy prefill workers
+    expect_decode: int = 1                 # ... and this many healthy decode workers
+    policy: str = "prefix_aware"
+    max_prefill_candidates: int = 3        # prefill workers handed to decode, best first
+    force_remote_prefill: bool = False     # tell decode to skip its local-prefill threshold
+    health_interval: float = 0.5           # between two Status polls of one worker
+    health_timeout: float = 1.0            # of one Status call
+    unhealthy_after: float = 2.0           # failing this long takes a worker out of rotation
+    forget_after: float = 60.0             # a registered worker down this long is dropped
+    max_retries: int = 2                   # decode retries before the first token
+    first_token_timeout: float = 120.0     # decode stream: until the first token
+    token_timeout: float = 60.0            # decode stream: between two later messages
+    request_timeout: float = 3600.0        # deadline of one decode stream
+    abort_timeout: float = 1.0             # of an Abort call to a worker
+    max_concurrent_requests: int = 256     # generating at once; more wait in the queue
+    max_queued_requests: int = 1024        # waiting for a slot; more get 429 / RESOURCE_EXHAUSTED
+    max_request_bytes: int = 8 * 1024 * 1024  # HTTP body limit (413)
+    log_level: str = "info"
+
+    def static_workers(self) -> list[WorkerAddress]:
+        out = []
+        for role, specs in (("prefill", self.prefill), ("decode", self.decode)):
+            out.extend(parse_worker_spec(role, spec, index) for index, spec in enumerate(specs))
+        return out
+
+
+def parse_worker_spec(role: str, spec: str, index: int) -> WorkerAddress:
+    """`host:port` gets the id `{role}-{index}`; `name=host:port` names it."""
+    worker_id, sep, address = spec.partition("=")
+    if not sep:
+        worker_id, address = f"{role}-{index}", spec
+    if not address or ":" not in address:
+        raise ValueError(f"--{role} {spec!r}: expected HOST:PORT or ID=HOST:PORT")
+    return WorkerAddress(role, worker_id, address)
+
+
+def add_router_arguments(parser: argparse.ArgumentParser) -> None:
+    """The router's options, with RouterConfig's defaults."""
+    d = RouterConfig()
+    add = parser.add_argument
+    add("--host", default=d.host, help="address to bind HTTP and gRPC to")
+    add("--port", type=int, default=d.port, help="HTTP port (OpenAI API)")
+    add("--grpc-port", type=int, default=d.grpc_port, help="gRPC port (Router and Registry services)")
+    add("--model", default=d.model, help="model directory (default: built-in tiny model)")
+    add("--served-model-name", default=d.served_model_name)
+    add("--max-model-len", type=int, default=d.max_model_len)
+    add("--prefill", action="append", default=[], metavar="[ID=]ADDR", help="prefill worker (repeatable)")
+    add("--decode", action="append", default=[], metavar="[ID=]ADDR", help="decode worker (repeatable)")
+    add("--expect-prefill", type=int, default=d.expect_prefill,
+        help="healthy prefill workers /health waits for (beyond those named)")
+    add("--expect-decode", type=int, default=d.expect_decode)
+    add("--policy", default=d.policy, help="routing policy: prefix_aware, load, round_robin, random")
+    add("--max-prefill-candidates", type=int, default=d.max_prefill_candidates)
+    add("--force-remote-prefill", action="store_true")
+    add("--health-interval", type=float, default=d.health_interval)
+    add("--health-timeout", type=float, default=d.health_timeout)
+    add("--unhealthy-after", type=float, default=d.unhealthy_after)
+    add("--forget-after", type=float, default=d.forget_after)
+    add("--max-retries", type=int, default=d.max_retries)
+    add("--first-token-timeout", type=float, default=d.first_token_timeout)
+    add("--token-timeout", type=float, default=d.token_timeout)
+    add("--request-timeout", type=float, default=d.request_timeout)
+    add("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
+    add("--max-queued-requests", type=int, default=d.max_queued_requests)
+    add("--max-request-bytes", type=int, default=d.max_request_bytes)
+    add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+
+
+def config_from_args(args: argparse.Namespace) -> RouterConfig:
+    """Build a RouterConfig from parsed options; unknown attributes are ignored."""
+    names = {f.name for f in fields(RouterConfig)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    for key in ("prefill", "decode"):
+        values[key] = tuple(values.get(key) or ())
+    config = RouterConfig(**values)
+    validate_config(config)
+    return config
+
+
+def validate_config(config: RouterConfig) -> None:
+    from router.policies import policy_names
+    if config.policy not in policy_names():
+        raise ValueError(f"unknown policy {config.policy!r}; choose one of {policy_names()}")
+    for name in ("max_concurrent_requests", "max_request_bytes", "max_prefill_candidates"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1")
+    for name in ("max_queued_requests", "max_retries", "expect_prefill", "expect_decode"):
+        if getattr(config, name) < 0:
+            raise ValueError(f"{name} must be >= 0")
+    config.static_workers()  # raises on a malformed worker spec
+
+
+def parse_config(argv: Sequence[str] | None = None) -> RouterConfig:
+    parser = argparse.ArgumentParser(prog="python -m router", description="epd-serve router")
+    add_router_arguments(parser)
+    return config_from_args(parser.parse_args(argv))

@@ -1,0 +1,195 @@
+"""Sending a request to workers: pick a decode worker and ordered prefill candidates,
+open the decode stream, and move to another decode worker when the stream fails as
+unreachable before the first token. After the first token a failure is final.
+
+Every worker call has a deadline; a stream the router stops reading early (client gone,
+stop string, Abort) is cancelled, and the decode worker is told to Abort as well.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, AsyncIterator, Protocol
+
+import grpc
+
+from engine.sampling_params import SamplingParams
+from proto import epd_pb2
+from router.config import RouterConfig
+from router.errors import NoHealthyWorkers, WorkerFailed
+from router.policies import RouteRequest, create_policy
+from router.registry import WorkerHandle, WorkerRegistry
+from router.worker_state import Lease
+
+if TYPE_CHECKING:
+    from router.metrics import RouterMetrics
+    from router.service import GenerationRequest
+
+log = logging.getLogger("router.dispatch")
+
+
+class AbortFlag(Protocol):
+    aborted: bool
+    plan: Plan | None
+
+
+class _Unreachable(Exception):
+    """The decode worker could not be reached before the first token: try another."""
+
+
+class Plan:
+    """Where one attempt goes: a decode worker and the prefill workers it should try."""
+
+    def __init__(self, decode: WorkerHandle, prefill: list[WorkerHandle], route: RouteRequest) -> None:
+        self.decode = decode
+        self.prefill = prefill
+        self.call: grpc.aio.UnaryStreamCall | None = None
+        self._leases: list[Lease] = [decode.state.lease()]
+        if prefill:
+            first = prefill[0].state
+            page_size = first.load.page_size
+            predicted = route.page_hashes(page_size) if page_size > 0 else []
+            self._leases.append(first.lease(route.uncached_tokens(first), predicted))
+
+    @property
+    def decode_id(self) -> str:
+        return self.decode.state.id
+
+    def prefill_done(self) -> None:
+        for lease in self._leases:
+            lease.prefill_done()
+
+    def release(self) -> None:
+        for lease in self._leases:
+            lease.close()
+
+    def cancel(self) -> None:
+        if self.call is not None:
+            self.call.cancel()
+
+
+def sampling_to_proto(params: SamplingParams) -> epd_pb2.SamplingParams:
+    from proto.convert import params_to_proto
+    return params_to_proto(params)
+
+
+class Dispatcher:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+        self.config = config
+        self.registry = registry
+        self.metrics = metrics
+        self.policy = create_policy(config.policy)
+        self._background: set[asyncio.Task[None]] = set()
+
+    def plan(self, route: RouteRequest, exclude: set[str]) -> Plan:
+        decode = [w for w in self.registry.healthy("decode") if w.id not in exclude]
+        if not decode:
+            raise NoHealthyWorkers("no healthy decode worker is available" if not exclude else
+                                   f"no other healthy decode worker to retry on (tried {sorted(exclude)})")
+        chosen = self.policy.rank_decode(route, decode)[0]
+        prefill = self.policy.rank_prefill(route, self.registry.healthy("prefill"))
+        handles = [self.registry.get(w.id) for w in [chosen, *prefill[:self.config.max_prefill_candidates]]]
+        if any(h is None for h in handles):
+            raise NoHealthyWorkers("the worker set changed while routing; retry")
+        return Plan(handles[0], handles[1:], route)
+
+    async def stream(self, request: GenerationRequest, active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
+        """The decode worker's responses for one request, retrying elsewhere while no
+        token has arrived and the worker was unreachable."""
+        route = RouteRequest(request.prompt_token_ids)
+        tried: set[str] = set()
+        for attempt in range(self.config.max_retries + 1):
+            plan = self.plan(route, tried)
+            tried.add(plan.decode_id)
+            active.plan = plan
+            if attempt:
+                self.metrics.retries.inc()
+            try:
+                async for response in self._attempt(plan, request, active):
+                    yield response
+                return
+            except _Unreachable as exc:
+                log.warning("request %s: %s; retrying elsewhere", request.request_id, exc)
+                self.registry.mark_failed(plan.decode_id, str(exc))
+            finally:
+                plan.release()
+        raise NoHealthyWorkers(f"no decode worker could take the request after "
+                               f"{self.config.max_retries + 1} attempts (tried {sorted(tried)})")
+
+    def _decode_request(self, plan: Plan, request: GenerationRequest) -> epd_pb2.DecodeRequest:
+        return epd_pb2.DecodeRequest(
+            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
+            sampling=sampling_to_proto(request.params),
+            prefill=[epd_pb2.PrefillCandidate(id=h.state.id, address=h.state.address) for h in plan.prefill],
+            force_remote_prefill=self.config.force_remote_prefill)
+
+    async def _attempt(self, plan: Plan, request: GenerationRequest,
+                       active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
+        call = plan.decode.stub.Generate(self._decode_request(plan, request), timeout=self.config.request_timeout)
+        plan.call = call
+        got_token = ended = False
+        try:
+            while True:
+                response = await self._read(plan, call, got_token, active)
+                if response is None:
+                    ended = True
+                    return
+                if not got_token and response.WhichOneof("event") == "chunk" and response.chunk.token_ids:
+                    got_token = True
+                    plan.prefill_done()
+                ended = response.WhichOneof("event") == "finished"
+                yield response
+        except (_Unreachable, WorkerFailed):
+            ended = True
+            raise
+        finally:
+            if not ended:  # stopped early: client gone, stop string, Abort, timeout
+                call.cancel()
+                self.send_abort(plan.decode_id, request.request_id)
+
+    async def _read(self, plan: Plan, call: grpc.aio.UnaryStreamCall, got_token: bool,
+                    active: AbortFlag) -> epd_pb2.DecodeResponse | None:
+        """The next response; None at the end of the stream or after an Abort."""
+        timeout = self.config.token_timeout if got_token else self.config.first_token_timeout
+        worker = plan.decode_id
+        try:
+            response = await asyncio.wait_for(call.read(), timeout)
+        except asyncio.TimeoutError:
+            raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
+                               grpc.StatusCode.DEADLINE_EXCEEDED) from None
+        except asyncio.CancelledError:
+            if active.aborted and not _task_cancelling():
+                return None  # Abort cancelled the call, not this task
+            raise
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and active.aborted:
+                return None
+            message = f"decode worker {worker} failed: {exc.code().name}: {exc.details()}"
+            if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_token:
+                raise _Unreachable(message) from None
+            raise WorkerFailed(message, exc.code()) from None
+        return None if response is grpc.aio.EOF else response
+
+    def send_abort(self, decode_id: str, request_id: str) -> None:
+        """Tell the decode worker to abort, in the background (best effort)."""
+        handle = self.registry.get(decode_id)
+        if handle is None:
+            return
+        task = asyncio.ensure_future(self._abort(handle, request_id))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, handle: WorkerHandle, request_id: str) -> None:
+        try:
+            await handle.stub.Abort(epd_pb2.AbortRequest(request_id=request_id), timeout=self.config.abort_timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("abort of %s on %s: %s", request_id, handle.state.id, exc.code().name)
+
+    async def close(self) -> None:
+        tasks = list(self._background)
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _task_cancelling() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

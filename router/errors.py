@@ -1,0 +1,78 @@
+"""Errors a request can end in before its first token, each knowing its HTTP status,
+its gRPC code and the label it is counted under in the metrics."""
+from __future__ import annotations
+
+import grpc
+
+
+class RouterError(Exception):
+    """Base: a request the router cannot serve, with a message for the client."""
+
+    http_status = 500
+    grpc_code = grpc.StatusCode.INTERNAL
+    error_type = "internal_error"
+    code = "internal_error"
+    metric_label = "error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(RouterError):
+    http_status = 400
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+    metric_label = "invalid"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(RouterError):
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+    metric_label = "not_found"
+
+
+class RequestTooLarge(RouterError):
+    http_status = 413
+    grpc_code = grpc.StatusCode.INVALID_ARGUMENT
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+    metric_label = "invalid"
+
+
+class Overloaded(RouterError):
+    http_status = 429
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "rate_limit_error"
+    code = "too_many_requests"
+    metric_label = "rejected"
+
+
+class NoHealthyWorkers(RouterError):
+    http_status = 503
+    grpc_code = grpc.StatusCode.UNAVAILABLE
+    error_type = "service_unavailable_error"
+    code = "no_healthy_workers"
+    metric_label = "unavailable"
+
+
+class WorkerFailed(RouterError):
+    """A worker answered with an error (or not in time) before the first token."""
+
+    http_status = 502
+    error_type = "upstream_error"
+    code = "worker_error"
+
+    def __init__(self, message: str, grpc_code: grpc.StatusCode = grpc.StatusCode.INTERNAL) -> None:
+        super().__init__(message)
+        self.grpc_code = grpc_code
+        if grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            self.http_status, self.code = 504, "worker_timeout"

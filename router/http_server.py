@@ -1,0 +1,295 @@
+"""The OpenAI-compatible HTTP API (FastAPI): chat and text completions (SSE when
+streaming), models, health, cluster status and Prometheus metrics.
+
+A request is parsed and validated, admitted (429 when the router is full), and its
+choices started; errors before any choice's first token answer with a status code.
+A client that goes away cancels its generations (and so the decode streams).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from router.admission import Slot
+from router.errors import RouterError, WorkerFailed
+from router.grpc_server import cluster_status
+from router.metrics import CONTENT_TYPE
+from router.openai_format import Choice, ResponseFormatter, error_body, usage_body
+from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, chat_logprobs,
+                                    chat_max_tokens, chat_messages, check_body_size, completion_prompts,
+                                    parse_body, sampling_options, validate_model)
+from router.service import Finish, GenerationRequest, RouterService, TokenDelta
+
+T = TypeVar("T")
+
+_CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
+                   "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total",
+                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens")
+
+
+def error_response(exc: RouterError) -> JSONResponse:
+    return JSONResponse(error_body(exc), status_code=exc.http_status)
+
+
+@dataclass
+class Job:
+    """One HTTP request's generations: choice i is requests[i]."""
+
+    formatter: ResponseFormatter
+    requests: list[GenerationRequest]
+    first_of_prompt: list[bool]  # choice i is the first choice of its prompt (usage counts it)
+    stream: bool
+    include_usage: bool
+
+
+class Fanout:
+    """Runs a job's generations concurrently, merging their events in arrival order."""
+
+    def __init__(self, service: RouterService, requests: list[GenerationRequest]) -> None:
+        self._queue: asyncio.Queue[tuple[int, TokenDelta | Finish | BaseException]] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._pump(i, service.generate(r))) for i, r in enumerate(requests)]
+        self._buffer: list[tuple[int, TokenDelta | Finish]] = []
+        self._open = len(requests)
+
+    async def _pump(self, index: int, events: AsyncIterator[TokenDelta | Finish]) -> None:
+        try:
+            async with aclosing(events) as stream:
+                async for event in stream:
+                    await self._queue.put((index, event))
+        except Exception as exc:  # noqa: BLE001 - handed to the reader, which raises it
+            await self._queue.put((index, exc))
+
+    async def start(self) -> None:
+        """Wait until every choice has produced something; raise the first error if a
+        choice failed before its first token (nothing has been sent yet)."""
+        seen: set[int] = set()
+        while len(seen) < len(self._tasks):
+            index, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            seen.add(index)
+            self._buffer.append((index, item))
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenDelta | Finish]]:
+        for index, event in self._buffer:
+            self._open -= isinstance(event, Finish)
+            yield index, event
+        self._buffer = []
+        while self._open > 0:
+            index, item = await self._queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            self._open -= isinstance(item, Finish)
+            yield index, item
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class _ClosingStreamingResponse(StreamingResponse):
+    """Runs `on_close` however the response ends (a client gone mid-stream included),
+    so the generations stop at once rather than when the iterator is collected."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._on_close()
+
+
+class _ClientGone(Exception):
+    """The HTTP client disconnected before the response was ready."""
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client disconnects first (Starlette does not
+    notice a disconnect on its own until it writes the response)."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watch, return_exceptions=True)
+    if task.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+class OpenAIServer:
+    def __init__(self, service: RouterService) -> None:
+        self.service = service
+
+    async def read_json(self, request: Request) -> dict[str, Any]:
+        limit = self.service.config.max_request_bytes
+        check_body_size(request.headers.get("content-length"), limit)
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            check_body_size(str(len(body)), limit)
+        return parse_body(bytes(body))
+
+    def _formatter(self, kind: str, logprobs: bool) -> ResponseFormatter:
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        return ResponseFormatter(kind, f"{prefix}-{uuid.uuid4().hex}", self.service.model.name, int(time.time()),
+                                 self.service.tokenizer, logprobs)
+
+    def _requests(self, formatter: ResponseFormatter, prompts: list[list[int]], n: int, seed: int | None,
+                  options: dict[str, Any]) -> tuple[list[GenerationRequest], list[bool]]:
+        requests, first = [], []
+        for p, prompt in enumerate(prompts):
+            for j in range(n):
+                choice_seed = None if seed is None else seed + j
+                index = p * n + j
+                requests.append(self.service.prepare(f"{formatter.response_id}-{index}", prompt,
+                                                     {**options, "seed": choice_seed}))
+                first.append(j == 0)
+        return requests, first
+
+    def chat_job(self, body: dict[str, Any]) -> Job:
+        req = validate_model(ChatCompletionRequest, body)
+        self.service.check_model(req.model)
+        logprobs = chat_logprobs(req)
+        options = sampling_options(req, chat_max_tokens(req), logprobs)
+        prompt = self.service.encode_chat(chat_messages(req), req.add_generation_prompt, req.chat_template_kwargs)
+        formatter = self._formatter("chat", logprobs is not None)
+        requests, first = self._requests(formatter, [prompt], req.n, req.seed, options)
+        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    def completion_job(self, body: dict[str, Any]) -> Job:
+        req = validate_model(CompletionRequest, body)
+        self.service.check_model(req.model)
+        options = sampling_options(req, req.max_tokens, req.logprobs)
+        prompts = [self._tokens(spec) for spec in completion_prompts(req)]
+        formatter = self._formatter("completion", req.logprobs is not None)
+        requests, first = self._requests(formatter, prompts, req.n, req.seed, options)
+        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+
+    def _tokens(self, spec: PromptSpec) -> list[int]:
+        return self.service.encode_text(spec.text) if spec.text is not None else list(spec.token_ids or [])
+
+    async def handle(self, request: Request, build: Callable[[dict[str, Any]], Job]) -> Response:
+        try:
+            job = build(await self.read_json(request))
+        except RouterError as exc:
+            self.service.record_error(exc)
+            return error_response(exc)
+        try:
+            slot = await self.service.admit()
+        except RouterError as exc:
+            return error_response(exc)
+        fanout = Fanout(self.service, job.requests)
+        streaming = False
+        try:
+            await _unless_disconnected(request, fanout.start())
+            if job.stream:
+                streaming = True  # the response now owns the fanout and the slot
+                return self._stream(job, fanout, slot)
+            return await _unless_disconnected(request, self._collect(job, fanout))
+        except RouterError as exc:
+            return error_response(exc)
+        except _ClientGone:
+            return Response(status_code=499)
+        finally:
+            if not streaming:
+                await fanout.close()
+                slot.release()
+
+    def _stream(self, job: Job, fanout: Fanout, slot: Slot) -> Response:
+        async def close() -> None:
+            await fanout.close()
+            slot.release()
+
+        return _ClosingStreamingResponse(self._sse(job, fanout), close)
+
+    async def _sse(self, job: Job, fanout: Fanout) -> AsyncIterator[str]:
+        choices = [Choice(i) for i in range(len(job.requests))]
+        usages = []
+        async for index, event in fanout.events():
+            if isinstance(event, Finish) and event.reason == "error":
+                yield _sse(error_body(WorkerFailed(event.error or "generation failed")))
+                break
+            for chunk in job.formatter.stream_chunks(choices[index], event):
+                yield _sse(chunk)
+            if isinstance(event, Finish):
+                usages.append((index, event.usage))
+        else:
+            if job.include_usage:
+                ordered = sorted(usages)
+                body = usage_body([u for _, u in ordered], [job.first_of_prompt[i] for i, _ in ordered])
+                yield _sse(job.formatter.usage_chunk(body))
+        yield "data: [DONE]\n\n"
+
+    async def _collect(self, job: Job, fanout: Fanout) -> Response:
+        choices = [Choice(i) for i in range(len(job.requests))]
+        async for index, event in fanout.events():
+            job.formatter.add(choices[index], event)
+        failed = next((c.finish for c in choices if c.finish and c.finish.reason == "error"), None)
+        if failed is not None:
+            return error_response(WorkerFailed(failed.error or "generation failed"))
+        usage = usage_body([c.finish.usage for c in choices if c.finish], job.first_of_prompt)
+        return JSONResponse(job.formatter.response(choices, usage))
+
+
+def _sse(body: dict[str, Any]) -> str:
+    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+def create_app(service: RouterService) -> FastAPI:
+    app = FastAPI(title="epd-serve router", docs_url=None, redoc_url=None, openapi_url=None)
+    server = OpenAIServer(service)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await server.handle(request, server.chat_job)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await server.handle(request, server.completion_job)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": service.model.name, "object": "model", "created": 0,
+                                            "owned_by": "epd-serve", "max_model_len": service.max_model_len}]}
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        registry = service.registry
+        ready = registry.ready()
+        body = {"status": "ready" if ready else "not ready", "healthy_prefill": len(registry.healthy("prefill")),
+                "healthy_decode": len(registry.healthy("decode"))}
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/cluster")
+    async def cluster() -> list[dict[str, Any]]:
+        return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy,
+                 **{f: getattr(s, f) for f in _CLUSTER_FIELDS}} for s in cluster_status(service.registry)]
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE)
+
+    return app

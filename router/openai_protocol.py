@@ -1,0 +1,189 @@
+"""The OpenAI request bodies the router accepts (chat and completions, with vLLM's
+extra sampling fields) and their translation into the router's requests.
+
+Types are strict: `"1"` is not an integer and `1` is not a boolean, as in OpenAI's
+API; unknown fields are ignored. Every problem becomes an `InvalidRequest` naming the
+field.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from router.errors import InvalidRequest, RequestTooLarge
+
+MAX_N = 128
+_UNION_HINTS = {
+    "prompt": "must be a string, a list of strings, a list of token ids, or a list of token id lists",
+    "stop": "must be a string or a list of strings",
+    "messages": "must be a list of messages, each with a `role` and a string or text-part `content`",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ContentPart(_Strict):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Strict):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class SamplingFields(_Strict):
+    """Fields both endpoints share (OpenAI's plus vLLM's extras)."""
+
+    model: str | None = None
+    n: int = 1
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None  # -1 or 0: no top-k (vLLM)
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = None
+    echo: bool = False
+
+
+def parse_body(raw: bytes) -> dict[str, Any]:
+    """UTF-8 JSON object or InvalidRequest."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    return body
+
+
+def validate_model(cls: type[SamplingFields], body: dict[str, Any]) -> Any:
+    try:
+        return cls.model_validate(body)
+    except ValidationError as exc:
+        raise _invalid(exc) from None
+
+
+def _invalid(exc: ValidationError) -> InvalidRequest:
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else None
+    if field in _UNION_HINTS and len(exc.errors()) > 1:
+        return InvalidRequest(f"`{field}` {_UNION_HINTS[field]}", param=field)
+    where = ".".join(str(p) for p in error["loc"])
+    return InvalidRequest(f"`{where}`: {error['msg']}" if where else error["msg"], param=field)
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt: text to tokenize, token ids, or chat messages."""
+
+    text: str | None = None
+    token_ids: list[int] | None = None
+    messages: list[dict[str, Any]] | None = None
+
+
+def sampling_options(req: SamplingFields, max_tokens: int | None, logprobs: int | None) -> dict[str, Any]:
+    """SamplingParams' fields from a request (seed left to the caller, per choice)."""
+    if req.n < 1 or req.n > MAX_N:
+        raise InvalidRequest(f"n must be between 1 and {MAX_N}, got {req.n}", param="n")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return dict(
+        max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
+        top_k=None if req.top_k in (None, -1, 0) else req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
+        presence_penalty=req.presence_penalty, stop=tuple(stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
+        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+
+
+def chat_logprobs(req: ChatCompletionRequest) -> int | None:
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequest("`logprobs` must be true when `top_logprobs` is set", param="top_logprobs")
+    if not req.logprobs:
+        return None
+    top = req.top_logprobs or 0
+    if not 0 <= top <= 20:
+        raise InvalidRequest(f"top_logprobs must be between 0 and 20, got {top}", param="top_logprobs")
+    return top
+
+
+def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
+    return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+
+
+def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+    """Messages as the chat template wants them: string content (text parts joined)."""
+    out = []
+    for index, message in enumerate(req.messages):
+        content = message.content
+        if isinstance(content, list):
+            if any(part.type != "text" or part.text is None for part in content):
+                raise InvalidRequest(f"messages[{index}]: only text content parts are supported",
+                                     param="messages")
+            content = "".join(part.text or "" for part in content)
+        entry: dict[str, Any] = {"role": message.role, "content": content or ""}
+        if message.name is not None:
+            entry["name"] = message.name
+        out.append(entry)
+    return out
+
+
+def completion_prompts(req: CompletionRequest) -> list[PromptSpec]:
+    prompt = req.prompt
+    if req.echo:
+        raise InvalidRequest("`echo` is not supported", param="echo")
+    if isinstance(prompt, str):
+        return [PromptSpec(text=prompt)]
+    if not prompt:
+        raise InvalidRequest("the prompt is empty", param="prompt")
+    if all(isinstance(p, int) for p in prompt):
+        return [PromptSpec(token_ids=list(prompt))]
+    if all(isinstance(p, str) for p in prompt):
+        return [PromptSpec(text=p) for p in prompt]
+    return [PromptSpec(token_ids=list(p)) for p in prompt]
+
+
+def check_body_size(content_length: str | None, limit: int) -> None:
+    if content_length is not None and content_length.isdigit() and int(content_length) > limit:
+        raise RequestTooLarge(f"the request body is {content_length} bytes; the limit is {limit}")
+
+

@@ -1,0 +1,135 @@
+"""Running the router: gRPC (Router + Registry services) and HTTP (uvicorn) on one
+event loop, with the health monitor. `RouterApp` starts and stops it in-process (tests
+use it with port 0); `serve` runs it until SIGINT or SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from pathlib import Path
+import sys
+from typing import Callable, Iterator
+
+import grpc
+import uvicorn
+
+from engine.config import ModelConfig
+from engine.engine import resolve_model_path
+from engine.tokenizer import Tokenizer
+from router.config import RouterConfig, validate_config
+from router.grpc_server import add_services
+from router.http_server import create_app
+from router.metrics import RouterMetrics
+from router.registry import CHANNEL_OPTIONS, HealthMonitor, WorkerRegistry
+from router.service import ModelInfo, RouterService
+
+log = logging.getLogger("router")
+
+
+def load_model_info(config: RouterConfig) -> tuple[Tokenizer, ModelInfo]:
+    path = resolve_model_path(config.model)
+    model_config = ModelConfig.from_pretrained(path)
+    tokenizer = Tokenizer.from_pretrained(path)
+    context = model_config.max_position_embeddings
+    if config.max_model_len is not None:
+        context = min(context, config.max_model_len)
+    name = config.served_model_name or (config.model if config.model not in (None, "") else Path(path).name)
+    vocab = max(model_config.vocab_size, tokenizer.vocab_size)
+    return tokenizer, ModelInfo(name=str(name), max_model_len=context, vocab_size=vocab)
+
+
+class _EmbeddedUvicorn(uvicorn.Server):
+    """uvicorn without its own signal handling: the router owns SIGINT/SIGTERM."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.set_inheritable(True)
+    return sock
+
+
+class RouterApp:
+    def __init__(self, config: RouterConfig) -> None:
+        validate_config(config)
+        self.config = config
+        tokenizer, model = load_model_info(config)
+        self.registry = WorkerRegistry(config)
+        self.metrics = RouterMetrics(self.registry.handles)
+        self.service = RouterService(config, self.registry, tokenizer, model, self.metrics)
+        self.monitor = HealthMonitor(self.registry, config)
+        self.http_port = 0
+        self.grpc_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._http: _EmbeddedUvicorn | None = None
+        self._http_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.monitor.start()
+        self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
+        add_services(self._grpc, self.service)
+        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {self.config.host}:{self.config.grpc_port}")
+        await self._grpc.start()
+        sock = _bind(self.config.host, self.config.port)
+        self.http_port = sock.getsockname()[1]
+        uv_config = uvicorn.Config(create_app(self.service), log_level=self.config.log_level,
+                                   access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+        self._http = _EmbeddedUvicorn(uv_config)
+        self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="router-http")
+        while not self._http.started:
+            if self._http_task.done():
+                await self._http_task  # raises the startup error
+                raise OSError("the HTTP server stopped during startup")
+            await asyncio.sleep(0.01)
+        log.info("router serving %s: HTTP on %s:%d, gRPC on %s:%d, policy %s", self.service.model.name,
+                 self.config.host, self.http_port, self.config.host, self.grpc_port, self.config.policy)
+
+    async def stop(self, grace: float = 2.0) -> None:
+        if self._http is not None and self._http_task is not None:
+            self._http.should_exit = True
+            await asyncio.gather(self._http_task, return_exceptions=True)
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.monitor.stop()
+        await self.service.dispatcher.close()
+        await self.registry.close()
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGINT or SIGTERM, then shut down cleanly."""
+    app = RouterApp(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await app.start()
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await app.stop()
+
+
+def run_router(build_config: Callable[[], RouterConfig], prog: str) -> int:
+    """Entry point shared by `epd router` and `python -m router`: build the config
+    (a ValueError is a usage error, exit 2), set up logging, serve until stopped."""
+    try:
+        config = build_config()
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0
