@@ -42,6 +42,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -136,7 +137,7 @@ class OneSidedBackend(TransferBackend):
             configure_socket(conn)
             session = ControlSession(self._ctx, ControlSocket(conn))
             self._sessions.add(session)
-            session.task.add_done_callback(lambda _t, s=session: self._sessions.discard(s))
+            session.task.add_done_callback(partial(_discard, self._sessions, session))
 
     async def _poll_notifications(self, inflight: InFlight) -> None:
         """Polls the engine only while ``inflight.active`` (a write may be moving
@@ -396,6 +397,11 @@ class _Posting:
     """The slice a write is posting right now (the last one once it ended)."""
 
     copy: asyncio.Future[None] | None = None
+
+
+def _discard(sessions: set[ControlSession], session: ControlSession,
+             _task: asyncio.Task[None]) -> None:
+    sessions.discard(session)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

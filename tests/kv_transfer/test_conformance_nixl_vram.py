@@ -18,7 +18,8 @@ from kv_transfer import backend_availability
 from tests.kv_transfer.support import FACTORIES, BackendFactory
 from tests.kv_transfer.test_conformance import *  # noqa: F401,F403  (re-collected here)
 
-pytestmark = [
+# Replaces the module mark imported with the tests.
+pytestmark = [  # type: ignore[assignment]
     pytest.mark.gpu,
     pytest.mark.timeout(60),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),

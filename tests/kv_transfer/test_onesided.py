@@ -90,7 +90,7 @@ async def test_drains_block_overlapping_pages_until_the_sender_stops() -> None:
     inflight = InFlight()
     old = _Session("a", [])
     inflight.drain(old, 1, "kv", frozenset({3, 4}), timeout=5)  # type: ignore[arg-type]
-    assert inflight.blocked("kv", frozenset({4, 9})) and not inflight.blocked("kv", {9})
+    assert inflight.blocked("kv", frozenset({4, 9})) and not inflight.blocked("kv", frozenset({9}))
     waiter = asyncio.create_task(inflight.wait_unblocked("kv", frozenset({4})))
     await asyncio.sleep(0.01)
     assert not waiter.done()
@@ -157,6 +157,7 @@ async def test_a_late_slice_cannot_land_on_the_next_rooms_bytes(
     slow = await open_endpoint(factory, src, slice_bytes=4 * page)
     retrier = await open_endpoint(factory, src)
     receiver = await open_endpoint(factory, dst)
+    assert isinstance(slow, OneSidedBackend)
     held = asyncio.Event()
     copies = 0
     real_copy = slow.engine.copy
