@@ -45,11 +45,29 @@ async def _run_all(address: str, work: list[tuple[list[int], int]], concurrency:
     return await asyncio.gather(*(one(p, m) for p, m in work))
 
 
-def test_two_by_two_cluster_matches_offline_engine(tmp_path, tiny_model_path) -> None:  # noqa: ANN001
+def _usable(backend: str) -> bool:
+    from kv_transfer import backend_availability
+    return backend_availability().get(backend, "unknown") is None
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_path):  # noqa: ANN001, ANN201
     work = _workload()
-    llm = LLM(tiny_model_path)
-    expected = llm.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m) for _, m in work])
-    with make_cluster(tmp_path, num_prefill=2, num_decode=2) as cluster:
+    return LLM(tiny_model_path).generate([p for p, _ in work],
+                                         [SamplingParams(temperature=0, max_tokens=m) for _, m in work])
+
+
+# UCX over TCP on loopback for NIXL: the network path, as between hosts.
+TRANSFER_ENV = {"nixl": {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}, "mooncake": {"MC_LOG_LEVEL": "ERROR"}}
+
+
+@pytest.mark.parametrize("transfer", ["tcp", "mooncake", "nixl"])
+def test_two_by_two_cluster_matches_offline_engine(tmp_path, expected, transfer: str) -> None:  # noqa: ANN001
+    if not _usable(transfer):
+        pytest.skip(f"transfer backend {transfer} is not installed here")
+    work = _workload()
+    with make_cluster(tmp_path, num_prefill=2, num_decode=2, transfer=transfer,
+                      env=TRANSFER_ENV.get(transfer, {})) as cluster:
         results = asyncio.run(_run_all(cluster.grpc_address, work, concurrency=32))
         for index, ((tokens, text, finished), ref) in enumerate(zip(results, expected)):
             assert tokens == ref.outputs[0].token_ids, f"request {index}: tokens differ"
