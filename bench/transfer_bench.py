@@ -9,6 +9,18 @@ scattered over the receiver's region, and times ``write`` until it returns
 of the same bytes between two processes: the ceiling for a TCP-based backend.
 
     python -m bench.transfer_bench --backend tcp
+    python -m bench.transfer_bench --backend mooncake --backend nixl
+    python -m bench.transfer_bench --backend mooncake --option protocol=rdma \
+        --option device_name=mlx5_0
+    python -m bench.transfer_bench --backend cuda_ipc          # GPU 0 -> GPU 0
+    CUDA_VISIBLE_DEVICES=0,1 python -m bench.transfer_bench --backend cuda_ipc \
+        --device cuda:0 --peer-device cuda:1
+
+``--option KEY=VALUE`` goes to every measured backend's config (values are JSON
+when they parse, else strings). Library environment knobs apply as usual, e.g.
+``UCX_TLS=tcp UCX_NET_DEVICES=lo`` makes NIXL take the TCP path on one host
+(it would use shared memory otherwise) and ``MC_TCP_BIND_ADDRESS=127.0.0.1``
+keeps Mooncake's TCP transport on loopback; the header prints those in effect.
 """
 
 from __future__ import annotations
@@ -16,20 +28,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import multiprocessing as mp
+import os
 import random
 import shlex
 import socket
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 
 from kv_transfer import (EndpointDescriptor, Notification, available_backends,
-                         coalesce, compat_hash, create_backend)
+                         backend_availability, coalesce, compat_hash, create_backend)
+
+ENV_KNOBS = ("UCX_TLS", "UCX_NET_DEVICES", "MC_TCP_BIND_ADDRESS", "CUDA_VISIBLE_DEVICES")
 
 
 @dataclass(frozen=True)
@@ -91,13 +108,34 @@ def scattered_dst_pages(num_pages: int, block: int, seed: int = 0) -> list[int]:
 # ------------------------------------------------------------------ backend run
 
 
-def _backend_receiver(name: str, geo: KvGeometry, conn: Connection) -> None:
-    asyncio.run(_serve_backend(name, geo, conn))
+@dataclass(frozen=True)
+class BackendRun:
+    """One backend to measure: its config and where each side keeps its KV."""
+
+    name: str
+    device: str = "cpu"  # the sender's region
+    peer_device: str = "cpu"  # the receiver's region (another process)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def create(self, geo: KvGeometry) -> Any:
+        return create_backend(self.name, compat_hash=geo.compat(), **self.config)
+
+    @property
+    def label(self) -> str:
+        options = ",".join(f"{k}={v}" for k, v in self.config.items())
+        label = f"{self.name}({options})" if options else self.name
+        if (self.device, self.peer_device) != ("cpu", "cpu"):
+            label += f"[{self.device}->{self.peer_device}]"
+        return label
 
 
-async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
-    kv = torch.zeros(geo.shape, dtype=torch.bfloat16)
-    async with create_backend(name, compat_hash=geo.compat()) as backend:
+def _backend_receiver(run: BackendRun, geo: KvGeometry, conn: Connection) -> None:
+    asyncio.run(_serve_backend(run, geo, conn))
+
+
+async def _serve_backend(run: BackendRun, geo: KvGeometry, conn: Connection) -> None:
+    kv = torch.zeros(geo.shape, dtype=torch.bfloat16, device=run.peer_device)
+    async with run.create(geo) as backend:
         await backend.register_region("kv", kv)
         conn.send(backend.descriptor().to_dict())
         while (msg := await asyncio.to_thread(conn.recv)) is not None:
@@ -105,7 +143,7 @@ async def _serve_backend(name: str, geo: KvGeometry, conn: Connection) -> None:
             backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
             await backend.wait_notification(room, timeout=60)
-            digest = hashlib.sha256(kv.view(torch.uint8).numpy()).hexdigest()
+            digest = hashlib.sha256(kv.cpu().view(torch.uint8).numpy()).hexdigest()
             backend.release_room(room)
             conn.send(digest)
 
@@ -151,14 +189,14 @@ def _raw_receiver(nbytes: int, conn: Connection) -> None:
                 sock.sendall(b"k")
 
 
-async def _drive_backend(name: str, geo: KvGeometry, iters: int, kv: torch.Tensor,
+async def _drive_backend(run: BackendRun, geo: KvGeometry, iters: int, kv: torch.Tensor,
                          conn: Connection, raw: RawLink) -> tuple[list[float], list[float]]:
     dst_pages = scattered_dst_pages(geo.num_pages, block=8)
     runs = coalesce(range(geo.num_pages), dst_pages)
     expected = _expected_digest(kv, dst_pages)
     seconds, raw_seconds = [], []
-    async with create_backend(name, compat_hash=geo.compat()) as backend:
-        await backend.register_region("kv", kv)
+    async with run.create(geo) as backend:
+        await backend.register_region("kv", kv.to(run.device))
         peer_desc = EndpointDescriptor.from_dict(await asyncio.to_thread(conn.recv))
         peer = await backend.connect(peer_desc, timeout=10)
         for i in range(iters + 1):  # iteration 0 warms both paths up, untimed
@@ -172,7 +210,7 @@ async def _drive_backend(name: str, geo: KvGeometry, iters: int, kv: torch.Tenso
                 seconds.append(time.perf_counter() - start)
                 raw_seconds.append(raw_time)
             if await asyncio.to_thread(conn.recv) != expected:
-                raise SystemExit(f"{name}: receiver memory differs from the source")
+                raise SystemExit(f"{run.label}: receiver memory differs from the source")
         conn.send(None)
     return seconds, raw_seconds
 
@@ -183,22 +221,43 @@ def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
     return hashlib.sha256(dst.view(torch.uint8).numpy()).hexdigest()
 
 
-def bench_backend(name: str, geo: KvGeometry, iters: int,
+def bench_backend(run: BackendRun, geo: KvGeometry, iters: int,
                   kv: torch.Tensor) -> tuple[Result, Result]:
     """(backend, raw socket), measured in alternation."""
     data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_backend_receiver, args=(name, geo, child), daemon=True)
+    proc = ctx.Process(target=_backend_receiver, args=(run, geo, child), daemon=True)
     proc.start()
     raw = RawLink(data)
     try:
-        seconds, raw_seconds = asyncio.run(_drive_backend(name, geo, iters, kv, parent, raw))
+        seconds, raw_seconds = asyncio.run(_drive_backend(run, geo, iters, kv, parent, raw))
     finally:
         raw.close()
         proc.join(timeout=30)
         proc.kill()
-    return Result(name, seconds, len(data)), Result("raw-socket", raw_seconds, len(data))
+    return Result(run.label, seconds, len(data)), Result("raw-socket", raw_seconds, len(data))
+
+
+def _option(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def _runs(args: argparse.Namespace) -> list[BackendRun]:
+    """Backends asked for (default: every one that can run here)."""
+    runnable = [n for n, reason in backend_availability().items() if reason is None]
+    runs = []
+    for name in args.backend or runnable:
+        gpu = name == "cuda_ipc"
+        device = args.device or ("cuda" if gpu else "cpu")
+        runs.append(BackendRun(name, device, args.peer_device or device, dict(args.option)))
+    return runs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -208,6 +267,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--option", action="append", type=_option, default=[],
+                        metavar="KEY=VALUE", help="backend config (repeatable)")
+    parser.add_argument("--device", help="sender's KV device (default: cuda for "
+                        "cuda_ipc, else cpu)")
+    parser.add_argument("--peer-device", help="receiver's KV device (default: --device)")
     args = parser.parse_args(argv)
     geo = KvGeometry(tokens=args.tokens, page_size=args.page_size)
     kv = torch.randn(geo.shape, dtype=torch.bfloat16)
@@ -218,8 +282,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{geo.page_bytes / 2**20:g} MiB ({geo.page_size} tokens), "
           f"{len(coalesce(range(geo.num_pages), scattered_dst_pages(geo.num_pages, 8)))}"
           " page runs")
-    for name in args.backend or available_backends():
-        result, raw = bench_backend(name, geo, args.iters, kv)
+    knobs = [f"{k}={os.environ[k]}" for k in ENV_KNOBS if k in os.environ]
+    print("environment:", " ".join(knobs) or "(no transport knobs set)")
+    for run in _runs(args):
+        result, raw = bench_backend(run, geo, args.iters, kv)
         ratio = statistics.median(raw.seconds) / statistics.median(result.seconds)
         print(raw.line())
         print(f"{result.line()}   {ratio:.0%} of raw-socket (median)")

@@ -101,7 +101,7 @@ def _open(entry: Mapping[str, Any], devices: Mapping[str, int]) -> torch.Tensor:
     if byte_offset + nbytes > storage.nbytes():
         raise IncompatiblePeerError("cuda_ipc: region exceeds the shared storage")
     view = torch.empty(0, dtype=torch.uint8, device=f"cuda:{device}")
-    return view.set_(storage, byte_offset, (nbytes,))
+    return view.set_(storage, byte_offset, (nbytes,), (1,))
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class MooncakeEngine(CopyEngine):
             raise TransferError(f"the mooncake transfer backend needs the Mooncake "
                                 f"Transfer Engine ({_INSTALL_HINT}): {exc}") from exc
         self._config = config
-        self._engine = TransferEngine()
+        self._engine: Any = TransferEngine()
         self._session_id = ""
         self._registered: dict[str, LocalRegion] = {}
         self._pool = ThreadPoolExecutor(config.max_inflight_slices,
@@ -93,9 +93,12 @@ class MooncakeEngine(CopyEngine):
         # Threads still inside a sync write hold their own reference to the
         # engine; they finish (or time out) on their own.
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._engine is None:
+            return
         for region in self._registered.values():
-            self._engine.unregister_memory(region.address)
+            self._engine.unregister_memory(region.address)  # refuse late writes
         self._registered.clear()
+        self._engine = None  # stops its RPC and transport threads once unreferenced
 
     def register(self, region: LocalRegion) -> None:
         rc = self._engine.register_memory(region.address, region.nbytes)
@@ -133,9 +136,11 @@ class MooncakeEngine(CopyEngine):
         src = [local.address + s.src_offset for s in segments]
         dst = [dst_base + s.dst_offset for s in segments]
         lengths = [s.nbytes for s in segments]
+        if self._engine is None:
+            raise TransferError("mooncake engine is closed")
         loop = asyncio.get_running_loop()
-        # The partial keeps the engine and the source tensor alive for as long
-        # as the thread runs, even if this coroutine is cancelled (timeout).
+        # The call's arguments keep the engine and the source tensor alive for as
+        # long as the thread runs, even if this coroutine is cancelled (timeout).
         rc = await loop.run_in_executor(self._pool, _sync_write, self._engine,
                                         local, target.session_id, src, dst, lengths)
         if rc != 0:

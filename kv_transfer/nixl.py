@@ -17,7 +17,8 @@ metadata (base64; loaded with ``add_remote_agent``) and each region's address,
 device id and memory type. Senders tell receivers their agent name, so a notif
 is only accepted from the agent that opened the write.
 
-UCX picks transports itself: inside one host it prefers shared memory. To force
+UCX picks transports itself: inside one host it prefers shared memory.
+(``UCX_MODULES`` defaults to ``^efa`` here: see ``_skip_ucx_efa_module``.) To force
 the network path (what tests and benchmarks of the inter-node case want), set
 ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` (or the NIC) in the environment
 before the agent is created; ``ucx_devices`` below is NIXL's own device filter.
@@ -82,7 +83,19 @@ def _import_nixl() -> Any:
         raise TransferError(f"the nixl transfer backend needs NIXL ({_INSTALL_HINT}): "
                             f"{exc}") from exc
     _keep_stdout_clean()
+    _skip_ucx_efa_module()
     return _api
+
+
+def _skip_ucx_efa_module() -> None:
+    """The UCX bundled with nixl-cu12 has an EFA module that links the system's
+    ``libefa.so.1`` (package ibverbs-providers, recommended by libibverbs1).
+    That pulls the system libibverbs and libnl next to NIXL's bundled copies,
+    and the process then segfaults at exit in libnl's destructors. UCX reads
+    ``UCX_MODULES`` when the first agent creates its UCX backend, so skip the
+    EFA module unless the operator chose modules themselves (EFA users usually
+    drive NIXL through its LIBFABRIC backend, not UCX)."""
+    os.environ.setdefault("UCX_MODULES", "^efa")
 
 
 def _keep_stdout_clean() -> None:

@@ -42,6 +42,7 @@ import socket
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ from .base import (DEFAULT_TIMEOUT_S, EndpointDescriptor, FencingError,
                    TransferError, TransferTimeoutError, region_spec_for)
 from .onesided_engine import CopyEngine, LocalRegion, Segment, plan_slices
 from .onesided_peer import OneSidedPeer, PendingWrite
-from .onesided_session import ControlContext, ControlSession, InbandWrites
+from .onesided_session import ControlContext, ControlSession, InFlight
 from .onesided_wire import (PROTOCOL_VERSION, ControlFrame, ControlSocket, Hello,
                             HelloReply, encode_progress)
 from .rooms import RoomTable
@@ -69,6 +70,12 @@ class OneSidedConfig:
     slice_bytes: int = 16 << 20  # posted before the sender looks for a fence again
     handshake_timeout: float = 10.0
     notify_poll_s: float = 0.001  # longest sleep between in-band notification polls
+    # Sender: after a write timed out, how long its in-flight slice may finish
+    # before it is abandoned and the receiver is told CANCEL.
+    cancel_grace_s: float = 2.0
+    # Receiver: how long the pages of a fenced write stay blocked for new writes
+    # when its sender never confirms that it stopped.
+    drain_timeout_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.slice_bytes <= 0:
@@ -89,12 +96,14 @@ class OneSidedBackend(TransferBackend):
         self.regions: dict[str, LocalRegion] = {}
         self._specs: dict[str, RegionSpec] = {}
         self.rooms = RoomTable()
-        self._inband = InbandWrites() if engine.in_band_notifications else None
+        self._inflight = InFlight()
         self._ctx = ControlContext(self.name, compat_hash, config.handshake_timeout,
-                                   self._specs, self.rooms, engine.local_info,
-                                   self._count_received, self._inband)
+                                   config.drain_timeout_s, self._specs, self.rooms,
+                                   engine.local_info, self._count_received,
+                                   self._inflight, engine.in_band_notifications)
         self._listener: socket.socket | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._cancels: set[asyncio.Task[None]] = set()
         self._sessions: set[ControlSession] = set()
         self._peers: set[OneSidedPeer] = set()
         self._by_address: dict[str, OneSidedPeer] = {}
@@ -113,8 +122,8 @@ class OneSidedBackend(TransferBackend):
         sock.setblocking(False)
         self._listener = sock
         self._tasks.append(asyncio.create_task(self._accept_loop(sock)))
-        if self._inband is not None:
-            self._tasks.append(asyncio.create_task(self._poll_notifications(self._inband)))
+        if self.engine.in_band_notifications:
+            self._tasks.append(asyncio.create_task(self._poll_notifications(self._inflight)))
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -128,24 +137,25 @@ class OneSidedBackend(TransferBackend):
             configure_socket(conn)
             session = ControlSession(self._ctx, ControlSocket(conn))
             self._sessions.add(session)
-            session.task.add_done_callback(lambda _t, s=session: self._sessions.discard(s))
+            session.task.add_done_callback(partial(_discard, self._sessions, session))
 
-    async def _poll_notifications(self, inband: InbandWrites) -> None:
-        """Polls the engine only while ``inband.active`` (a write is in flight);
-        the sleep backs off from 50 us to ``notify_poll_s`` while nothing comes."""
+    async def _poll_notifications(self, inflight: InFlight) -> None:
+        """Polls the engine only while ``inflight.active`` (a write may be moving
+        bytes); the sleep backs off from 50 us to ``notify_poll_s`` while nothing
+        comes."""
         delay = 5e-5
         while True:
-            await inband.active.wait()
+            await inflight.active.wait()
             received = self.engine.poll_notifications()
             for sender_id, message in received:
-                inband.deliver(sender_id, message)
+                inflight.deliver(sender_id, message)
             delay = 5e-5 if received else min(delay * 2, self.config.notify_poll_s)
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *self._cancels):
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._cancels, return_exceptions=True)
         if self._listener is not None:
             self._listener.close()
         await asyncio.gather(*(p.close() for p in list(self._peers)),
@@ -245,20 +255,44 @@ class OneSidedBackend(TransferBackend):
         local = self._check_write(peer, room_id, generation, region, runs, notification)
         started = time.perf_counter()
         req_id, pending = peer.open_request()
+        posting = _Posting()
         done = False
         try:
-            sent = await asyncio.wait_for(
-                self._run_write(peer, req_id, pending, local, runs, notification), timeout)
+            sent = await asyncio.wait_for(self._run_write(
+                peer, req_id, pending, posting, local, runs, notification), timeout)
             done = True
         except asyncio.TimeoutError:
             raise TransferTimeoutError(f"write to room {room_id!r} on "
                                        f"{peer.descriptor.address} exceeded "
                                        f"{timeout:.1f}s") from None
         finally:
-            peer.end_request(req_id, cancel=not done)
+            if done:
+                peer.end_request(req_id, cancel=False)
+            else:
+                self._cancel_when_still(peer, req_id, posting.copy)
         self._counters.bytes_sent += sent
         self._counters.transfer_seconds += time.perf_counter() - started
         return sent
+
+    def _cancel_when_still(self, peer: OneSidedPeer, req_id: int,
+                           copy: asyncio.Future[None] | None) -> None:
+        """A failed write says CANCEL only once none of its bytes move any more
+        (the receiver keeps the pages blocked until then): a slice still in
+        flight gets ``cancel_grace_s`` to finish, then it is abandoned."""
+        if copy is None or copy.done():
+            peer.end_request(req_id, cancel=True)
+            return
+        task = asyncio.create_task(self._cancel_after(peer, req_id, copy))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel_after(self, peer: OneSidedPeer, req_id: int,
+                            copy: asyncio.Future[None]) -> None:
+        try:
+            await asyncio.wait({copy}, timeout=self.config.cancel_grace_s)
+        finally:
+            copy.cancel()
+            peer.end_request(req_id, cancel=True)
 
     def _check_write(self, peer: OneSidedPeer, room_id: str, generation: int, region: str,
                      runs: Sequence[PageRun], note: Notification) -> LocalRegion:
@@ -283,7 +317,7 @@ class OneSidedBackend(TransferBackend):
         return local
 
     async def _run_write(self, peer: OneSidedPeer, req_id: int, pending: PendingWrite,
-                         local: LocalRegion, runs: Sequence[PageRun],
+                         posting: _Posting, local: LocalRegion, runs: Sequence[PageRun],
                          note: Notification) -> int:
         begin = Begin(local.name, tuple(runs), note)
         await peer.send(ControlFrame.BEGIN, req_id, begin.encode())
@@ -297,7 +331,7 @@ class OneSidedBackend(TransferBackend):
             if pending.ack.done():  # fenced or lost: post nothing more
                 break
             last = i == len(slices) - 1
-            await self._copy_slice(peer, pending, local, segments,
+            await self._copy_slice(peer, pending, posting, local, segments,
                                    note if inband and last else None)
             if not last:
                 nbytes = sum(s.nbytes for s in segments)
@@ -308,26 +342,26 @@ class OneSidedBackend(TransferBackend):
         return sum(r.num_pages for r in runs) * local.page_bytes
 
     async def _copy_slice(self, peer: OneSidedPeer, pending: PendingWrite,
-                          local: LocalRegion, segments: Sequence[Segment],
-                          note: Notification | None) -> None:
+                          posting: _Posting, local: LocalRegion,
+                          segments: Sequence[Segment], note: Notification | None) -> None:
         """Post one slice and wait until it landed. A FENCED answer meanwhile
         still waits for the slice (so no byte moves once ``write`` raised); a
-        lost peer does not."""
+        lost peer does not. On timeout the slice is left to ``_cancel_after``."""
         copy = asyncio.ensure_future(self.engine.copy(peer.target, local, segments, note))
+        copy.add_done_callback(_retrieve)
+        posting.copy = copy
         try:
             await asyncio.wait({copy, pending.ack}, return_when=asyncio.FIRST_COMPLETED)
             if not copy.done() and _lost(pending.ack):
+                copy.cancel()  # the peer is gone: nothing left to wait for
                 await pending.ack  # raises PeerDisconnectedError
-            await copy
+            await asyncio.shield(copy)
         except TransferError as exc:
             if _failed(pending.ack):
                 await pending.ack  # the receiver's verdict explains it better
             peer.broken(str(exc))
             raise PeerDisconnectedError(f"{self.name} transfer to "
                                         f"{peer.descriptor.address} failed: {exc}") from None
-        finally:
-            if not copy.done():
-                copy.cancel()
 
     # -- receiver side
     def reserve_room(self, room_id: str, generation: int, region: str,
@@ -356,6 +390,23 @@ def _check_reservation(reservation: RoomReservation, region: str,
                            f"{reservation.generation}, the write is for "
                            f"{note.room_id!r} gen {note.generation}")
     reservation.check_runs(region, runs)
+
+
+@dataclass(eq=False)
+class _Posting:
+    """The slice a write is posting right now (the last one once it ended)."""
+
+    copy: asyncio.Future[None] | None = None
+
+
+def _discard(sessions: set[ControlSession], session: ControlSession,
+             _task: asyncio.Task[None]) -> None:
+    sessions.discard(session)
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()  # the write reports its own error
 
 
 def _failed(fut: asyncio.Future[Any]) -> bool:

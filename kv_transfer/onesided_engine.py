@@ -79,7 +79,8 @@ def region_info(info: Mapping[str, Any], peer: EndpointDescriptor,
     if not isinstance(regions, dict) or not isinstance(regions.get(name), dict):
         raise IncompatiblePeerError(f"peer {peer.address} published no engine "
                                     f"information for region {name!r}")
-    return regions[name]
+    entry: Mapping[str, Any] = regions[name]
+    return entry
 
 
 class CopyEngine(abc.ABC):

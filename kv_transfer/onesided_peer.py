@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from .base import EndpointDescriptor, PeerDisconnectedError, PeerHandle, RoomReservation
 from .onesided_wire import ControlFrame, ControlSocket, decode_reservation
 from .tcp_wire import MALFORMED, ConnectionClosed, ProtocolError, decode_status, status_error
 
 
-def _retrieve(fut: asyncio.Future[object]) -> None:
+def _retrieve(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()  # mark retrieved: the write reports its own error
 

@@ -9,14 +9,17 @@ Invariants:
   re-checks that the room and generation are still live: a write that outlived
   its room is answered FENCED, never delivered;
 * ``release_room`` answers every in-flight write of the room FENCED at once, so
-  the sender stops after the slice it is posting.
+  the sender stops after the slice it is posting;
+* until that sender confirms it stopped (CANCEL), loses its connection, or the
+  drain timeout passes, no other write into those pages is sent GO
+  (``InFlight.drains``): a late slice cannot land on top of a newer room's bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,18 +41,23 @@ class ControlContext:
     backend_name: str
     compat_hash: str
     handshake_timeout: float
+    drain_timeout: float  # longest a fenced write's pages stay blocked
     regions: Mapping[str, RegionSpec]
     rooms: RoomTable
     local_info: Callable[[Mapping[str, Any]], dict[str, Any]]  # engine info for a sender
     count_received: Callable[[int], None]
-    inband: InbandWrites | None  # set for engines with in-band notifications
+    inflight: InFlight
+    inband: bool  # the engine delivers notifications itself (NIXL)
 
 
 @dataclass(eq=False)
 class InboundWrite:
     ticket: WriteTicket
+    region: str
+    pages: frozenset[int]  # its destination pages
     total: int  # bytes of the whole write
     landed: int = 0  # bytes reported landed so far (counted into the backend)
+    go_sent: bool = False  # from then on the sender may be posting bytes
 
     @property
     def key(self) -> InbandKey:
@@ -57,40 +65,37 @@ class InboundWrite:
         return note.room_id, note.generation, note.seq
 
 
+Drain = tuple["ControlSession", int]  # (session, req_id) of a fenced write
+
+
 @dataclass
-class InbandWrites:
-    """Admitted writes waiting for their engine notification (NIXL), by key.
+class InFlight:
+    """The receiver's view of one-sided writes that may still be moving bytes.
 
-    ``active`` is set while the engine must be polled: some write awaits its
-    notification, or an aborted write may still have a slice in flight (until
-    its sender says CANCEL or goes away). Engines without a progress thread
-    (NIXL over UCX TCP) only move bytes while they are polled."""
+    * ``waiting``: admitted writes of in-band engines (NIXL), by notification
+      key, until their engine notification arrives.
+    * ``drains``: fenced writes that had been sent GO: their sender may still be
+      posting one slice into pages that are no longer theirs. A drain ends when
+      the sender says CANCEL (sent once its slice is done or abandoned), when its
+      connection is lost, or after the drain timeout. Until then a new write
+      into any of those pages is not sent GO, so the late slice cannot land on
+      top of the new room's bytes.
+    * ``active`` is set while either is non-empty: engines without a progress
+      thread (NIXL over UCX TCP) move bytes only while they are polled.
+    """
 
-    waiting: dict[InbandKey, tuple[ControlSession, int]] = field(default_factory=dict)
-    draining: set[tuple[ControlSession, int]] = field(default_factory=set)
+    waiting: dict[InbandKey, Drain] = field(default_factory=dict)
+    drains: dict[Drain, tuple[str, frozenset[int]]] = field(default_factory=dict)
     active: asyncio.Event = field(default_factory=asyncio.Event)
+    _change: asyncio.Event = field(default_factory=asyncio.Event)  # set on each drain end
 
-    def add(self, key: InbandKey, session: ControlSession, req_id: int) -> None:
+    def expect(self, key: InbandKey, session: ControlSession, req_id: int) -> None:
         self.waiting[key] = (session, req_id)
         self.active.set()
 
-    def discard(self, key: InbandKey) -> None:
+    def forget(self, key: InbandKey) -> None:
         self.waiting.pop(key, None)
         self._update()
-
-    def drain(self, session: ControlSession, req_id: int) -> None:
-        self.draining.add((session, req_id))
-        self.active.set()
-
-    def drained(self, session: ControlSession, req_id: int | None = None) -> None:
-        """The sender stopped posting ``req_id`` (None: every request of the session)."""
-        self.draining = {(s, r) for s, r in self.draining
-                         if s is not session or (req_id is not None and r != req_id)}
-        self._update()
-
-    def _update(self) -> None:
-        if not self.waiting and not self.draining:
-            self.active.clear()
 
     def deliver(self, sender_id: str, message: bytes) -> None:
         """An engine notification arrived: finish the write it names, if it is
@@ -108,6 +113,39 @@ class InbandWrites:
         session, req_id = entry
         session.finish(req_id)
 
+    def drain(self, session: ControlSession, req_id: int, region: str,
+              pages: frozenset[int], timeout: float) -> None:
+        self.drains[(session, req_id)] = (region, pages)
+        self.active.set()
+        asyncio.get_running_loop().call_later(timeout, self._expire, session, req_id)
+
+    def drained(self, session: ControlSession, req_id: int | None = None) -> None:
+        """The sender stopped posting ``req_id`` (None: every write of the session)."""
+        done = [d for d in self.drains if d[0] is session and req_id in (None, d[1])]
+        for drain in done:
+            del self.drains[drain]
+        if done:
+            self._update()
+            self._change.set()  # wakes every waiter of this round
+            self._change = asyncio.Event()
+
+    def blocked(self, region: str, pages: frozenset[int]) -> bool:
+        return any(r == region and not pages.isdisjoint(p) for r, p in self.drains.values())
+
+    async def wait_unblocked(self, region: str, pages: frozenset[int]) -> None:
+        while self.blocked(region, pages):
+            await self._change.wait()
+
+    def _expire(self, session: ControlSession, req_id: int) -> None:
+        if (session, req_id) in self.drains:
+            log.warning("fenced write %d of %s did not confirm its end: unblocking "
+                        "its pages anyway", req_id, session.sender_id or "a sender")
+            self.drained(session, req_id)
+
+    def _update(self) -> None:
+        if not self.waiting and not self.drains:
+            self.active.clear()
+
 
 class ControlSession:
     """Server end of one control connection: admits, tracks and ACKs writes."""
@@ -116,7 +154,7 @@ class ControlSession:
         self._ctx = ctx
         self._sock = sock
         self._writes: dict[int, InboundWrite] = {}
-        self._replies: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.sender_id = ""  # the sender engine's identity (NIXL agent name)
         self.task = asyncio.create_task(self._run())
 
@@ -129,11 +167,12 @@ class ControlSession:
         finally:
             self._sock.shutdown()
             for write in self._writes.values():
-                self._forget_inband(write)
+                self._ctx.inflight.forget(write.key)
             self._writes.clear()
-            if self._ctx.inband is not None:
-                self._ctx.inband.drained(self)
+            self._ctx.inflight.drained(self)  # its engine traffic died with it
             self._ctx.rooms.writer_lost(self)
+            for task in self._tasks:
+                task.cancel()
             await self._sock.aclose()
 
     async def _handshake(self) -> bool:
@@ -180,15 +219,27 @@ class ControlSession:
         except TransferError as exc:
             await self._reply(req_id, exc)
             return
+        pages = frozenset(p for run in begin.runs for p in run.dst_pages)
         total = sum(r.num_pages for r in begin.runs) * region.page_bytes
-        write = InboundWrite(ticket, total)
+        write = InboundWrite(ticket, begin.region, pages, total)
         self._writes[req_id] = write
         if total == 0:  # notification only: nothing will be posted
             self.finish(req_id)
-            return
-        if self._ctx.inband is not None:
-            self._ctx.inband.add(write.key, self, req_id)
-        reservation = self._ctx.rooms.reservation(begin.notification.room_id)
+        elif self._ctx.inflight.blocked(write.region, pages):
+            self._spawn(self._go_when_drained(req_id, write))
+        else:
+            await self._go(req_id, write)
+
+    async def _go_when_drained(self, req_id: int, write: InboundWrite) -> None:
+        await self._ctx.inflight.wait_unblocked(write.region, write.pages)
+        if self._writes.get(req_id) is write:  # not aborted or cancelled meanwhile
+            await self._go(req_id, write)
+
+    async def _go(self, req_id: int, write: InboundWrite) -> None:
+        if self._ctx.inband:
+            self._ctx.inflight.expect(write.key, self, req_id)
+        write.go_sent = True
+        reservation = self._ctx.rooms.reservation(write.key[0])
         await self._send(ControlFrame.GO, req_id, encode_reservation(reservation))
 
     def _on_progress(self, req_id: int, nbytes: int) -> None:
@@ -202,47 +253,46 @@ class ControlSession:
         write = self._writes.pop(req_id, None)
         if write is None:
             return  # aborted earlier: the sender already got FENCED
-        self._forget_inband(write)
+        self._ctx.inflight.forget(write.key)
         error: TransferError | None = None
         try:
             write.ticket.finish(self._ctx.rooms)
             self._count(write, write.total - write.landed)
         except TransferError as exc:
             error = exc
-        self._reply_soon(req_id, error)
+        self._spawn(self._reply(req_id, error))
 
     def _on_cancel(self, req_id: int) -> None:
-        if self._ctx.inband is not None:
-            self._ctx.inband.drained(self, req_id)
+        """The sender gave up on the write and posts nothing more for it."""
+        self._ctx.inflight.drained(self, req_id)
         write = self._writes.pop(req_id, None)
         if write is not None:
-            self._forget_inband(write)
+            self._ctx.inflight.forget(write.key)
             write.ticket.abandon()
 
     def _abort(self, req_id: int, error: TransferError) -> None:
-        """The room was released/replaced/failed while the write was in flight."""
+        """The room was released/replaced/failed while the write was in flight
+        (runs inside ``release_room``/``reserve_room``)."""
         write = self._writes.pop(req_id, None)
         if write is None:
             return
-        self._forget_inband(write)
-        if self._ctx.inband is not None and write.total:
-            self._ctx.inband.drain(self, req_id)  # its slice may still be moving
-        self._reply_soon(req_id, error)
+        self._ctx.inflight.forget(write.key)
+        if write.go_sent:  # a slice may still be landing in these pages
+            self._ctx.inflight.drain(self, req_id, write.region, write.pages,
+                                     self._ctx.drain_timeout)
+        self._spawn(self._reply(req_id, error))
 
     def _count(self, write: InboundWrite, nbytes: int) -> None:
         write.landed += nbytes
         self._ctx.count_received(nbytes)
 
-    def _forget_inband(self, write: InboundWrite) -> None:
-        if self._ctx.inband is not None:
-            self._ctx.inband.discard(write.key)
-
-    def _reply_soon(self, req_id: int, error: TransferError | None) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         if self._sock.closed:
+            coro.close()
             return
-        task = asyncio.create_task(self._reply(req_id, error))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _reply(self, req_id: int, error: TransferError | None) -> None:
         body = encode_status(status_of(error), str(error) if error else "")

@@ -18,13 +18,22 @@ $VPY -m pip install -q --upgrade pip
 $VPY -c "import torch" 2>/dev/null || $VPY -m pip install -q "torch==2.13.0"
 $VPY -m pip install -q -e ".[test]"
 # Real transfer backends for the CPU conformance suite: Mooncake's CPU wheel (never beside
-# the CUDA wheel `mooncake-transfer-engine`) needs libibverbs; NIXL without its torch/CUDA deps.
-if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then
+# the CUDA wheel `mooncake-transfer-engine`) links libibverbs and libnuma even for TCP;
+# NIXL without its deps (nixl's metadata would pull nixl-cu13 too). The libraries are
+# checked once (`grep -q` on a pipe could SIGPIPE ldconfig under pipefail) and installed
+# without recommends: RDMA hosts bring their own verbs providers.
+libs="$(ldconfig -p 2>/dev/null || true)"
+missing=()
+for pair in libibverbs.so.1:libibverbs1 libnuma.so.1:libnuma1; do
+  grep -qF "${pair%%:*}" <<<"$libs" || missing+=("${pair##*:}")
+done
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    (apt-get update -qq && apt-get install -y -qq libibverbs1) >/dev/null 2>&1 \
-      || echo "setup: could not install libibverbs1; the mooncake backend will be unavailable" >&2
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends "${missing[@]}") \
+      >/dev/null 2>&1 \
+      || echo "setup: could not install ${missing[*]}; the mooncake backend will be unavailable" >&2
   else
-    echo "setup: libibverbs1 missing (apt-get install libibverbs1); the mooncake backend will be unavailable" >&2
+    echo "setup: ${missing[*]} missing (apt-get install ${missing[*]}); the mooncake backend will be unavailable" >&2
   fi
 fi
 $VPY -m pip show -q mooncake-transfer-engine >/dev/null 2>&1 || $VPY -m pip install -q mooncake-transfer-engine-non-cuda

@@ -68,7 +68,9 @@ FACTORIES: dict[str, BackendFactory] = {
     "mooncake": BackendFactory("mooncake", config={**_ONE_SIDED, "protocol": "tcp"},
                                same_address=_same_address),
     "nixl": BackendFactory("nixl", config=_ONE_SIDED, same_address=_same_address),
-    "cuda_ipc": BackendFactory("cuda_ipc", device="cuda", config=_ONE_SIDED,
+    # GPU copies are fast: 1 MiB slices so that a release still catches a write midway.
+    "cuda_ipc": BackendFactory("cuda_ipc", device="cuda",
+                               config={**_ONE_SIDED, "slice_bytes": 1 << 20},
                                same_address=_same_address),
 }
 

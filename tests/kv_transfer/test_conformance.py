@@ -125,7 +125,7 @@ async def test_large_concurrent_writes_interleave_byte_exact(
         factory: BackendFactory) -> None:
     # Four 8 MiB writes share one connection at once (several frames each).
     page = 1 << 20
-    src = random_bytes(32 * page, seed=11).reshape(32, page)
+    src = random_bytes(32 * page, seed=11).reshape(32, page).to(factory.device)
     dst = torch.zeros_like(src)
     sender = await open_endpoint(factory, src)
     receiver = await open_endpoint(factory, dst)
@@ -150,9 +150,9 @@ async def test_256_mib_transfer_is_byte_exact(factory: BackendFactory) -> None:
     # Llama-3.1-8B geometry: 128 pages of 16 tokens x 128 KiB/token = 256 MiB.
     shape = (128, 32, 2, 16, 8, 128)
     src = random_bytes(256 << 20, seed=21).view(torch.bfloat16).reshape(shape)
-    dst = torch.zeros(shape, dtype=torch.bfloat16)
+    dst = torch.zeros(shape, dtype=torch.bfloat16, device=factory.device)
     sender = await open_endpoint(factory, src.to(factory.device))
-    receiver = await open_endpoint(factory, dst.to(factory.device))
+    receiver = await open_endpoint(factory, dst)
     try:
         peer = await sender.connect(receiver.descriptor(), timeout=5)
         blocks = [list(range(b, b + 8)) for b in range(0, 128, 8)]
@@ -211,7 +211,7 @@ async def test_stale_generation_is_fenced(pair: Pair) -> None:
 
 async def test_release_room_aborts_an_in_flight_write(factory: BackendFactory) -> None:
     page = 2 << 20
-    src = random_bytes(32 * page, seed=12).reshape(32, page)
+    src = random_bytes(32 * page, seed=12).reshape(32, page).to(factory.device)
     dst = torch.zeros_like(src)
     sender = await open_endpoint(factory, src)
     receiver = await open_endpoint(factory, dst)
