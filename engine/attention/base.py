@@ -7,13 +7,16 @@ attends every new query over its sequence's pages.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from engine.batch import Batch
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
+
+if TYPE_CHECKING:
+    from engine.models.ops import TorchOps
 
 
 class AttentionBackend(ABC):
@@ -32,6 +35,15 @@ class AttentionBackend(ABC):
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
         """q [T, H, D], k/v [T, KV, D] for the batch's new tokens -> output [T, H, D]."""
+
+    def rotate_and_attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor], batch: Batch, ops: TorchOps,
+    ) -> torch.Tensor:
+        """Rotary embedding on q and k, then `forward`. A backend may fuse the rotation
+        with its K/V write (one launch instead of two per layer)."""
+        q, k = ops.rotary(q, k, *cos_sin)
+        return self.forward(layer, q, k, v, batch)
 
 
 _REGISTRY: dict[str, type[AttentionBackend]] = {}

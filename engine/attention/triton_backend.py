@@ -17,6 +17,7 @@ from engine.attention.base import AttentionBackend, register_attention_backend
 from engine.batch import Batch
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
+from engine.models.ops import TorchOps
 
 
 @dataclass(frozen=True)
@@ -62,10 +63,11 @@ class TritonAttention(AttentionBackend):
     def __init__(self, kv_cache: KVCache, scale: float) -> None:
         super().__init__(kv_cache, scale)
         try:
-            from engine.kernels import decode_attention, kv_write, prefill_attention
+            from engine.kernels import decode_attention, kv_write, prefill_attention, rotary
         except ImportError as exc:
             raise ConfigError(f"attention backend 'triton' needs triton installed: {exc}") from exc
         self._decode, self._prefill, self._write = decode_attention, prefill_attention, kv_write
+        self._rotary = rotary
         device = kv_cache.buffer.device
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
@@ -90,9 +92,23 @@ class TritonAttention(AttentionBackend):
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
-        meta: TritonAttentionMetadata = batch.attention_metadata
         k_pages, v_pages = self.kv_cache.layer_views(layer)
         self._write.write_kv(k, v, k_pages, v_pages, batch.slot_mapping)
+        return self._attend(q, k, v, k_pages, v_pages, batch)
+
+    def rotate_and_attend(
+        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor], batch: Batch, ops: TorchOps,
+    ) -> torch.Tensor:
+        if ops.name != "triton":  # the reference ops rotate: keep their arithmetic
+            return super().rotate_and_attend(layer, q, k, v, cos_sin, batch, ops)
+        k_pages, v_pages = self.kv_cache.layer_views(layer)
+        self._rotary.rotary_and_write_kv(q, k, v, *cos_sin, k_pages, v_pages, batch.slot_mapping)
+        return self._attend(q, k, v, k_pages, v_pages, batch)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
+                v_pages: torch.Tensor, batch: Batch) -> torch.Tensor:
+        meta: TritonAttentionMetadata = batch.attention_metadata
         if meta.is_decode:
             return self._decode.decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens,
                                                  self.scale, meta.num_splits)

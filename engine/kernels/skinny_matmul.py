@@ -26,8 +26,8 @@ class SkinnyConfig(NamedTuple):
 
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x, stride_w, stride_out,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ids = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
@@ -39,6 +39,11 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
     for k0 in range(0, k, BLOCK_K):
         k_mask = (k0 + ks) < k
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if GATED:  # x is [gate | up]: silu(gate) * up, rounded as the reference rounds
+            up = tl.load(x_ptrs + k + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            gate = x.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = (silu * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
@@ -64,9 +69,12 @@ def wins_over_cublas(n: int) -> bool:
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None) -> torch.Tensor:
-    """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]."""
-    rows, k = x.shape
+                  config: SkinnyConfig | None = None, gated: bool = False) -> torch.Tensor:
+    """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]. With `gated`, x is a stacked
+    [M, 2K] gate/up projection and silu(gate) * up is formed on the fly (the MLP's
+    activation fused into its down projection)."""
+    rows, k = x.shape[0], weight.shape[1]
+    assert x.shape[1] == (2 * k if gated else k)
     n = weight.shape[0]
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
     config = config or default_config(n, k, x.is_cuda)
@@ -74,6 +82,6 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k,
         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GATED=gated, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         num_warps=config.num_warps, num_stages=config.num_stages)
     return out

@@ -71,8 +71,7 @@ class Attention(nn.Module):
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.ops.rotary(q, k, *cos_sin)
-        out = attention.forward(self.layer_index, q, k, v, batch)  # [T, H, D]
+        out = attention.rotate_and_attend(self.layer_index, q, k, v, cos_sin, batch, self.ops)  # [T, H, D]
         return self.o_proj(out.reshape(tokens, self.q_size))
 
 
@@ -84,7 +83,7 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        return self.ops.silu_and_mul_linear(self.gate_up_proj(x), self.down_proj.weight, self.down_proj.bias)
 
 
 class DecoderLayer(nn.Module):
