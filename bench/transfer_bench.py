@@ -190,17 +190,23 @@ def _raw_receiver(nbytes: int, conn: Connection) -> None:
 
 
 async def _drive_backend(run: BackendRun, geo: KvGeometry, iters: int, kv: torch.Tensor,
-                         conn: Connection, raw: RawLink) -> tuple[list[float], list[float]]:
+                         conn: Connection, raw: RawLink
+                         ) -> tuple[list[float], list[float], list[float]]:
     dst_pages = scattered_dst_pages(geo.num_pages, block=8)
     runs = coalesce(range(geo.num_pages), dst_pages)
     expected = _expected_digest(kv, dst_pages)
-    seconds, raw_seconds = [], []
+    seconds, raw_seconds, d2d_seconds = [], [], []
+    src = kv.to(run.device)
+    # On GPUs the ceiling is a plain torch copy of the same bytes between the same
+    # devices, in this process, timed in turns with the backend.
+    d2d = torch.empty_like(src, device=run.peer_device) if src.is_cuda else None
     async with run.create(geo) as backend:
-        await backend.register_region("kv", kv.to(run.device))
+        await backend.register_region("kv", src)
         peer_desc = EndpointDescriptor.from_dict(await asyncio.to_thread(conn.recv))
         peer = await backend.connect(peer_desc, timeout=10)
         for i in range(iters + 1):  # iteration 0 warms both paths up, untimed
             raw_time = raw.copy_once()
+            d2d_time = _torch_copy_once(src, d2d) if d2d is not None else 0.0
             conn.send((f"bench-{i}", dst_pages))
             await asyncio.to_thread(conn.recv)
             note = Notification(f"bench-{i}", 1, 0, b"", final=True)
@@ -209,10 +215,21 @@ async def _drive_backend(run: BackendRun, geo: KvGeometry, iters: int, kv: torch
             if i:
                 seconds.append(time.perf_counter() - start)
                 raw_seconds.append(raw_time)
+                d2d_seconds.append(d2d_time)
             if await asyncio.to_thread(conn.recv) != expected:
                 raise SystemExit(f"{run.label}: receiver memory differs from the source")
         conn.send(None)
-    return seconds, raw_seconds
+    return seconds, raw_seconds, d2d_seconds if d2d is not None else []
+
+
+def _torch_copy_once(src: torch.Tensor, dst: torch.Tensor) -> float:
+    torch.cuda.synchronize(src.device)
+    torch.cuda.synchronize(dst.device)
+    start = time.perf_counter()
+    dst.copy_(src)
+    torch.cuda.synchronize(dst.device)
+    torch.cuda.synchronize(src.device)
+    return time.perf_counter() - start
 
 
 def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
@@ -222,8 +239,8 @@ def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
 
 
 def bench_backend(run: BackendRun, geo: KvGeometry, iters: int,
-                  kv: torch.Tensor) -> tuple[Result, Result]:
-    """(backend, raw socket), measured in alternation."""
+                  kv: torch.Tensor) -> tuple[Result, Result, Result | None]:
+    """(backend, raw socket, torch device copy or None on CPU), measured in alternation."""
     data = memoryview(kv.reshape(-1).view(torch.uint8).numpy())
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
@@ -231,12 +248,14 @@ def bench_backend(run: BackendRun, geo: KvGeometry, iters: int,
     proc.start()
     raw = RawLink(data)
     try:
-        seconds, raw_seconds = asyncio.run(_drive_backend(run, geo, iters, kv, parent, raw))
+        seconds, raw_seconds, d2d_seconds = asyncio.run(
+            _drive_backend(run, geo, iters, kv, parent, raw))
     finally:
         raw.close()
         proc.join(timeout=30)
         proc.kill()
-    return Result(run.label, seconds, len(data)), Result("raw-socket", raw_seconds, len(data))
+    d2d = Result("torch-copy", d2d_seconds, len(data)) if d2d_seconds else None
+    return Result(run.label, seconds, len(data)), Result("raw-socket", raw_seconds, len(data)), d2d
 
 
 def _option(text: str) -> tuple[str, Any]:
@@ -285,10 +304,13 @@ def main(argv: list[str] | None = None) -> None:
     knobs = [f"{k}={os.environ[k]}" for k in ENV_KNOBS if k in os.environ]
     print("environment:", " ".join(knobs) or "(no transport knobs set)")
     for run in _runs(args):
-        result, raw = bench_backend(run, geo, args.iters, kv)
-        ratio = statistics.median(raw.seconds) / statistics.median(result.seconds)
+        result, raw, d2d = bench_backend(run, geo, args.iters, kv)
+        baseline = d2d or raw
+        ratio = statistics.median(baseline.seconds) / statistics.median(result.seconds)
         print(raw.line())
-        print(f"{result.line()}   {ratio:.0%} of raw-socket (median)")
+        if d2d is not None:
+            print(f"{d2d.line()}   [{run.device}->{run.peer_device}, one process]")
+        print(f"{result.line()}   {ratio:.0%} of {baseline.label} (median)")
 
 
 if __name__ == "__main__":
