@@ -143,7 +143,10 @@ async def _serve_backend(run: BackendRun, geo: KvGeometry, conn: Connection) -> 
             backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
             await backend.wait_notification(room, timeout=60)
-            digest = hashlib.sha256(kv.cpu().view(torch.uint8).numpy()).hexdigest()
+            # In a thread: the loop must stay free to ACK the write (the sender's timer
+            # stops at the ACK, which a one-sided receiver sends after delivering).
+            digest = await asyncio.to_thread(
+                lambda: hashlib.sha256(kv.cpu().view(torch.uint8).numpy()).hexdigest())
             backend.release_room(room)
             conn.send(digest)
 

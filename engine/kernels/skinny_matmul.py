@@ -52,10 +52,13 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
-    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
+def default_config(n: int, k: int, on_gpu: bool, gated: bool = False) -> SkinnyConfig:
+    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md). A gated
+    matmul stages two activation tiles per step: shorter K tiles keep it in shared memory."""
     if not on_gpu:
         return SkinnyConfig(16, 16, 4, 1)
+    if gated:
+        return SkinnyConfig(32, 256, 4, 5)
     if n >= 65536:  # LM heads
         return SkinnyConfig(64, 128, 4, 5)
     return SkinnyConfig(32, 512 if k >= 8192 else 256, 4, 5)
@@ -77,7 +80,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     assert x.shape[1] == (2 * k if gated else k)
     n = weight.shape[0]
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
-    config = config or default_config(n, k, x.is_cuda)
+    config = config or default_config(n, k, x.is_cuda, gated)
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k,
