@@ -116,31 +116,7 @@ def sweep_decode_splits(model: str, context: int = 1024) -> None:
         del k_pages, v_pages
 
 
-def sweep_gated_down(model: str, rows_list: list[int]) -> None:
-    """The MLP's down projection with SiLU-mul fused into the skinny matmul, against the
-    activation kernel followed by the plain skinny matmul (the unfused path)."""
-    from engine.kernels.activation import silu_and_mul
-    c = PRESETS[model]
-    n, k = c["hidden_size"], c["intermediate_size"]
-    copies = max(1, (256 * 2**20) // (n * k * 2))
-    weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
-    configs = [SkinnyConfig(bn, bk, 4, st) for bn, bk, st in
-               ((32, 256, 5), (32, 256, 4), (32, 512, 3), (32, 128, 6), (16, 256, 5), (64, 128, 5))]
-    tb = n * k * 2 / 1e12
-    for rows in rows_list:
-        gate_up = torch.randn(rows, 2 * k, device="cuda", dtype=torch.bfloat16)
-        unfused = graph_time([lambda w=w: skinny_matmul(silu_and_mul(gate_up), w) for w in weights])
-        print(f"down M={rows}: silu_and_mul + skinny {unfused * 1e6:6.1f} us ({tb / unfused:.2f} TB/s)")
-        for config in configs:
-            try:
-                seconds = graph_time([lambda w=w: skinny_matmul(gate_up, w, config=config, gated=True)
-                                      for w in weights])
-                print(f"down M={rows}: fused {tuple(config)} {seconds * 1e6:6.1f} us ({tb / seconds:.2f} TB/s)")
-            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
-                print(f"down M={rows}: fused {tuple(config)} {type(exc).__name__}")
-
-
-SWEEPS = ("decode", "prefill", "skinny", "gated")
+SWEEPS = ("decode", "prefill", "skinny")
 
 
 def main() -> None:
@@ -155,8 +131,6 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     if "decode" in only:
         sweep_decode_splits(args.model)
-    if "gated" in only:
-        sweep_gated_down(args.model, rows)
     if "prefill" in only:
         sweep_prefill(args.model)
     if "skinny" in only:

@@ -5,9 +5,13 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+from engine.kernels.pdl import wait_and_release
+
 
 @triton.jit
-def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, width, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < width
@@ -26,5 +30,5 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     block = min(1024, triton.next_power_of_2(width))
     if tokens:
         _silu_and_mul_kernel[(tokens, triton.cdiv(width, block))](
-            gate_up, out, gate_up.stride(0), out.stride(0), width, BLOCK=block, num_warps=4)
+            gate_up, out, gate_up.stride(0), out.stride(0), width, BLOCK=block, num_warps=4, **pdl.launch(gate_up))
     return out

@@ -3,11 +3,8 @@
 Grid (sequence, KV head, split). A program holds the whole query-head group of its KV
 head as the M side of a `tl.dot`, so each K/V tile is read once for the group. Long
 contexts are cut into `num_splits` contiguous ranges; each writes a partial output and
-its log-sum-exp, then counts itself done on a per-(sequence, KV head) semaphore; the
-last split of the group to finish merges the partials and resets the semaphore, so no
-second kernel runs (at batch 1 that launch was a measurable part of the step). The
-split length is derived from the sequence length inside the kernel, so one grid serves
-any lengths (CUDA graphs).
+its log-sum-exp, and a second kernel merges them. The split length is derived from the
+sequence length inside the kernel, so one grid serves any lengths (CUDA graphs).
 """
 from __future__ import annotations
 
@@ -17,17 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+from engine.kernels.pdl import wait_and_release
+
 LOG2E = 1.4426950408889634
 
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, final_ptr, sem_ptr, page_table_ptr, seq_lens_ptr, scale,
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr, scale,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pt,
-    stride_ob, stride_oh, stride_os, stride_fb, stride_fh, num_heads, num_kv_heads,
+    stride_ob, stride_oh, stride_os, num_heads,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    wait_and_release(USE_PDL)
     seq = tl.program_id(0).to(tl.int64)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -72,72 +74,41 @@ def _decode_split_kernel(
     if NUM_SPLITS > 1:
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
         tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=head_mask)
-        # Every thread's stores above precede the release below (barrier, then a
-        # gpu-scope acq_rel add): the group's last split sees all partials.
-        tl.debug_barrier()
-        sem = sem_ptr + seq * num_kv_heads + kv_head
-        done = tl.atomic_add(sem, 1, sem="acq_rel", scope="gpu")
-        if done == NUM_SPLITS - 1:
-            _merge_group(out_ptr, lse_ptr, final_ptr, seq, kv_head, stride_ob, stride_oh, stride_os,
-                         stride_fb, stride_fh, num_heads, GROUP, HEAD_DIM, BLOCK_D, NUM_SPLITS, BLOCK_S)
-            tl.atomic_xchg(sem, 0, sem="relaxed", scope="gpu")  # ready for the next launch
 
 
 @triton.jit
-def _merge_group(partial_ptr, lse_ptr, out_ptr, seq, kv_head, stride_pb, stride_ph, stride_ps,
-                 stride_ob, stride_oh, num_heads, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out[h] = sum_s exp2(lse[h, s] - top) * partial[h, s] / sum_s exp2(lse[h, s] - top)
-    for the query heads of one KV head. Loads bypass L1 (".cg"): the partials were
-    written by other programs."""
+def _merge_splits_kernel(partial_ptr, lse_ptr, out_ptr, stride_pb, stride_ph, stride_ps,
+                         stride_ob, stride_oh, num_heads,
+                         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                         NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
+    seq = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
     splits = tl.arange(0, BLOCK_S)
     split_mask = splits < NUM_SPLITS
+    lse = tl.load(lse_ptr + (seq * num_heads + head) * NUM_SPLITS + splits, mask=split_mask,
+                  other=float("-inf"))
+    top = tl.max(lse, axis=0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    weights = tl.exp2(lse - top)
+    total = tl.sum(weights, axis=0)
+    total = tl.where(total == 0.0, 1.0, total)
     dims = tl.arange(0, BLOCK_D)
     dim_mask = dims < HEAD_DIM
-    for g in tl.static_range(GROUP):
-        head = kv_head * GROUP + g
-        lse = tl.load(lse_ptr + (seq * num_heads + head) * NUM_SPLITS + splits, mask=split_mask,
-                      other=float("-inf"), cache_modifier=".cg")
-        top = tl.max(lse, axis=0)
-        top = tl.where(top == float("-inf"), 0.0, top)
-        weights = tl.exp2(lse - top)
-        total = tl.sum(weights, axis=0)
-        total = tl.where(total == 0.0, 1.0, total)
-        parts = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + splits[:, None] * stride_ps
-                        + dims[None, :], mask=split_mask[:, None] & dim_mask[None, :], other=0.0,
-                        cache_modifier=".cg")
-        out = tl.sum(parts * weights[:, None], axis=0) / total
-        tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
-                 mask=dim_mask)
+    parts = tl.load(partial_ptr + seq * stride_pb + head * stride_ph + splits[:, None] * stride_ps
+                    + dims[None, :], mask=split_mask[:, None] & dim_mask[None, :], other=0.0)
+    out = tl.sum(parts * weights[:, None], axis=0) / total
+    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty),
+             mask=dim_mask)
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sms: int,
                       block_n: int = 64) -> int:
-    """About one program per multiprocessor, never a split shorter than one block.
-    Measured at batch 1 x 1,024 on an H200 (BENCHMARKS.md): 16 splits beat 33 and 64;
-    large batches need no split at all."""
+    """About one program per multiprocessor, never a split shorter than one block; large
+    batches need no split (and so no merge kernel). Measured at batch 1 x 1,024 on an
+    H200 (bench/kernel_sweep.py, BENCHMARKS.md): 16 splits beat 33 and 64."""
     wanted = math.ceil(num_sms / max(1, num_seqs * num_kv_heads))
     return max(1, min(wanted, math.ceil(max_seq_len / block_n), 64))
-
-
-class _Semaphores:
-    """Per-(sequence, KV head) counters the splits of a group count themselves done on;
-    zero between launches (the merging program resets its own). One buffer per device,
-    grown (never shrunk) to the largest batch seen, so CUDA graphs keep a stable address
-    once their sizes were captured."""
-
-    def __init__(self) -> None:
-        self._buffers: dict[torch.device, torch.Tensor] = {}
-
-    def get(self, count: int, device: torch.device) -> torch.Tensor:
-        buffer = self._buffers.get(device)
-        if buffer is None or buffer.numel() < count:
-            buffer = torch.zeros(max(1024, triton.next_power_of_2(count)), dtype=torch.int32, device=device)
-            self._buffers[device] = buffer
-        return buffer
-
-
-SEMAPHORES = _Semaphores()
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
@@ -154,17 +125,20 @@ def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tens
     if num_splits > 1:
         partial = torch.empty((seqs, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)
-        semaphores = SEMAPHORES.get(seqs * kv_heads, q.device)
         target, stride_os = partial, partial.stride(2)
     else:
-        partial, lse, semaphores, target, stride_os = out, out, seq_lens, out, 0
+        partial, lse, target, stride_os = out, out, out, 0
     block_d = max(16, triton.next_power_of_2(head_dim))
     _decode_split_kernel[(seqs, kv_heads, num_splits)](
-        q, k_pages, v_pages, target, lse, out, semaphores, page_table, seq_lens, scale * LOG2E,
+        q, k_pages, v_pages, target, lse, page_table, seq_lens, scale * LOG2E,
         q.stride(0), q.stride(1), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
-        page_table.stride(0), target.stride(0), target.stride(1), stride_os,
-        out.stride(0), out.stride(1), heads, kv_heads,
+        page_table.stride(0), target.stride(0), target.stride(1), stride_os, heads,
         GROUP=group, HEAD_DIM=head_dim, BLOCK_H=max(16, triton.next_power_of_2(group)),
         BLOCK_D=block_d, BLOCK_N=block_n, PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
-        BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, num_stages=3 if on_gpu else 1)
+        num_warps=4, num_stages=3 if on_gpu else 1, **pdl.launch(q))
+    if num_splits > 1:
+        _merge_splits_kernel[(seqs, heads)](
+            partial, lse, out, partial.stride(0), partial.stride(1), partial.stride(2),
+            out.stride(0), out.stride(1), heads, HEAD_DIM=head_dim, BLOCK_D=block_d,
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4, **pdl.launch(partial))
     return out

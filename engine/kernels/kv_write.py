@@ -5,11 +5,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+from engine.kernels.pdl import wait_and_release
+
 
 @triton.jit
 def _kv_write_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
                      stride_kt, stride_vt, stride_page, stride_slot,
-                     ROW: tl.constexpr, BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                     ROW: tl.constexpr, BLOCK: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
     token = tl.program_id(0)
     slot = tl.load(slots_ptr + token).to(tl.int64)
     # Negative slots mark padded rows of a CUDA-graph batch: nothing to store.
@@ -36,4 +40,4 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor, v_pages: t
     if tokens:
         _kv_write_kernel[(tokens,)](
             k, v, k_pages, v_pages, slots, k.stride(0), v.stride(0), k_pages.stride(0), k_pages.stride(1),
-            ROW=row, BLOCK=triton.next_power_of_2(row), PAGE_SIZE=k_pages.shape[1], num_warps=4)
+            ROW=row, BLOCK=triton.next_power_of_2(row), PAGE_SIZE=k_pages.shape[1], num_warps=4, **pdl.launch(k))

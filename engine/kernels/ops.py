@@ -17,18 +17,9 @@ class TritonOps(TorchOps):
     def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         # A few rows only stream the weight; used where measured faster than cuBLAS.
         if x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1 and (
-                wins_over_cublas(weight.shape[0]) or not x.is_cuda):
+                wins_over_cublas(weight.shape[0], x) or not x.is_cuda):
             return skinny_matmul(x, weight, bias)
         return super().linear(x, weight, bias)
-
-    def silu_and_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-        # A few rows: the activation is formed inside the weight-streaming matmul (one
-        # launch less per layer); otherwise the activation kernel, then the matmul.
-        if gate_up.dim() == 2 and 0 < gate_up.shape[0] <= MAX_ROWS and gate_up.stride(-1) == 1 and (
-                wins_over_cublas(weight.shape[0]) or not gate_up.is_cuda):
-            return skinny_matmul(gate_up, weight, bias, gated=True)
-        return super().silu_and_mul_linear(gate_up, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dim() != 2 or x.stride(-1) != 1:  # e.g. Qwen3's per-head q/k norm on strided views

@@ -5,11 +5,15 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+from engine.kernels.pdl import wait_and_release
+
 
 @triton.jit
 def _add_rms_norm_kernel(x_ptr, delta_ptr, sum_ptr, out_ptr, weight_ptr,
                          stride_x, stride_delta, stride_sum, stride_out, width, eps,
-                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                         HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < width
@@ -38,7 +42,7 @@ def _launch(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
             x, delta if delta is not None else x, total, out, weight,
             x.stride(0), delta.stride(0) if delta is not None else 0, total.stride(0), out.stride(0),
             width, eps, HAS_DELTA=delta is not None, BLOCK=block,
-            num_warps=min(16, max(1, block // 256)))
+            num_warps=min(16, max(1, block // 256)), **pdl.launch(x))
     return total, out
 
 

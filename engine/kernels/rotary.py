@@ -5,6 +5,9 @@ import torch
 import triton
 import triton.language as tl
 
+from engine.kernels import pdl
+from engine.kernels.pdl import wait_and_release
+
 
 @triton.jit
 def _rotate_heads(base, stride_head, num_heads, cos, sin, half_cols, half_mask,
@@ -22,7 +25,8 @@ def _rotate_heads(base, stride_head, num_heads, cos, sin, half_cols, half_mask,
 def _rotary_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, stride_qt, stride_qh, stride_kt, stride_kh,
                    stride_cos, stride_sin, num_q_heads, num_k_heads,
                    HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr):
+                   BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
@@ -45,7 +49,7 @@ def apply_rotary_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
             cos.stride(0), sin.stride(0), q.shape[1], k.shape[1],
             HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_QH=triton.next_power_of_2(q.shape[1]), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-            num_warps=4)
+            num_warps=4, **pdl.launch(q))
     return q, k
 
 
@@ -55,7 +59,8 @@ def _rotary_kv_write_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, k_cache_ptr, 
                             stride_cos, stride_sin, stride_page, stride_slot, stride_cache_h,
                             num_q_heads, num_k_heads,
                             HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_QH: tl.constexpr,
-                            BLOCK_KH: tl.constexpr, PAGE_SIZE: tl.constexpr):
+                            BLOCK_KH: tl.constexpr, PAGE_SIZE: tl.constexpr, USE_PDL: tl.constexpr = False):
+    wait_and_release(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)
     col_mask = cols < HALF
@@ -103,4 +108,4 @@ def rotary_and_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: 
             cos.stride(0), sin.stride(0), k_pages.stride(0), k_pages.stride(1), k_pages.stride(2),
             q.shape[1], k.shape[1], HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
             BLOCK_QH=triton.next_power_of_2(q.shape[1]), BLOCK_KH=triton.next_power_of_2(k.shape[1]),
-            PAGE_SIZE=k_pages.shape[1], num_warps=4)
+            PAGE_SIZE=k_pages.shape[1], num_warps=4, **pdl.launch(q))

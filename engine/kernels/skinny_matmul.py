@@ -8,11 +8,14 @@ of a 16-row `tl.dot` (padding rows are masked loads of zeros).
 """
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels import pdl
 
 MAX_ROWS = 16
 
@@ -26,9 +29,22 @@ class SkinnyConfig(NamedTuple):
 
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x, stride_w, stride_out,
-                          HAS_BIAS: tl.constexpr, GATED: tl.constexpr, BLOCK_M: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
+                          PREFETCH_K: tl.constexpr = 0):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_PDL:
+        # The weight never depends on the previous kernel: while it finishes, pull the
+        # first PREFETCH_K columns of this program's rows into L2 (one 128-byte line
+        # per address), then wait for it and let the next kernel launch.
+        if PREFETCH_K > 0:
+            lines = tl.arange(0, PREFETCH_K // 64) * 64
+            line_ptrs = w_ptr + tl.minimum(cols, n - 1)[:, None].to(tl.int64) * stride_w \
+                + tl.minimum(lines, k - 1)[None, :]
+            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [line_ptrs],
+                                      dtype=tl.int32, is_pure=False, pack=1)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     row_ids = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     row_mask = row_ids < rows
@@ -39,11 +55,6 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
     for k0 in range(0, k, BLOCK_K):
         k_mask = (k0 + ks) < k
         x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        if GATED:  # x is [gate | up]: silu(gate) * up, rounded as the reference rounds
-            up = tl.load(x_ptrs + k + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            gate = x.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(x_ptr.dtype.element_ty).to(tl.float32)
-            x = (silu * up.to(tl.float32)).to(x_ptr.dtype.element_ty)
         w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
     if HAS_BIAS:
@@ -52,39 +63,41 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_config(n: int, k: int, on_gpu: bool, gated: bool = False) -> SkinnyConfig:
-    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md). A gated
-    matmul stages two activation tiles per step: shorter K tiles keep it in shared memory."""
+def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
+    """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
     if not on_gpu:
         return SkinnyConfig(16, 16, 4, 1)
-    if gated:
-        return SkinnyConfig(32, 256, 4, 5)
     if n >= 65536:  # LM heads
         return SkinnyConfig(64, 128, 4, 5)
     return SkinnyConfig(32, 512 if k >= 8192 else 256, 4, 5)
 
 
-def wins_over_cublas(n: int) -> bool:
+def wins_over_cublas(n: int, x: torch.Tensor | None = None) -> bool:
     """Where the sweep measured this kernel faster than cuBLAS at 1..16 rows: narrow
     outputs (cuBLAS takes split-K plus a reduce kernel there) and LM heads; equal or
-    slower in between."""
-    return n <= 4096 or n >= 65536
+    slower in between. Under PDL every width: a cuBLAS kernel would break the chain of
+    early launches."""
+    return n <= 4096 or n >= 65536 or (x is not None and pdl.enabled(x))
+
+
+def _pdl_launch(x: torch.Tensor, k: int) -> dict[str, object]:
+    kwargs = pdl.launch(x)
+    if kwargs["USE_PDL"]:
+        kwargs["PREFETCH_K"] = int(os.environ.get("EPD_PDL_PREFETCH_K", "1024")) if k >= 1024 else 0
+    return kwargs
 
 
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  config: SkinnyConfig | None = None, gated: bool = False) -> torch.Tensor:
-    """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]. With `gated`, x is a stacked
-    [M, 2K] gate/up projection and silu(gate) * up is formed on the fly (the MLP's
-    activation fused into its down projection)."""
-    rows, k = x.shape[0], weight.shape[1]
-    assert x.shape[1] == (2 * k if gated else k)
+                  config: SkinnyConfig | None = None) -> torch.Tensor:
+    """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]."""
+    rows, k = x.shape
     n = weight.shape[0]
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
-    config = config or default_config(n, k, x.is_cuda, gated)
+    config = config or default_config(n, k, x.is_cuda)
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k,
         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        GATED=gated, BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(x, k))
     return out

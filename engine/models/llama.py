@@ -83,7 +83,7 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.silu_and_mul_linear(self.gate_up_proj(x), self.down_proj.weight, self.down_proj.bias)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -38,10 +38,5 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def silu_and_mul_linear(self, gate_up: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
-        """linear(silu_and_mul(gate_up)): the MLP's down projection with its activation."""
-        return self.linear(self.silu_and_mul(gate_up), weight, bias)
-
 
 TORCH_OPS = TorchOps()

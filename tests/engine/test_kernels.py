@@ -150,17 +150,6 @@ def test_skinny_matmul(device: str, rows: int) -> None:
     assert rel_err(skinny_matmul(x, weight, bias), TORCH_OPS.linear(x.float(), weight.float(), bias.float())) <= s.tolerance
 
 
-@pytest.mark.parametrize("rows", [1, 7])
-def test_skinny_matmul_with_fused_silu_and_mul(device: str, rows: int) -> None:
-    from engine.kernels.skinny_matmul import skinny_matmul
-    s = SIZES[device]
-    n, k = (s.hidden, s.intermediate) if device == "cuda" else (40, 72)
-    gate_up = torch.randn(rows, 2 * k, device=device, dtype=s.dtype)
-    weight = torch.randn(n, k, device=device, dtype=s.dtype) * k**-0.5
-    ref = TORCH_OPS.linear(TORCH_OPS.silu_and_mul(gate_up).float(), weight.float())
-    assert rel_err(skinny_matmul(gate_up, weight, gated=True), ref) <= s.tolerance
-
-
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
     s = SIZES[device]
     _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)

@@ -169,7 +169,8 @@ async def spawn_peer(factory: BackendFactory, num_pages: int,
             str(num_pages), json.dumps(dict(extra_config or {}))]
     proc = await asyncio.create_subprocess_exec(
         *args, cwd=REPO_ROOT, stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(REPO_ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])})
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), 60)
     if not line:
