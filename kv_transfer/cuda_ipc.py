@@ -48,7 +48,9 @@ _IN_PROCESS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueD
 
 @dataclass(frozen=True)
 class CudaIpcConfig(OneSidedConfig):
-    slice_bytes: int = 64 << 20  # GPU copies are fast: slices only bound aborts
+    # GPU copies are fast: slices only bound aborts. 256 MiB measured 136 GB/s for a
+    # 256 MiB write on an H200, 64 MiB 76 GB/s (each slice costs a completion poll).
+    slice_bytes: int = 256 << 20
     copy_poll_s: float = 0.0005  # longest sleep between CUDA event polls
 
 
