@@ -8,7 +8,6 @@ of a 16-row `tl.dot` (padding rows are masked loads of zeros).
 """
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -30,19 +29,9 @@ class SkinnyConfig(NamedTuple):
 @triton.jit
 def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x, stride_w, stride_out,
                           HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False,
-                          PREFETCH_K: tl.constexpr = 0):
+                          BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if USE_PDL:
-        # The weight never depends on the previous kernel: while it finishes, pull the
-        # first PREFETCH_K columns of this program's rows into L2 (one 128-byte line
-        # per address), then wait for it and let the next kernel launch.
-        if PREFETCH_K > 0:
-            lines = tl.arange(0, PREFETCH_K // 64) * 64
-            line_ptrs = w_ptr + tl.minimum(cols, n - 1)[:, None].to(tl.int64) * stride_w \
-                + tl.minimum(lines, k - 1)[None, :]
-            tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [line_ptrs],
-                                      dtype=tl.int32, is_pure=False, pack=1)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row_ids = tl.arange(0, BLOCK_M)
@@ -63,6 +52,59 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
+@triton.jit
+def _gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, rows, width, k, stride_x, stride_w, stride_out,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         USE_PDL: tl.constexpr = False):
+    """out[:, c] = silu(x @ w[c]) * (x @ w[width + c]) for this program's BLOCK_N columns
+    c: the gate and up rows of a stacked projection stream side by side, and only the
+    product is stored (the activation kernel and half the output traffic disappear)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    row_ids = tl.arange(0, BLOCK_M)
+    ks = tl.arange(0, BLOCK_K)
+    row_mask = row_ids < rows
+    col_mask = cols < width
+    x_ptrs = x_ptr + row_ids[:, None] * stride_x + ks[None, :]
+    g_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    u_ptrs = g_ptrs + width * stride_w
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(0, k, BLOCK_K):
+        k_mask = (k0 + ks) < k
+        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        acc_g += tl.dot(x, tl.trans(tl.load(g_ptrs + k0, mask=w_mask, other=0.0)))
+        acc_u += tl.dot(x, tl.trans(tl.load(u_ptrs + k0, mask=w_mask, other=0.0)))
+    # Rounded as the unfused path rounds: the projection to the activation dtype, then
+    # silu(gate), then the product.
+    dtype = out_ptr.dtype.element_ty
+    gate = acc_g.to(dtype).to(tl.float32)
+    up = acc_u.to(dtype).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row_ids[:, None] * stride_out + cols[None, :], (silu * up).to(dtype),
+             mask=row_mask[:, None] & col_mask[None, :])
+
+
+def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """silu(x @ weight[:I]^T) * (x @ weight[I:]^T) for x [M <= 16, K], weight [2I, K]
+    (gate rows first) -> [M, I]."""
+    rows, k = x.shape
+    width = weight.shape[0] // 2
+    assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
+    on_gpu = x.is_cuda
+    # Per program 16 gate + 16 up rows: the 32-row tile the sweep picked for this shape.
+    block_n, block_k, stages = (16, 256, 5) if on_gpu else (16, 16, 1)
+    out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
+    _gate_up_silu_kernel[(triton.cdiv(width, block_n),)](
+        x, weight, out, rows, width, k, x.stride(0), weight.stride(0), out.stride(0),
+        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
+        **pdl.launch(x))
+    return out
+
+
 def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
     """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
     if not on_gpu:
@@ -80,13 +122,6 @@ def wins_over_cublas(n: int) -> bool:
     return n <= 4096 or n >= 65536
 
 
-def _pdl_launch(x: torch.Tensor, k: int) -> dict[str, object]:
-    kwargs = pdl.launch(x)
-    if kwargs["USE_PDL"]:
-        kwargs["PREFETCH_K"] = int(os.environ.get("EPD_PDL_PREFETCH_K", "1024")) if k >= 1024 else 0
-    return kwargs
-
-
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]."""
@@ -99,5 +134,5 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else weight, out, rows, n, k,
         x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
         BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **_pdl_launch(x, k))
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch(x))
     return out

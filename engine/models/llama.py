@@ -83,7 +83,8 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+        proj = self.gate_up_proj
+        return self.down_proj(self.ops.gate_up_silu(x, proj.weight, proj.bias))
 
 
 class DecoderLayer(nn.Module):
