@@ -7,7 +7,7 @@ import torch
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.rmsnorm import add_rms_norm, rms_norm
 from engine.kernels.rotary import apply_rotary_
-from engine.kernels.skinny_matmul import MAX_ROWS, gate_up_silu, skinny_matmul, wins_over_cublas
+from engine.kernels.skinny_matmul import MAX_ROWS, skinny_matmul, wins_over_cublas
 from engine.models.ops import TorchOps
 
 
@@ -20,14 +20,6 @@ class TritonOps(TorchOps):
                 wins_over_cublas(weight.shape[0]) or not x.is_cuda):
             return skinny_matmul(x, weight, bias)
         return super().linear(x, weight, bias)
-
-    def gate_up_silu(self, x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        # A few rows: gate and up rows stream side by side and only silu(gate) * up is
-        # stored (one launch less per layer than the projection, then the activation).
-        if bias is None and x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.stride(-1) == 1:
-            return gate_up_silu(x, weight)
-        return super().gate_up_silu(x, weight, bias)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dim() != 2 or x.stride(-1) != 1:  # e.g. Qwen3's per-head q/k norm on strided views

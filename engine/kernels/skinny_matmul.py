@@ -52,59 +52,6 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-@triton.jit
-def _gate_up_silu_kernel(x_ptr, w_ptr, out_ptr, rows, width, k, stride_x, stride_w, stride_out,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                         USE_PDL: tl.constexpr = False):
-    """out[:, c] = silu(x @ w[c]) * (x @ w[width + c]) for this program's BLOCK_N columns
-    c: the gate and up rows of a stacked projection stream side by side, and only the
-    product is stored (the activation kernel and half the output traffic disappear)."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if USE_PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    row_ids = tl.arange(0, BLOCK_M)
-    ks = tl.arange(0, BLOCK_K)
-    row_mask = row_ids < rows
-    col_mask = cols < width
-    x_ptrs = x_ptr + row_ids[:, None] * stride_x + ks[None, :]
-    g_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
-    u_ptrs = g_ptrs + width * stride_w
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, k, BLOCK_K):
-        k_mask = (k0 + ks) < k
-        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = col_mask[:, None] & k_mask[None, :]
-        acc_g += tl.dot(x, tl.trans(tl.load(g_ptrs + k0, mask=w_mask, other=0.0)))
-        acc_u += tl.dot(x, tl.trans(tl.load(u_ptrs + k0, mask=w_mask, other=0.0)))
-    # Rounded as the unfused path rounds: the projection to the activation dtype, then
-    # silu(gate), then the product.
-    dtype = out_ptr.dtype.element_ty
-    gate = acc_g.to(dtype).to(tl.float32)
-    up = acc_u.to(dtype).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-    tl.store(out_ptr + row_ids[:, None] * stride_out + cols[None, :], (silu * up).to(dtype),
-             mask=row_mask[:, None] & col_mask[None, :])
-
-
-def gate_up_silu(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """silu(x @ weight[:I]^T) * (x @ weight[I:]^T) for x [M <= 16, K], weight [2I, K]
-    (gate rows first) -> [M, I]."""
-    rows, k = x.shape
-    width = weight.shape[0] // 2
-    assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and weight.shape[1] == k
-    on_gpu = x.is_cuda
-    # Per program 16 gate + 16 up rows: the 32-row tile the sweep picked for this shape.
-    block_n, block_k, stages = (16, 256, 5) if on_gpu else (16, 16, 1)
-    out = torch.empty((rows, width), dtype=x.dtype, device=x.device)
-    _gate_up_silu_kernel[(triton.cdiv(width, block_n),)](
-        x, weight, out, rows, width, k, x.stride(0), weight.stride(0), out.stride(0),
-        BLOCK_M=MAX_ROWS, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4, num_stages=stages,
-        **pdl.launch(x))
-    return out
-
-
 def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
     """Tiles picked from bench/kernel_sweep.py on an H200 (BENCHMARKS.md)."""
     if not on_gpu:

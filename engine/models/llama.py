@@ -83,8 +83,7 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        proj = self.gate_up_proj
-        return self.down_proj(self.ops.gate_up_silu(x, proj.weight, proj.bias))
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class DecoderLayer(nn.Module):

@@ -38,11 +38,5 @@ class TorchOps:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def gate_up_silu(self, x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
-        """silu_and_mul(linear(x, weight, bias)): the MLP's stacked gate/up projection
-        and its activation."""
-        return self.silu_and_mul(self.linear(x, weight, bias))
-
 
 TORCH_OPS = TorchOps()

@@ -150,18 +150,6 @@ def test_skinny_matmul(device: str, rows: int) -> None:
     assert rel_err(skinny_matmul(x, weight, bias), TORCH_OPS.linear(x.float(), weight.float(), bias.float())) <= s.tolerance
 
 
-@pytest.mark.parametrize("rows", [1, 5, 16])
-def test_gate_up_projection_with_fused_silu(device: str, rows: int) -> None:
-    from engine.kernels.skinny_matmul import gate_up_silu
-    s = SIZES[device]
-    width, k = (s.intermediate, s.hidden) if device == "cuda" else (40, 72)  # not block multiples on CPU
-    x = torch.randn(rows, k, device=device, dtype=s.dtype)
-    weight = torch.randn(2 * width, k, device=device, dtype=s.dtype) * k**-0.5
-    ref = TORCH_OPS.gate_up_silu(x.float(), weight.float())
-    out = gate_up_silu(x, weight)
-    assert out.shape == (rows, width) and rel_err(out, ref) <= s.tolerance
-
-
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
     s = SIZES[device]
     _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
