@@ -279,8 +279,19 @@ class Engine:
         return None
 
     def _hit_stop_string(self, request: Request) -> bool:
-        text = self.tokenizer.decode(request.output_token_ids, request.params.skip_special_tokens)
-        hits = [(text.find(s), s) for s in request.params.stop if s in text]
+        """Whether the output text now contains a stop string; cuts the text before the
+        first one. Each step decodes only a window of recent tokens (enough for the
+        longest stop string: a character spans at most 4 byte-level tokens, plus slack
+        for how a window's first token decodes); only a hit there is confirmed on the
+        whole text, so a request's stop checks cost O(output length), not its square."""
+        params, tokens = request.params, request.output_token_ids
+        window = 4 * max(len(s) for s in params.stop) + 8
+        if len(tokens) > window:
+            tail = self.tokenizer.decode(tokens[-window:], params.skip_special_tokens)
+            if not any(s in tail for s in params.stop):
+                return False
+        text = self.tokenizer.decode(tokens, params.skip_special_tokens)
+        hits = [(text.find(s), s) for s in params.stop if s in text]
         if not hits:
             return False
         position, stop = min(hits)
