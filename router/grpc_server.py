@@ -79,7 +79,8 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
     async def Generate(self, request: epd_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[epd_pb2.GenerateResponse]:
         try:
-            prepared = self._prepare(request)
+            size = len(request.text) if request.WhichOneof("prompt") == "text" else 0
+            prepared = await self._service.off_loop(size, self._prepare, request)
         except RouterError as exc:
             self._service.record_error(exc)
             await context.abort(exc.grpc_code, exc.message)

@@ -143,14 +143,14 @@ class OpenAIServer:
     def __init__(self, service: RouterService) -> None:
         self.service = service
 
-    async def read_json(self, request: Request) -> dict[str, Any]:
+    async def read_body(self, request: Request) -> bytes:
         limit = self.service.config.max_request_bytes
         check_body_size(request.headers.get("content-length"), limit)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             check_body_size(str(len(body)), limit)
-        return parse_body(bytes(body))
+        return bytes(body)
 
     def _formatter(self, kind: str, logprobs: bool) -> ResponseFormatter:
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -193,7 +193,8 @@ class OpenAIServer:
 
     async def handle(self, request: Request, build: Callable[[dict[str, Any]], Job]) -> Response:
         try:
-            job = build(await self.read_json(request))
+            body = await self.read_body(request)
+            job = await self.service.off_loop(len(body), lambda: build(parse_body(body)))
         except RouterError as exc:
             self.service.record_error(exc)
             return error_response(exc)

@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from engine.errors import EngineError
 from engine.sampling_params import SamplingParams
@@ -36,6 +36,9 @@ _FINISH_REASONS = {
     epd_pb2.FINISH_REASON_ABORT: "abort",
     epd_pb2.FINISH_REASON_ERROR: "error",
 }
+
+T = TypeVar("T")
+OFF_LOOP_BYTES = 8192  # inputs above this are parsed and tokenized off the event loop
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,16 @@ class RouterService:
         """The model's context length, lowered to what any healthy worker reports."""
         reported = [w.load.max_model_len for w in self.registry.healthy("decode") if w.load.max_model_len]
         return min([self.model.max_model_len, *reported])
+
+    async def off_loop(self, size: int, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` (request parsing and tokenization) in a worker thread when the
+        input is large (`size` bytes or characters above OFF_LOOP_BYTES), inline
+        otherwise: encoding a long prompt must not stall the loop that streams every
+        other request's tokens (the tokenizer releases the GIL while it encodes, and is
+        safe to share across threads). Small inputs are cheaper than a thread hop."""
+        if size > OFF_LOOP_BYTES:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
 
     def encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
