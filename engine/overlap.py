@@ -100,8 +100,12 @@ class OverlapScheduler:
             carried = CarriedTokens({r: i for i, r in enumerate(previous.requests)}, previous.tokens)
         logits = self.engine.runner.execute(batch, carried)
         tokens = logits.argmax(dim=-1)
+        counters = self.engine.counters
         for item in batch.scheduled:
-            item.request.num_computed_tokens += item.num_new_tokens
+            request, start = item.request, item.request.num_computed_tokens
+            counters.prefill_tokens_total += max(
+                0, min(start + item.num_new_tokens, request.num_prompt_tokens) - start)
+            request.num_computed_tokens += item.num_new_tokens
         indices = []
         for request in sampling:
             request.output_token_ids.append(_PLACEHOLDER)
@@ -140,6 +144,7 @@ class OverlapScheduler:
                 continue
             outputs_so_far = request.output_token_ids
             outputs_so_far[index] = token
+            self.engine.counters.generated_tokens_total += 1
             # Stop checks see exactly the tokens read so far: hold back a newer placeholder.
             later = outputs_so_far[index + 1:]
             if later:

@@ -38,9 +38,13 @@ def _generate(tiny_model_path, overlap: bool, params: list[SamplingParams], **op
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_overlap_matches_synchronous(tiny_model_path, variant: str) -> None:  # noqa: ANN001
-    expected, _ = _generate(tiny_model_path, False, _params(), **VARIANTS[variant])
+    expected, reference = _generate(tiny_model_path, False, _params(), **VARIANTS[variant])
     got, engine = _generate(tiny_model_path, True, _params(), **VARIANTS[variant])
     assert got == expected
+    # Workers export these counters: the overlapped loop counts what the synchronous one does.
+    assert engine.counters.generated_tokens_total == reference.counters.generated_tokens_total \
+        == sum(len(tokens) for tokens, _ in got)
+    assert engine.counters.prefill_tokens_total == reference.counters.prefill_tokens_total > 0
     assert engine.overlap is not None and engine.overlap.timings.steps > 0
     if variant == "preemption":
         assert engine.scheduler.num_preemptions > 0
