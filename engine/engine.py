@@ -84,6 +84,7 @@ class Engine:
         model_module = load_model(self.model_path, self.model_config, self.device, config.load_format, config.seed)
         self.kv_cache = KVCache(self.model_config, config.num_pages, config.page_size,
                                 self.device, self.model_config.torch_dtype)
+        model_module.rotary.build_table(self.config.max_model_len, self.model_config.torch_dtype)
         backend = create_attention_backend(config.attention_backend)
         attention = backend(self.kv_cache, self.model_config.head_dim**-0.5)
         if config.triton_kernels:

@@ -35,8 +35,22 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim), persistent=False)
 
+        self._table: tuple[torch.dtype, torch.Tensor, torch.Tensor] | None = None
+
+    def build_table(self, max_positions: int, dtype: torch.dtype) -> None:
+        """Precompute cos/sin for positions [0, max_positions) on the module's device, so
+        that each step gathers rows (two small kernels) instead of computing them (seven).
+        The rows are computed by `cos_sin`'s own arithmetic: identical values."""
+        positions = torch.arange(max_positions, device=self.inv_freq.device)
+        self._table = None
+        self._table = (dtype, *self.cos_sin(positions, dtype))
+
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, head_dim], computed in float32."""
+        """positions [T] -> cos, sin [T, head_dim], computed in float32. Positions must
+        lie below the table's size when one was built (the engine's max_model_len)."""
+        if self._table is not None and self._table[0] == dtype:
+            _, cos, sin = self._table
+            return cos.index_select(0, positions), sin.index_select(0, positions)
         freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)

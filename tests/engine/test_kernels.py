@@ -153,3 +153,16 @@ def test_skinny_matmul(device: str, rows: int) -> None:
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
     s = SIZES[device]
     _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
+
+
+def test_rotary_table_gathers_exactly_what_cos_sin_computes(device: str) -> None:
+    s = SIZES[device]
+    rotary = RotaryEmbedding(model_config(s).rope, s.head_dim).to(device)
+    positions = torch.randint(0, 3000, (57,), device=device)
+    computed = rotary.cos_sin(positions, s.dtype)
+    rotary.build_table(3000, s.dtype)
+    gathered = rotary.cos_sin(positions, s.dtype)
+    assert all(torch.equal(a, b) for a, b in zip(gathered, computed))
+    other = torch.float16 if s.dtype != torch.float16 else torch.float32  # no table for it: computed
+    fresh = RotaryEmbedding(model_config(s).rope, s.head_dim).to(device)
+    assert all(torch.equal(a, b) for a, b in zip(rotary.cos_sin(positions, other), fresh.cos_sin(positions, other)))
