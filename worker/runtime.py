@@ -38,8 +38,10 @@ class WorkerRuntime:
         # "none": an aggregated worker (decode that prefills everything itself).
         self.transfer: TransferBackend | None = None
         if config.transfer != "none":
+            # Bind where gRPC binds, publish the address peers dial.
             self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
-                                           host=config.public_host, **config.transfer_options)
+                                           host=config.host, advertise_host=config.public_host,
+                                           **config.transfer_options)
         elif config.role == "prefill":
             raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
@@ -124,7 +126,8 @@ class WorkerRuntime:
             max_model_len=self.engine.max_model_len, event_seq=batch.seq,
             events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
             metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
-            transfer=self.config.transfer, **counts)
+            transfer=self.config.transfer,
+            transfer_address=self.transfer.descriptor().address if self.transfer else "", **counts)
 
     async def status(self, request: pb.StatusRequest) -> pb.WorkerStatus:
         return await self.async_engine.run(self._status_on_engine, request.after_event)
