@@ -187,7 +187,7 @@ def test_peer_killed_mid_transfer_fails_over(tmp_path, expected, transfer: str) 
 def _check_prefill_kill(cluster, decodes: list[Metrics], prefill0: Metrics,  # noqa: ANN001
                         expected: list[list[int]]) -> None:
     outcome = asyncio.run(_kill_prefill_under_load(cluster, decodes, prefill0))
-    assert outcome.inflight_at_kill >= 2
+    assert outcome.inflight_at_kill >= 1
     assert outcome.detected_s <= TRANSFER_TIMEOUT_S + SLACK_S, outcome.detected_s
     for index, (result, tokens) in enumerate(zip(outcome.results, expected)):
         assert result.ok, (index, result)
