@@ -15,6 +15,7 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -22,6 +23,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from deploy.local import LocalCluster
 from engine import LLM, SamplingParams
 from kv_transfer import backend_availability
 from proto import epd_pb2 as pb
@@ -115,12 +117,17 @@ class Metrics:
         return values
 
 
+async def _read(metrics: Metrics) -> dict[tuple[str, str], float]:
+    async with httpx.AsyncClient() as client:
+        return await metrics.read(client)
+
+
 async def _sum(metrics: list[Metrics], client: httpx.AsyncClient, name: str, peer: str = "") -> float:
     reads = await asyncio.gather(*(m.read(client) for m in metrics))
     return sum(r.get((name, peer), 0.0) for r in reads)
 
 
-async def _poll_until(predicate, timeout_s: float, interval_s: float = 0.02) -> float:  # noqa: ANN001
+async def _poll_until(predicate: Callable[[], Awaitable[bool]], timeout_s: float, interval_s: float = 0.02) -> float:
     """Seconds until ``await predicate()`` is true (TimeoutError after timeout_s)."""
     start = time.monotonic()
     while not await predicate():
@@ -138,12 +145,12 @@ class PrefillKill:
     removed_s: float  # kill -> the router took prefill-0 out of rotation
 
 
-async def _out_of_rotation(client: httpx.AsyncClient, cluster, worker_id: str) -> bool:  # noqa: ANN001
+async def _out_of_rotation(client: httpx.AsyncClient, cluster: LocalCluster, worker_id: str) -> bool:
     workers = (await client.get(f"{cluster.http_url}/cluster", timeout=5.0)).json()
     return not next(w for w in workers if w["id"] == worker_id)["healthy"]
 
 
-async def _kill_prefill_under_load(cluster, decodes: list[Metrics], prefill0: Metrics) -> PrefillKill:  # noqa: ANN001
+async def _kill_prefill_under_load(cluster: LocalCluster, decodes: list[Metrics], prefill0: Metrics) -> PrefillKill:
     victim = cluster.processes["prefill-0"]
     async with httpx.AsyncClient() as client:
         load = [asyncio.create_task(_generate(cluster.grpc_address, p)) for p in PHASES["prefill_kill"]]
@@ -184,7 +191,7 @@ def test_peer_killed_mid_transfer_fails_over(tmp_path, expected, transfer: str) 
         _check_no_leak(cluster, ("prefill-1", "decode-1"), flush=True)
 
 
-def _check_prefill_kill(cluster, decodes: list[Metrics], prefill0: Metrics,  # noqa: ANN001
+def _check_prefill_kill(cluster: LocalCluster, decodes: list[Metrics], prefill0: Metrics,
                         expected: list[list[int]]) -> None:
     outcome = asyncio.run(_kill_prefill_under_load(cluster, decodes, prefill0))
     assert outcome.inflight_at_kill >= 1
@@ -210,7 +217,7 @@ def _check_prefill_kill(cluster, decodes: list[Metrics], prefill0: Metrics,  # n
     assert outcome.removed_s < 5.0, outcome.removed_s  # router: 2 s of failed Status polls
 
 
-def _check_decode_kill(cluster, statuses: dict[str, pb.WorkerStatus],  # noqa: ANN001
+def _check_decode_kill(cluster: LocalCluster, statuses: dict[str, pb.WorkerStatus],
                        expected: dict[str, list[list[int]]]) -> None:
     prefill1 = Metrics(statuses["prefill-1"])
     dead = statuses["decode-0"].transfer_address  # how prefill-1 labels what it ships there
@@ -248,14 +255,18 @@ def _check_decode_kill(cluster, statuses: dict[str, pb.WorkerStatus],  # noqa: A
         else:
             assert result.tokens, (index, result)
     assert sum(r.ok for r in results) > len(results) // 2
-    # prefill-1 stays healthy and serves (the remote path: prompts are long).
+    # prefill-1 stays healthy and serves: it prefills the next (long) prompts for decode-1.
+    alive = statuses["decode-1"].transfer_address
+    delivered = values.get(("epd_worker_kv_ship_delivered_total", alive), 0)
     later = asyncio.run(_all(cluster.grpc_address, PHASES["after"]))
     assert [r.tokens for r in later] == expected["after"] and all(r.ok for r in later)
+    now = asyncio.run(_read(prefill1)).get(("epd_worker_kv_ship_delivered_total", alive), 0)
+    assert now >= delivered + len(PHASES["after"]), (delivered, now)
     status = {e["id"]: e for e in cluster_status(cluster)}
     assert status["prefill-1"]["healthy"] and status["decode-1"]["healthy"]
 
 
-def _check_no_leak(cluster, names: tuple[str, ...], flush: bool = False) -> None:  # noqa: ANN001
+def _check_no_leak(cluster: LocalCluster, names: tuple[str, ...], flush: bool = False) -> None:
     """Once idle, every page of these workers is free or cached; a flush frees them all."""
     def survivors() -> list[dict]:
         return [e for e in cluster_status(cluster) if e["id"] in names]
