@@ -46,9 +46,9 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV transfer backend; 'none' for an aggregated decode worker that prefills itself")
     parser.add_argument("--transfer-option", action="append", default=[], metavar="KEY=VALUE",
                         dest="transfer_option",
-                        help="backend config field, repeatable; e.g. mooncake protocol=rdma "
-                             "device_name=mlx5_0, any backend port=P or slice_bytes=N "
-                             "(an unknown key lists the valid ones)")
+                        help="backend config field, repeatable; e.g. port=P (any backend), "
+                             "protocol=rdma device_name=mlx5_0 (mooncake), slice_bytes=N (one-sided "
+                             "backends); an unknown key lists the valid ones")
     parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
