@@ -16,6 +16,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from decode_worker.prefill_stats import RemotePrefillStats
 from engine.engine import RemoteReservation, StepOutput
 from engine.errors import InvalidRequestError
 from engine.request import TokenLogprob
@@ -37,6 +38,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.engine = runtime.engine
         self._generations = itertools.count(1)
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self.prefill_stats = RemotePrefillStats()
+        runtime.metric_sources.append(self.prefill_stats.samples)
 
     async def Generate(self, request: pb.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
@@ -92,23 +95,36 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def _remote_prefill(self, request: pb.DecodeRequest,
                               reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
+        failed = False
         for candidate in request.prefill:
-            generation = next(self._generations)
-            room = f"{request.request_id}#{generation}"
-            transfer = self.runtime.transfer
-            transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
-            try:
-                response = await self._call_prefill(candidate, request, reservation, room, generation)
-                # Use the pages only once the final notification of this generation is in.
-                async for _ in transfer.notifications(room, timeout=self.runtime.config.transfer_timeout_s):
-                    pass
-                logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
-                return response.first_token, logprob
-            except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
-                logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
-            finally:
-                transfer.release_room(room)
+            with self.prefill_stats.attempt(candidate.address, after_failure=failed):
+                first = await self._attempt(candidate, request, reservation)
+            if first is not None:
+                return first
+            self.prefill_stats.failures.add(candidate.address)
+            failed = True
+        self.prefill_stats.local_fallbacks_total += 1
         return None
+
+    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
+                       reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
+        """One prefill worker computes the prompt into our pages; None if it failed."""
+        generation = next(self._generations)
+        room = f"{request.request_id}#{generation}"
+        transfer = self.runtime.transfer
+        transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
+        try:
+            response = await self._call_prefill(candidate, request, reservation, room, generation)
+            # Use the pages only once the final notification of this generation is in.
+            async for _ in transfer.notifications(room, timeout=self.runtime.config.transfer_timeout_s):
+                pass
+            logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
+            return response.first_token, logprob
+        except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
+            logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
+            return None
+        finally:
+            transfer.release_room(room)
 
     async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
                             reservation: RemoteReservation, room: str, generation: int) -> pb.PrefillResponse:

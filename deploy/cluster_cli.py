@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from deploy.cli import add_engine_arguments, engine_options
-from worker.config import WorkerConfig, add_worker_arguments
+from worker.config import WorkerConfig, add_worker_arguments, transfer_options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -12,7 +12,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     worker.add_argument("role", choices=["prefill", "decode"])
     add_engine_arguments(worker)
     add_worker_arguments(worker)
-    worker.set_defaults(handler=_worker)
+    worker.set_defaults(handler=_worker, usage_error=worker.error)
     add_router_command(sub)
     from deploy.local import add_up_command
     add_up_command(sub)
@@ -22,14 +22,20 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
         role=args.role, model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         worker_id=args.worker_id, advertise_host=args.advertise_host, router=args.router,
-        transfer=args.transfer, transfer_timeout_s=args.transfer_timeout_s,
+        transfer=args.transfer, transfer_options=transfer_options(args.transfer, args.transfer_option),
+        transfer_timeout_s=args.transfer_timeout_s,
         prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
         engine_options=engine_options(args))
 
 
 def _worker(args: argparse.Namespace) -> int:
+    from kv_transfer import TransferOptionError
     from deploy.worker_main import main
-    return main(worker_config(args))
+    try:
+        config = worker_config(args)
+    except TransferOptionError as exc:
+        args.usage_error(str(exc))  # exits 2 with the usage line, like any bad flag
+    return main(config)
 
 
 def add_router_command(sub: argparse._SubParsersAction) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 
 from deploy.cli import add_engine_arguments
-from worker.config import free_port
+from worker.config import free_port, transfer_options
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class ClusterSpec:
     grpc_port: int = 50051
     model: str | None = None
     transfer: str = "tcp"
+    transfer_options: tuple[str, ...] = ()  # KEY=VALUE, each passed as --transfer-option
     policy: str | None = None
     local_prefill_threshold: int | None = None
     worker_args: tuple[str, ...] = ()  # extra engine/worker flags for every worker
@@ -72,6 +73,7 @@ class LocalCluster:
         name, port = f"{role}-{index}", free_port(self.spec.host)
         args = ["worker", role, "--host", self.spec.host, "--port", str(port), "--worker-id", name,
                 "--transfer", self.spec.transfer, "--metrics-port", str(free_port(self.spec.host)),
+                *(arg for item in self.spec.transfer_options for arg in ("--transfer-option", item)),
                 *self._common(), *self.spec.worker_args,
                 *(self.spec.prefill_args if role == "prefill" else self.spec.decode_args)]
         if role == "decode" and self.spec.local_prefill_threshold is not None:
@@ -147,11 +149,13 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--port", type=int, default=8000, help="router HTTP port")
     up.add_argument("--grpc-port", type=int, default=50051, help="router gRPC port")
     up.add_argument("--transfer", default="tcp", help="KV transfer backend")
+    up.add_argument("--transfer-option", action="append", default=[], metavar="KEY=VALUE",
+                    dest="transfer_option", help="backend config field for every worker (repeatable)")
     up.add_argument("--policy", default=None, help="router policy")
     up.add_argument("--local-prefill-threshold", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="write each process's log here")
     add_engine_arguments(up)
-    up.set_defaults(handler=_up)
+    up.set_defaults(handler=_up, usage_error=up.error)
 
 
 def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
@@ -169,10 +173,18 @@ def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from kv_transfer import TransferOptionError
     if args.prefill < 0 or args.decode < 1:
         raise SystemExit("epd up: --decode must be >= 1 and --prefill >= 0")
+    try:  # before any process starts: a bad option would fail every worker
+        options = transfer_options(args.transfer, args.transfer_option)
+    except TransferOptionError as exc:
+        args.usage_error(str(exc))
+    if "port" in options and args.prefill + args.decode > 1:
+        args.usage_error("--transfer-option port=... would give every worker the same transfer port")
     spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, host=args.host, port=args.port,
-                       grpc_port=args.grpc_port, model=args.model, transfer=args.transfer, policy=args.policy,
+                       grpc_port=args.grpc_port, model=args.model, transfer=args.transfer,
+                       transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
                        log_dir=args.log_dir)
     cluster = LocalCluster(spec)

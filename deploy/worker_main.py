@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
 from worker.config import WorkerConfig
 
@@ -29,6 +30,11 @@ async def run_worker(config: WorkerConfig, ready_file: str | None = None) -> Non
 
 
 def main(config: WorkerConfig) -> int:
+    from kv_transfer import TransferError
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(levelname)s %(name)s: %(message)s")
-    asyncio.run(run_worker(config))
+    try:
+        asyncio.run(run_worker(config))
+    except TransferError as exc:  # e.g. the backend cannot start with these options
+        print(f"epd worker: error: transfer backend {config.transfer!r}: {exc}", file=sys.stderr, flush=True)
+        return 1
     return 0

@@ -101,7 +101,10 @@ class AsyncEngine:
                 outputs = await self.run(self._fail_all, f"engine step failed: {exc}")
             self.publish(outputs)
             if self._after_step is not None:
-                await self._after_step(outputs)
+                try:
+                    await self._after_step(outputs)
+                except Exception:  # noqa: BLE001 - a failing hook must not stop every later step
+                    logger.exception("after-step hook failed")
             await asyncio.sleep(0)  # let callers queue work between steps
 
     def _fail_all(self, message: str) -> list[StepOutput]:

@@ -22,9 +22,10 @@ from .base import (DEFAULT_TIMEOUT_S, EndpointDescriptor, FencingError,
                    IncompatiblePeerError, Notification, PageRun, PeerDisconnectedError,
                    PeerHandle, RegionSpec, RoomReservation, TransferBackend,
                    TransferError, TransferStats, TransferTimeoutError,
-                   available_backends, coalesce, compat_hash, create_backend,
-                   register_backend)
+                   available_backends, backend_class, coalesce, compat_hash,
+                   create_backend, register_backend)
 from .onesided import EngineBackend
+from .options import TransferOptionError, option_fields, parse_transfer_options
 
 
 def backend_availability() -> dict[str, str | None]:
@@ -40,5 +41,6 @@ __all__ = [
     "Notification", "PageRun", "PeerDisconnectedError", "PeerHandle", "RegionSpec",
     "RoomReservation", "TransferBackend", "TransferError", "TransferStats",
     "TransferTimeoutError", "available_backends", "coalesce", "compat_hash",
-    "backend_availability", "create_backend", "register_backend",
+    "backend_availability", "backend_class", "create_backend", "register_backend",
+    "TransferOptionError", "option_fields", "parse_transfer_options",
 ]

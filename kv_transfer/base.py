@@ -313,6 +313,9 @@ class TransferBackend(abc.ABC):
     """
 
     name: ClassVar[str] = ""
+    # The frozen dataclass of the backend's ``**config`` (host, port, ...): command-line
+    # options (``--transfer-option KEY=VALUE``) are checked against its fields.
+    config_class: ClassVar[type]
 
     def __init__(self, compat_hash: str) -> None:
         self.compat_hash = compat_hash
@@ -461,11 +464,15 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY.classes)
 
 
-def create_backend(name: str, **config: Any) -> TransferBackend:
-    """Instantiate backend ``name``; ``config`` must include ``compat_hash``."""
+def backend_class(name: str) -> type[TransferBackend]:
+    """The class registered as ``name``; ValueError naming the choices if none."""
     try:
-        cls = _REGISTRY.classes[name]
+        return _REGISTRY.classes[name]
     except KeyError:
         raise ValueError(f"unknown transfer backend {name!r}; available: "
                          f"{available_backends()}") from None
-    return cls(**config)
+
+
+def create_backend(name: str, **config: Any) -> TransferBackend:
+    """Instantiate backend ``name``; ``config`` must include ``compat_hash``."""
+    return backend_class(name)(**config)

@@ -210,6 +210,8 @@ class CudaIpcEngine(CopyEngine):
 class CudaIpcBackend(EngineBackend):
     """CUDA IPC copies between GPUs of one host."""
 
+    config_class = CudaIpcConfig
+
     def __init__(self, compat_hash: str, **config: Any) -> None:
         """``config``: the fields of ``CudaIpcConfig`` (host, port, slice_bytes, ...)."""
         cfg = CudaIpcConfig(**config)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,9 +53,19 @@ class MooncakeConfig(OneSidedConfig):
         if self.protocol not in ("tcp", "rdma"):
             raise ValueError(f"mooncake protocol must be 'tcp' or 'rdma', "
                              f"got {self.protocol!r}")
-        if self.protocol == "rdma" and not self.device_name:
+        if self.protocol == "rdma" and not self.device_names:
             raise ValueError("mooncake protocol 'rdma' needs device_name "
                              "(e.g. 'mlx5_0')")
+        if self.protocol == "tcp" and self.device_name:
+            raise ValueError(f"mooncake device_name {self.device_name!r} names an RDMA "
+                             "device, but protocol is 'tcp' (set protocol=rdma)")
+        if self.max_inflight_slices < 1:
+            raise ValueError(f"max_inflight_slices must be >= 1, got "
+                             f"{self.max_inflight_slices}")
+
+    @property
+    def device_names(self) -> list[str]:
+        return [name.strip() for name in self.device_name.split(",") if name.strip()]
 
 
 @dataclass(frozen=True)
@@ -87,7 +98,20 @@ class MooncakeEngine(CopyEngine):
             raise TransferError(f"mooncake TransferEngine.initialize({hostname!r}, "
                                 f"P2PHANDSHAKE, {cfg.protocol!r}, {cfg.device_name!r}) "
                                 f"failed with {rc}")
+        if cfg.protocol == "rdma":
+            self._check_rdma_devices()
         self._session_id = f"{hostname}:{self._engine.get_rpc_port()}"
+
+    def _check_rdma_devices(self) -> None:
+        """Mooncake initializes "rdma" without complaint when the named devices do
+        not exist and then moves every byte over its TCP transport instead; an
+        operator who asked for RDMA gets an error here rather than silent TCP."""
+        found = _topology_devices(self._engine.get_local_topology())
+        missing = [name for name in self._config.device_names if name not in found]
+        if missing:
+            raise TransferError(f"mooncake protocol 'rdma': RDMA device(s) {missing} not "
+                                f"found (Mooncake sees {sorted(found) or 'none'}); refusing "
+                                "to fall back to TCP silently")
 
     async def close(self) -> None:
         # Threads still inside a sync write hold their own reference to the
@@ -148,6 +172,20 @@ class MooncakeEngine(CopyEngine):
                                 f"{target.session_id} returned {rc}")
 
 
+def _topology_devices(topology_json: str) -> set[str]:
+    """Device names in Mooncake's topology JSON: ``{"cpu:0": [[preferred HCAs],
+    [other HCAs]], "cuda:0": ...}``."""
+    try:
+        topology = json.loads(topology_json)
+    except (TypeError, ValueError) as exc:
+        raise TransferError(f"mooncake returned an unreadable topology: {exc}") from None
+    if not isinstance(topology, dict):
+        return set()
+    tiers = [tier for entry in topology.values() if isinstance(entry, list)
+             for tier in entry if isinstance(tier, list)]
+    return {name for tier in tiers for name in tier if isinstance(name, str)}
+
+
 def _sync_write(engine: Any, local: LocalRegion, session_id: str, src: list[int],
                 dst: list[int], lengths: list[int]) -> int:
     del local  # only held so that the source memory outlives the call
@@ -157,6 +195,8 @@ def _sync_write(engine: Any, local: LocalRegion, session_id: str, src: list[int]
 @register_backend("mooncake")
 class MooncakeBackend(EngineBackend):
     """Mooncake Transfer Engine (TCP or RDMA), P2P handshake, one-sided writes."""
+
+    config_class = MooncakeConfig
 
     def __init__(self, compat_hash: str, **config: Any) -> None:
         """``config``: the fields of ``MooncakeConfig`` (host, port, protocol,

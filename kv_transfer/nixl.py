@@ -287,6 +287,8 @@ def _remote_region(peer: EndpointDescriptor, info: Mapping[str, Any],
 class NixlBackend(EngineBackend):
     """NIXL (UCX) one-sided writes with in-band notifications."""
 
+    config_class = NixlConfig
+
     def __init__(self, compat_hash: str, **config: Any) -> None:
         """``config``: the fields of ``NixlConfig`` (host, port, ucx_devices,
         num_workers, slice_bytes, ...)."""

@@ -62,6 +62,8 @@ class TcpConfig:
 class TcpBackend(TransferBackend):
     """Built-in backend: asyncio + TCP between CPU tensors. Default for CI."""
 
+    config_class = TcpConfig
+
     def __init__(self, compat_hash: str, **config: Any) -> None:
         """``config``: the fields of ``TcpConfig`` (host, port, advertise_host, ...)."""
         super().__init__(compat_hash)

@@ -21,6 +21,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferError, coalesce
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from prefill_worker.ship_stats import ShipStats
 from proto.convert import logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
 from worker.runtime import KV_REGION, WorkerRuntime
@@ -41,6 +42,10 @@ class ShipJob:
     done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     bytes_sent: int = 0
 
+    def __post_init__(self) -> None:
+        # A call that went away leaves `done` unread; its error is already handled.
+        self.done.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
+
 
 class PrefillService(pb_grpc.PrefillWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
@@ -48,6 +53,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = runtime.engine
         self.jobs: dict[str, ShipJob] = {}
         self.page_size = self.engine.config.page_size
+        self.ship_stats = ShipStats()
+        runtime.metric_sources.append(self.ship_stats.samples)
         runtime.set_step_hook(self._ship)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
@@ -64,13 +71,33 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
         job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
+        with self.ship_stats.jobs.held(peer.descriptor.address):
+            return await self._serve(job, prompt, params, context)
+
+    async def _serve(self, job: ShipJob, prompt: list[int], params: SamplingParams,
+                     context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        """Run the job; however it ends, its pages are given back before this returns."""
+        destination = job.peer.descriptor.address
+        outcome = self.ship_stats.failed
         try:
-            return await self._run(job, prompt, params)
+            response = await self._run(job, prompt, params)
+            outcome = self.ship_stats.delivered
+            return response
+        except asyncio.CancelledError:  # the decode worker hung up (or died)
+            outcome = self.ship_stats.cancelled
+            raise
         except TransferError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {exc}")
+        except asyncio.TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "prefill or its KV transfer did not finish in time")
         finally:
-            self.jobs.pop(rid, None)
-            await self.runtime.async_engine.run(self._drop, rid)
+            self.jobs.pop(job.request_id, None)
+            # Shielded: a second cancellation must not skip the release of held pages.
+            await asyncio.shield(self.runtime.async_engine.run(self._drop, job.request_id))
+            outcome.add(destination)
+            if outcome is not self.ship_stats.delivered:
+                logger.info("prefill %s for %s ended undelivered (%s); its pages are released",
+                            job.request_id, destination, outcome.name)
 
     async def _run(self, job: ShipJob, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
         # Prefill samples exactly the first token; decode applies every stop rule to it.
@@ -80,12 +107,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.jobs[job.request_id] = job
         try:
             await async_engine.run(self.engine.add_request, prompt, first_only, job.request_id, hold_pages=True)
-            first: StepOutput = await asyncio.wait_for(queue.get(), self.runtime.config.prefill_timeout_s)
+            first = await self._first_output(job, queue)
             if first.finish_reason == "abort":
                 raise TransferError("prefill aborted")
             if first.finish_reason == "error":
                 raise TransferError(f"prefill failed: {first.request.stop_reason}")
-            kv_bytes = await asyncio.wait_for(job.done, self.runtime.config.transfer_timeout_s)
+            # Shielded: `done` belongs to the shipping side, which may still resolve it.
+            kv_bytes = await asyncio.wait_for(asyncio.shield(job.done), self.runtime.config.transfer_timeout_s)
         finally:
             async_engine.unsubscribe(job.request_id)
         response = pb.PrefillResponse(first_token=first.new_token_ids[0],
@@ -93,6 +121,23 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         if first.new_logprobs:
             response.logprob.CopyFrom(logprob_to_proto(first.new_logprobs[0]))
         return response
+
+    async def _first_output(self, job: ShipJob, queue: asyncio.Queue[StepOutput]) -> StepOutput:
+        """The prefill's first token, or the error of a chunk that could not be shipped
+        meanwhile: a dead or fenced destination ends the prefill now, not after the rest
+        of the prompt was computed for nobody."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.runtime.config.prefill_timeout_s
+        output = asyncio.ensure_future(queue.get())
+        try:
+            await asyncio.wait({output, job.done}, timeout=self.runtime.config.prefill_timeout_s,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if not output.done() and job.done.done() and not job.done.cancelled():
+                job.done.result()  # raises the shipping error
+            # (`done` succeeds only with the final chunk, sent after the first token was published.)
+            return await asyncio.wait_for(asyncio.shield(output), max(deadline - loop.time(), 0.0))
+        finally:
+            output.cancel()
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         job = self.jobs.pop(request.request_id, None)
@@ -164,11 +209,15 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                 job.peer, room_id=dst.room_id, generation=dst.generation, region=dst.region or KV_REGION,
                 runs=runs, notification=note, timeout=self.runtime.config.transfer_timeout_s)
             job.bytes_sent += int(sent or 0)
-            if final:
+            if final and not job.done.done():  # the Prefill call may be gone (cancelled) already
                 job.done.set_result(job.bytes_sent)
         except TransferError as exc:
             if not job.done.done():
                 job.done.set_exception(exc)
+        except Exception as exc:  # noqa: BLE001 - fail this request, never the engine loop
+            logger.exception("shipping KV of %s failed", job.request_id)
+            if not job.done.done():
+                job.done.set_exception(TransferError(f"shipping KV failed: {exc!r}"))
 
 
 async def serve_prefill(config: WorkerConfig) -> WorkerRuntime:

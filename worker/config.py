@@ -3,8 +3,13 @@ from __future__ import annotations
 
 import argparse
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+# Transfer-backend config fields the worker sets itself (from --host/--advertise-host);
+# --transfer-option refuses them.
+WORKER_SET_TRANSFER_FIELDS = ("host", "advertise_host")
 
 
 @dataclass(frozen=True)
@@ -39,10 +44,31 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--router", default=None, help="router gRPC address to register with")
     parser.add_argument("--transfer", default="tcp",
                         help="KV transfer backend; 'none' for an aggregated decode worker that prefills itself")
+    parser.add_argument("--transfer-option", action="append", default=[], metavar="KEY=VALUE",
+                        dest="transfer_option",
+                        help="backend config field, repeatable; e.g. port=P (any backend), "
+                             "protocol=rdma device_name=mlx5_0 (mooncake), slice_bytes=N (one-sided "
+                             "backends); an unknown key lists the valid ones")
     parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
                         help="decode: prompts with fewer uncached tokens are prefilled locally")
+
+
+def transfer_options(transfer: str, items: Sequence[str]) -> dict[str, Any]:
+    """``--transfer-option`` items, typed and validated against ``transfer``'s config
+    (``kv_transfer.TransferOptionError`` says what is wrong and lists valid keys)."""
+    from kv_transfer import TransferOptionError, parse_transfer_options
+    if transfer == "none":
+        if items:
+            raise TransferOptionError("--transfer-option needs a transfer backend (--transfer is 'none')")
+        return {}
+    try:
+        return parse_transfer_options(transfer, items, reserved=WORKER_SET_TRANSFER_FIELDS)
+    except TransferOptionError:
+        raise
+    except ValueError as exc:  # unknown backend name
+        raise TransferOptionError(str(exc)) from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

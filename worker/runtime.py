@@ -11,7 +11,6 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from engine.async_engine import AsyncEngine, StepHook
 from engine.config import EngineConfig
@@ -21,6 +20,7 @@ from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from worker.config import WorkerConfig
 from worker.events import KVEventLog
+from worker.metrics import MetricSource, Sample, families
 
 logger = logging.getLogger(__name__)
 KV_REGION = "kv"
@@ -38,14 +38,17 @@ class WorkerRuntime:
         # "none": an aggregated worker (decode that prefills everything itself).
         self.transfer: TransferBackend | None = None
         if config.transfer != "none":
+            # Bind where gRPC binds, publish the address peers dial.
             self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
-                                           host=config.public_host, **config.transfer_options)
+                                           host=config.host, advertise_host=config.public_host,
+                                           **config.transfer_options)
         elif config.role == "prefill":
             raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
         self.server = grpc.aio.server()
         self.port = 0
         self.snapshot: dict[str, float] = {}
+        self.metric_sources: list[MetricSource] = []  # the role service's own /metrics samples
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -124,7 +127,8 @@ class WorkerRuntime:
             max_model_len=self.engine.max_model_len, event_seq=batch.seq,
             events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
             metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
-            transfer=self.config.transfer, **counts)
+            transfer=self.config.transfer,
+            transfer_address=self.transfer.descriptor().address if self.transfer else "", **counts)
 
     async def status(self, request: pb.StatusRequest) -> pb.WorkerStatus:
         return await self.async_engine.run(self._status_on_engine, request.after_event)
@@ -159,15 +163,15 @@ _COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "k
 
 
 class _WorkerCollector:
-    """Exposes the runtime's last snapshot (refreshed twice a second)."""
+    """Exposes the runtime's last snapshot (refreshed twice a second) and, read live,
+    the samples of the role's metric sources."""
 
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
 
     def collect(self):  # noqa: ANN201 - prometheus collector protocol
         labels = {"role": self.runtime.config.role, "worker": self.runtime.worker_id}
-        for name, value in dict(self.runtime.snapshot).items():
-            family = (CounterMetricFamily if name in _COUNTERS else GaugeMetricFamily)(
-                f"epd_worker_{name.removesuffix('_total')}", name.replace("_", " "), labels=list(labels))
-            family.add_metric(list(labels.values()), float(value))
-            yield family
+        snapshot = [Sample(name, float(value), counter=name in _COUNTERS)
+                    for name, value in dict(self.runtime.snapshot).items()]
+        live = [sample for source in list(self.runtime.metric_sources) for sample in source()]
+        yield from families([*snapshot, *live], labels)

@@ -15,6 +15,7 @@ from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto.convert import params_to_proto
 from worker.config import WorkerConfig
+from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(120)
 ENGINE = {"page_size": 8, "num_pages": 256, "max_num_batched_tokens": 40}
@@ -53,6 +54,12 @@ async def _status(address: str, role: str) -> pb.WorkerStatus:
         return await stub.Status(pb.StatusRequest(), timeout=5)
 
 
+def _prefill_counts(runtime: WorkerRuntime) -> dict[tuple[str, str], float]:
+    """The decode worker's remote-prefill samples (as its /metrics shows them)."""
+    return {(s.name, dict(s.labels).get("prefill", "")): s.value
+            for source in runtime.metric_sources for s in source()}
+
+
 async def test_remote_prefill_matches_offline(workers, tiny_model_path) -> None:  # noqa: ANN001
     prefill, decode = workers
     rng = random.Random(1)
@@ -82,9 +89,17 @@ async def test_dead_prefill_candidate_is_skipped(workers, tiny_model_path) -> No
     tokens, finished = await _generate(decode.address, prompt, params, [dead, pb.PrefillCandidate(
         id="p0", address=prefill.address)])
     assert tokens == expected
+    assert _prefill_counts(decode) == {
+        ("remote_prefill_attempts_total", "127.0.0.1:1"): 1, ("remote_prefill_failures_total", "127.0.0.1:1"): 1,
+        ("remote_prefill_attempts_total", prefill.address): 1, ("remote_prefills_inflight", "127.0.0.1:1"): 0,
+        ("remote_prefills_inflight", prefill.address): 0, ("prefill_retries_total", ""): 1,
+        ("local_prefill_fallbacks_total", ""): 0}
     # With no live candidate at all, decode prefills locally.
     tokens, _ = await _generate(decode.address, list(range(20, 130)), params, [dead])
     assert len(tokens) == 6
+    counts = _prefill_counts(decode)
+    assert counts[("remote_prefill_failures_total", "127.0.0.1:1")] == 2
+    assert counts[("prefill_retries_total", "")] == 1 and counts[("local_prefill_fallbacks_total", "")] == 1
     status = await _status(decode.address, "decode")
     assert status.kv_pages_free == status.kv_pages_total - status.kv_pages_cached
 

@@ -13,7 +13,8 @@ EPD = Path(sys.executable).parent / "epd"
 @pytest.mark.skipif(not EPD.exists(), reason="epd console script not installed in this environment")
 @pytest.mark.parametrize("args, expected", [
     (["--help"], "generate"), (["up", "--help"], "--prefill"), (["router", "--help"], "--policy"),
-    (["worker", "prefill", "--help"], "--transfer"), (["model", "create-tiny", "--help"], "directory"),
+    (["worker", "prefill", "--help"], "--transfer-option"), (["up", "--help"], "--transfer-option"),
+    (["model", "create-tiny", "--help"], "directory"),
 ])
 def test_console_script_commands(tmp_path: Path, args: list[str], expected: str) -> None:
     result = subprocess.run([str(EPD), *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
