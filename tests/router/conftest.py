@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable
@@ -50,6 +51,23 @@ class Cluster:
 
 
 MakeCluster = Callable[..., Awaitable[Cluster]]
+
+
+def encode_threads(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> list[threading.Thread]:
+    """Make every request body count as large (tokenized off the loop) and record the
+    thread each of the router's `encode` calls runs on."""
+    import router.service
+    monkeypatch.setattr(router.service, "OFF_LOOP_BYTES", 16)
+    threads: list[threading.Thread] = []
+    tokenizer = cluster.app.service.tokenizer
+    encode = tokenizer.encode
+
+    def spy(text: str, add_special_tokens: bool = True) -> list[int]:
+        threads.append(threading.current_thread())
+        return encode(text, add_special_tokens)
+
+    monkeypatch.setattr(tokenizer, "encode", spy)
+    return threads
 
 
 @pytest.fixture(scope="session")

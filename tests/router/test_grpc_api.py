@@ -1,13 +1,14 @@
 """The Router and Registry gRPC services."""
 from __future__ import annotations
 
+from threading import main_thread
 from typing import AsyncIterator
 
 import grpc
 import pytest
 
 from proto import epd_pb2, epd_pb2_grpc
-from tests.router.conftest import Cluster, MakeCluster, wait_until
+from tests.router.conftest import Cluster, MakeCluster, encode_threads, wait_until
 from tests.router.fakes import SCRIPT_TEXT, DecodeBehaviour, FakeDecodeWorker
 
 
@@ -141,20 +142,10 @@ async def test_registry_register_and_heartbeat(make_cluster: MakeCluster, script
 
 async def test_long_text_prompt_is_tokenized_off_the_event_loop(cluster: Cluster, stub: epd_pb2_grpc.RouterStub,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    import router.service
-    monkeypatch.setattr(router.service, "OFF_LOOP_BYTES", 16)
-    threads: list[threading.Thread] = []
+    threads = encode_threads(cluster, monkeypatch)
     encode = cluster.tokenizer.encode
-
-    def spy(text: str, add_special_tokens: bool = True) -> list[int]:
-        threads.append(threading.current_thread())
-        return encode(text, add_special_tokens)
-
-    monkeypatch.setattr(cluster.app.service.tokenizer, "encode", spy)
     text = "Hello there, a prompt longer than sixteen characters."
     responses = await collect(stub, epd_pb2.GenerateRequest(request_id="long", text=text, sampling=sampling()))
     assert responses[-1].finished.usage.prompt_tokens == len(encode(text))
     assert list(cluster.decodes[0].requests[-1].prompt_token_ids) == encode(text)
-    assert threads and all(t is not threading.main_thread() for t in threads)
+    assert threads and all(t is not main_thread() for t in threads)

@@ -3,12 +3,13 @@ a fake decode worker."""
 from __future__ import annotations
 
 import json
+from threading import main_thread
 
 import httpx
 import pytest
 from openai import AsyncOpenAI
 
-from tests.router.conftest import Cluster, MakeCluster
+from tests.router.conftest import Cluster, MakeCluster, encode_threads
 from tests.router.fakes import SCRIPT_TEXT, DecodeBehaviour
 
 CHAT = [{"role": "user", "content": "Tell me a story"}]
@@ -244,26 +245,16 @@ async def test_duplicate_grpc_request_id_is_rejected(make_cluster: MakeCluster) 
 
 async def test_large_inputs_are_tokenized_off_the_event_loop(make_cluster: MakeCluster,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import threading
-
-    import router.service
     cluster = await make_cluster()
-    monkeypatch.setattr(router.service, "OFF_LOOP_BYTES", 16)  # every body here is "large"
-    threads: list[threading.Thread] = []
+    threads = encode_threads(cluster, monkeypatch)
     encode = cluster.tokenizer.encode
-
-    def spy(text: str, add_special_tokens: bool = True) -> list[int]:
-        threads.append(threading.current_thread())
-        return encode(text, add_special_tokens)
-
-    monkeypatch.setattr(cluster.app.service.tokenizer, "encode", spy)
     prompt = "The quick brown fox jumps over the lazy dog. " * 4
     done = await client(cluster).completions.create(model=cluster.model, prompt=prompt, max_tokens=3)
     assert list(cluster.decodes[0].requests[-1].prompt_token_ids) == encode(prompt)
     assert done.usage.prompt_tokens == len(encode(prompt))
     chat = await client(cluster).chat.completions.create(model=cluster.model, messages=CHAT, max_tokens=2)
     assert chat.choices[0].finish_reason == "length"
-    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+    assert len(threads) == 2 and all(t is not main_thread() for t in threads)
     # Errors raised off the loop still come back as the OpenAI error shape.
     async with httpx.AsyncClient(timeout=10) as http:
         bad = await http.post(cluster.base_url + "/v1/completions",
