@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import random
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Transfer-backend config fields the worker sets itself (from --host/--advertise-host);
@@ -71,7 +73,28 @@ def transfer_options(transfer: str, items: Sequence[str]) -> dict[str, Any]:
         raise TransferOptionError(str(exc)) from None
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
+    """A port that is free now, for a process started next to listen on. Chosen below
+    the kernel's ephemeral range when there is room: a port the kernel handed out for a
+    bind to port 0 is what any other process's next outgoing connection or port-0
+    listener may get meanwhile, and a launcher that passes a port on must not race that."""
+    low, _ = _ephemeral_range()
+    candidates = random.sample(range(10000, low), min(64, max(0, low - 10000))) if low > 10064 else []
+    for port in candidates:
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
