@@ -49,6 +49,7 @@ _IN_PROCESS: weakref.WeakValueDictionary[str, torch.Tensor] = weakref.WeakValueD
 @dataclass(frozen=True)
 class CudaIpcConfig(OneSidedConfig):
     slice_bytes: int = 64 << 20  # GPU copies are fast: slices only bound aborts
+    max_inflight_slices: int = 1  # not measured on GPUs with more in flight yet
     copy_poll_s: float = 0.0005  # longest sleep between CUDA event polls
 
 
