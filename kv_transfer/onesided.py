@@ -11,13 +11,16 @@ control connection per (sender, receiver) pair (``onesided_wire``):
    pages, unclaimed seq) and answers GO with the room's ``RoomReservation``; the
    sender checks its runs against that reservation itself before it posts a byte
    (so a write is never posted on the strength of the sender's own view).
-2. **During**: the sender posts the write in slices of at most ``slice_bytes``
-   and reports each landed slice (PROGRESS, which drives the receiver's byte
-   counter). ``release_room`` answers the write FENCED at once; the sender posts
-   no further slice. Bytes of the slice already posted can still land: that
-   window (one slice) is inherent to one-sided writes, and is why a released
-   page must not be handed out while a sender may still be mid-slice (callers
-   free pages after ``wait_final`` or after the sender is known to have stopped).
+2. **During**: the sender posts the write in slices of at most ``slice_bytes``,
+   keeping up to ``max_inflight_slices`` of them in flight (the next one is
+   posted as the oldest lands, so the link does not idle while the sender
+   notices), and reports each landed slice in order (PROGRESS, which drives the
+   receiver's byte counter). ``release_room`` answers the write FENCED at once;
+   the sender posts no further slice. Bytes of the slices already posted can
+   still land: that window (``slice_bytes * max_inflight_slices``) is inherent
+   to one-sided writes, and is why a released page must not be handed out while
+   a sender may still be posting (callers free pages after ``wait_final`` or
+   after the sender is known to have stopped).
 3. **After**: the receiver re-checks room and generation before it delivers the
    notification (``WriteTicket.finish``); a write that outlived its room gets
    FENCED and ``write`` raises ``FencingError``.
@@ -70,15 +73,17 @@ class OneSidedConfig:
     advertise_host: str | None = None  # address peers dial; defaults to host
     # A write is posted in slices of at most ``slice_bytes``, up to
     # ``max_inflight_slices`` of them at a time (a new one as the oldest lands).
-    # Their product bounds the bytes that can still land after a fence; it must
-    # also cover the engine's poll gaps (asyncio sleeps >= 1 ms) so that the
-    # link never idles between slices.
-    slice_bytes: int = 4 << 20
+    # Their product bounds the bytes that can still land after a fence, and must
+    # cover the time until the sender notices a landed slice (engine polls run
+    # every ~1 ms; a busy host delays them more), or the link idles. 4 x 16 MiB
+    # measured best over loopback TCP on a 2-core host (BENCHMARKS.md); fewer,
+    # smaller slices cost more CPU per byte there.
+    slice_bytes: int = 16 << 20
     max_inflight_slices: int = 4
     handshake_timeout: float = 10.0
     notify_poll_s: float = 0.001  # longest sleep between in-band notification polls
-    # Sender: after a write timed out, how long its in-flight slice may finish
-    # before it is abandoned and the receiver is told CANCEL.
+    # Sender: after a write timed out, how long its in-flight slices may finish
+    # before they are abandoned and the receiver is told CANCEL.
     cancel_grace_s: float = 2.0
     # Receiver: how long the pages of a fenced write stay blocked for new writes
     # when its sender never confirms that it stopped.
