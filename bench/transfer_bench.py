@@ -9,7 +9,7 @@ scattered over the receiver's region, and times ``write`` until it returns
 of the same bytes between two processes: the ceiling for a TCP-based backend.
 
     python -m bench.transfer_bench --backend tcp
-    python -m bench.transfer_bench --backend mooncake --backend nixl
+    python -m bench.transfer_bench --backend mooncake --backend nixl --rounds 3
     python -m bench.transfer_bench --backend mooncake --option protocol=rdma \
         --option device_name=mlx5_0
     python -m bench.transfer_bench --backend cuda_ipc          # GPU 0 -> GPU 0
@@ -17,7 +17,11 @@ of the same bytes between two processes: the ceiling for a TCP-based backend.
         --device cuda:0 --peer-device cuda:1
 
 ``--option KEY=VALUE`` goes to every measured backend's config (values are JSON
-when they parse, else strings). Library environment knobs apply as usual, e.g.
+when they parse, else strings). ``--rounds N`` repeats the whole measurement N
+times (fresh processes, backends taken in turns within each round) and ends with
+the median over rounds of each backend's ratio to the raw socket of its own
+round; the machine's load average is printed with every round, since other work
+on a small host moves both figures. Library environment knobs apply as usual, e.g.
 ``UCX_TLS=tcp UCX_NET_DEVICES=lo`` makes NIXL take the TCP path on one host
 (it would use shared memory otherwise) and ``MC_TCP_BIND_ADDRESS=127.0.0.1``
 keeps Mooncake's TCP transport on loopback; the header prints those in effect.
@@ -46,7 +50,8 @@ import torch
 from kv_transfer import (EndpointDescriptor, Notification, available_backends,
                          backend_availability, coalesce, compat_hash, create_backend)
 
-ENV_KNOBS = ("UCX_TLS", "UCX_NET_DEVICES", "MC_TCP_BIND_ADDRESS", "CUDA_VISIBLE_DEVICES")
+ENV_KNOBS = ("UCX_TLS", "UCX_NET_DEVICES", "UCX_USE_MT_MUTEX", "MC_TCP_BIND_ADDRESS",
+             "CUDA_VISIBLE_DEVICES")
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--backend", action="append", choices=available_backends(),
                         help="backend to measure (repeatable; default: all)")
     parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the measurement; report medians over rounds")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--option", action="append", type=_option, default=[],
@@ -273,6 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                         "cuda_ipc, else cpu)")
     parser.add_argument("--peer-device", help="receiver's KV device (default: --device)")
     args = parser.parse_args(argv)
+    if args.rounds < 1 or args.iters < 1:
+        parser.error("--rounds and --iters must be at least 1")
     geo = KvGeometry(tokens=args.tokens, page_size=args.page_size)
     kv = torch.randn(geo.shape, dtype=torch.bfloat16)
     print("command:", shlex.join([sys.executable, "-m", "bench.transfer_bench",
@@ -284,11 +293,44 @@ def main(argv: list[str] | None = None) -> None:
           " page runs")
     knobs = [f"{k}={os.environ[k]}" for k in ENV_KNOBS if k in os.environ]
     print("environment:", " ".join(knobs) or "(no transport knobs set)")
-    for run in _runs(args):
-        result, raw = bench_backend(run, geo, args.iters, kv)
-        ratio = statistics.median(raw.seconds) / statistics.median(result.seconds)
-        print(raw.line())
-        print(f"{result.line()}   {ratio:.0%} of raw-socket (median)")
+    rounds = measure(_runs(args), geo, kv, args.iters, args.rounds)
+    if args.rounds > 1:
+        print(f"median over {args.rounds} rounds (load average now {_load()}):")
+        for label, pairs in rounds.items():
+            print(_summary(label, pairs))
+
+
+def measure(runs: list[BackendRun], geo: KvGeometry, kv: torch.Tensor, iters: int,
+            rounds: int) -> dict[str, list[tuple[Result, Result]]]:
+    """Each round measures every backend in turn: label -> (backend, raw socket)
+    per round."""
+    results: dict[str, list[tuple[Result, Result]]] = {run.label: [] for run in runs}
+    for number in range(rounds):
+        print(f"round {number + 1}/{rounds}: load average {_load()}")
+        for run in runs:
+            result, raw = bench_backend(run, geo, iters, kv)
+            results[run.label].append((result, raw))
+            print(raw.line())
+            print(f"{result.line()}   {_ratio(result, raw):.0%} of raw-socket (median)")
+    return results
+
+
+def _ratio(result: Result, raw: Result) -> float:
+    return statistics.median(raw.seconds) / statistics.median(result.seconds)
+
+
+def _summary(label: str, pairs: list[tuple[Result, Result]]) -> str:
+    def gbps(r: Result) -> float:
+        return r.gbps(statistics.median(r.seconds))
+    ratios = [_ratio(result, raw) for result, raw in pairs]
+    return (f"{label:<12} {statistics.median(gbps(r) for r, _ in pairs):6.2f} GB/s vs "
+            f"raw-socket {statistics.median(gbps(raw) for _, raw in pairs):6.2f} GB/s: "
+            f"{statistics.median(ratios):.0%} (rounds: "
+            f"{', '.join(f'{x:.0%}' for x in ratios)})")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":
