@@ -36,6 +36,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import resource
 import shlex
 import socket
 import statistics
@@ -93,14 +94,29 @@ class Result:
     label: str
     seconds: list[float]
     nbytes: int
+    # CPU seconds each copy took in the sender's and the receiver's process (all
+    # their threads): on a small, shared host the copy is CPU-bound and these
+    # explain the ratios.
+    sender_cpu: list[float] = field(default_factory=list)
+    receiver_cpu: list[float] = field(default_factory=list)
 
     def gbps(self, seconds: float) -> float:
         return self.nbytes / seconds / 1e9
 
     def line(self) -> str:
         best, median = min(self.seconds), statistics.median(self.seconds)
+        cpu = ""
+        if self.sender_cpu:
+            tx, rx = (statistics.median(x) * 1e3 for x in (self.sender_cpu, self.receiver_cpu))
+            cpu = f"   cpu per copy {tx:3.0f} + {rx:3.0f} ms (sender + receiver)"
         return (f"{self.label:<12} median {self.gbps(median):6.2f} GB/s   "
-                f"best {self.gbps(best):6.2f} GB/s   ({len(self.seconds)} runs)")
+                f"best {self.gbps(best):6.2f} GB/s   ({len(self.seconds)} runs){cpu}")
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process so far, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def scattered_dst_pages(num_pages: int, block: int, seed: int = 0) -> list[int]:
@@ -147,10 +163,12 @@ async def _serve_backend(run: BackendRun, geo: KvGeometry, conn: Connection) -> 
             room, pages = msg
             backend.reserve_room(room, 1, "kv", pages)
             conn.send("reserved")
+            start = cpu_seconds()
             await backend.wait_notification(room, timeout=60)
+            used = cpu_seconds() - start
             digest = hashlib.sha256(kv.cpu().view(torch.uint8).numpy()).hexdigest()
             backend.release_room(room)
-            conn.send(digest)
+            conn.send((digest, used))
 
 
 class RawLink:
@@ -161,17 +179,19 @@ class RawLink:
     def __init__(self, data: memoryview) -> None:
         self._data = data
         ctx = mp.get_context("spawn")
-        parent, child = ctx.Pipe()
+        self._pipe, child = ctx.Pipe()
         self._proc = ctx.Process(target=_raw_receiver, args=(len(data), child), daemon=True)
         self._proc.start()
-        self._sock = socket.create_connection(("127.0.0.1", parent.recv()))
+        self._sock = socket.create_connection(("127.0.0.1", self._pipe.recv()))
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    def copy_once(self) -> float:
-        start = time.perf_counter()
+    def copy_once(self) -> tuple[float, float, float]:
+        """(wall seconds, sender CPU seconds, receiver CPU seconds)."""
+        start, cpu = time.perf_counter(), cpu_seconds()
         self._sock.sendall(self._data)
         self._sock.recv(1)  # the receiver has every byte
-        return time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        return seconds, cpu, self._pipe.recv()
 
     def close(self) -> None:
         self._sock.close()
@@ -185,21 +205,23 @@ def _raw_receiver(nbytes: int, conn: Connection) -> None:
         sock, _ = server.accept()
         with sock:
             while True:
-                got = 0
+                got, start = 0, cpu_seconds()
                 while got < nbytes:
                     n = sock.recv_into(buf[got:])
                     if n == 0:
                         return
                     got += n
+                conn.send(cpu_seconds() - start)
                 sock.sendall(b"k")
 
 
 async def _drive_backend(run: BackendRun, geo: KvGeometry, iters: int, kv: torch.Tensor,
-                         conn: Connection, raw: RawLink) -> tuple[list[float], list[float]]:
+                         conn: Connection, raw: RawLink) -> tuple[Timings, Timings]:
+    """(backend, raw socket) timings, one copy of each per iteration in turns."""
     dst_pages = scattered_dst_pages(geo.num_pages, block=8)
     runs = coalesce(range(geo.num_pages), dst_pages)
     expected = _expected_digest(kv, dst_pages)
-    seconds, raw_seconds = [], []
+    timed, raw_timed = Timings(), Timings()
     async with run.create(geo) as backend:
         await backend.register_region("kv", kv.to(run.device))
         peer_desc = EndpointDescriptor.from_dict(await asyncio.to_thread(conn.recv))
@@ -209,15 +231,32 @@ async def _drive_backend(run: BackendRun, geo: KvGeometry, iters: int, kv: torch
             conn.send((f"bench-{i}", dst_pages))
             await asyncio.to_thread(conn.recv)
             note = Notification(f"bench-{i}", 1, 0, b"", final=True)
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), cpu_seconds()
             await backend.write(peer, f"bench-{i}", 1, "kv", runs, note, timeout=60)
-            if i:
-                seconds.append(time.perf_counter() - start)
-                raw_seconds.append(raw_time)
-            if await asyncio.to_thread(conn.recv) != expected:
+            seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+            digest, receiver_cpu = await asyncio.to_thread(conn.recv)
+            if digest != expected:
                 raise SystemExit(f"{run.label}: receiver memory differs from the source")
+            if i:
+                timed.add(seconds, cpu, receiver_cpu)
+                raw_timed.add(*raw_time)
         conn.send(None)
-    return seconds, raw_seconds
+    return timed, raw_timed
+
+
+@dataclass
+class Timings:
+    seconds: list[float] = field(default_factory=list)
+    sender_cpu: list[float] = field(default_factory=list)
+    receiver_cpu: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float, sender_cpu: float, receiver_cpu: float) -> None:
+        self.seconds.append(seconds)
+        self.sender_cpu.append(sender_cpu)
+        self.receiver_cpu.append(receiver_cpu)
+
+    def result(self, label: str, nbytes: int) -> Result:
+        return Result(label, self.seconds, nbytes, self.sender_cpu, self.receiver_cpu)
 
 
 def _expected_digest(kv: torch.Tensor, dst_pages: list[int]) -> str:
@@ -236,12 +275,12 @@ def bench_backend(run: BackendRun, geo: KvGeometry, iters: int,
     proc.start()
     raw = RawLink(data)
     try:
-        seconds, raw_seconds = asyncio.run(_drive_backend(run, geo, iters, kv, parent, raw))
+        timed, raw_timed = asyncio.run(_drive_backend(run, geo, iters, kv, parent, raw))
     finally:
         raw.close()
         proc.join(timeout=30)
         proc.kill()
-    return Result(run.label, seconds, len(data)), Result("raw-socket", raw_seconds, len(data))
+    return timed.result(run.label, len(data)), raw_timed.result("raw-socket", len(data))
 
 
 def _option(text: str) -> tuple[str, Any]:
