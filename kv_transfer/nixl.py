@@ -62,8 +62,8 @@ class NixlConfig(OneSidedConfig):
     num_workers: int = 1  # UCX workers of the agent's UCX backend
     # NIXL's progress thread sleeps in poll() on the UCX workers' event fd and
     # progresses them when a socket is ready; ``progress_wake_us`` bounds that
-    # sleep (NIXL rounds it up to whole ms), a fallback NIXL keeps for events
-    # poll() may miss. Off, UCX progresses only inside our polls (the sender's
+    # sleep (NIXL's source rounds it up to whole ms), a fallback NIXL keeps for
+    # events poll() may miss. Off, UCX progresses only inside our polls (the sender's
     # check_xfer_state, the receiver's get_new_notifs), at most once per
     # asyncio sleep (>= 1 ms): over TCP that left the link idle most of the time.
     progress_thread: bool = True
@@ -149,6 +149,10 @@ def _make_agent(api: Any, name: str, config: NixlConfig) -> Any:
                                  backends=[])
     agent = api.nixl_agent(name, conf)
     if config.progress_thread:
+        if not hasattr(api, "nixlBind"):
+            raise TransferError("nixl: this NIXL's Python API does not expose its "
+                                "bindings (nixlBind), so its progress thread would "
+                                "busy-poll a core; use progress_thread=False")
         core = api.nixlBind.nixlAgentConfig()
         core.useProgThread = True
         core.useListenThread = False
