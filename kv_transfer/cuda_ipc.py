@@ -51,6 +51,7 @@ class CudaIpcConfig(OneSidedConfig):
     # GPU copies are fast: slices only bound aborts. 256 MiB measured 136 GB/s for a
     # 256 MiB write on an H200, 64 MiB 76 GB/s (each slice costs a completion poll).
     slice_bytes: int = 256 << 20
+    max_inflight_slices: int = 1  # not measured on GPUs with more in flight yet
     copy_poll_s: float = 0.0005  # longest sleep between CUDA event polls
 
 

@@ -3,11 +3,16 @@
 Each endpoint runs one ``mooncake.engine.TransferEngine`` in P2PHANDSHAKE
 metadata mode (no etcd/metadata server: engines exchange segment descriptors
 directly over their RPC port), registers each region once
-(``register_memory``), and writes coalesced page runs with
-``batch_transfer_sync_write``. That call blocks, so it runs in a small thread
-pool and the event loop only awaits it, bounded by the write's timeout.
-Rooms, fencing and notifications are ``OneSidedBackend``'s: the engine is
-one-sided, the receiver learns of a write over the control channel.
+(``register_memory``), and writes each coalesced page run of a slice as one
+``transfer_submit_write``, whose state is then polled with the non-blocking
+``transfer_check_status`` between ``asyncio.sleep``s. (Not
+``batch_transfer_sync_write``: it spins on the batch status without sleeping,
+which costs a whole core per waiting call; on a 2-core host that core was taken
+from the sender's and receiver's own transport threads.) Submitting runs in a
+one-thread pool, because without Mooncake's connection pool it connects to the
+peer inside the call. Rooms, fencing and notifications are
+``OneSidedBackend``'s: the engine is one-sided, the receiver learns of a write
+over the control channel.
 
 Install: ``pip install mooncake-transfer-engine-non-cuda`` (CPU machines, TCP
 and RDMA over host memory) or ``mooncake-transfer-engine`` (CUDA build, same
@@ -18,9 +23,9 @@ What peers learn in the handshake (``local_info``): the Mooncake session id
 ``"host:rpc_port"`` and the base address of every registered region.
 
 Environment knobs of the library worth knowing: ``MC_TCP_BIND_ADDRESS`` (the
-TCP transport listens on all interfaces unless set), ``MC_TRANSFER_TIMEOUT``
-(seconds, >= 5; bounds an abandoned sync write in its thread, default 30),
-``MC_LOG_LEVEL``.
+TCP transport listens on all interfaces unless set), ``MC_LOG_LEVEL``. A
+write abandoned on timeout leaves its transfers to the library (their batch
+ids are not freed while they might still move bytes).
 """
 
 from __future__ import annotations
@@ -31,12 +36,13 @@ import json
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from .base import (EndpointDescriptor, IncompatiblePeerError, Notification,
                    TransferError, register_backend)
 from .onesided import EngineBackend, OneSidedConfig
-from .onesided_engine import CopyEngine, LocalRegion, Segment, region_info
+from .onesided_engine import CompletionPoller, CopyEngine, LocalRegion, Segment, region_info
 
 _INSTALL_HINT = ("pip install mooncake-transfer-engine-non-cuda (CPU) or "
                  "mooncake-transfer-engine (CUDA)")
@@ -46,7 +52,7 @@ _INSTALL_HINT = ("pip install mooncake-transfer-engine-non-cuda (CPU) or "
 class MooncakeConfig(OneSidedConfig):
     protocol: str = "tcp"  # "tcp" or "rdma"
     device_name: str = ""  # RDMA device filter, e.g. "mlx5_0" or "mlx5_0,mlx5_1"
-    max_inflight_slices: int = 4  # threads blocked in batch_transfer_sync_write
+    status_poll_s: float = 0.001  # sleep between transfer status polls
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -87,8 +93,8 @@ class MooncakeEngine(CopyEngine):
         self._engine: Any = TransferEngine()
         self._session_id = ""
         self._registered: dict[str, LocalRegion] = {}
-        self._pool = ThreadPoolExecutor(config.max_inflight_slices,
-                                        thread_name_prefix="mooncake-write")
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="mooncake-submit")
+        self._poller = CompletionPoller(config.status_poll_s)
 
     async def start(self, hostname: str) -> None:
         cfg = self._config
@@ -114,9 +120,9 @@ class MooncakeEngine(CopyEngine):
                                 "to fall back to TCP silently")
 
     async def close(self) -> None:
-        # Threads still inside a sync write hold their own reference to the
-        # engine; they finish (or time out) on their own.
+        # A submit still in its thread holds its own reference to the engine.
         self._pool.shutdown(wait=False, cancel_futures=True)
+        await self._poller.close()
         if self._engine is None:
             return
         for region in self._registered.values():
@@ -156,20 +162,26 @@ class MooncakeEngine(CopyEngine):
     async def copy(self, target: object, local: LocalRegion, segments: Sequence[Segment],
                    notification: Notification | None) -> None:
         assert isinstance(target, MooncakeTarget)
+        engine = self._engine
+        if engine is None:
+            raise TransferError("mooncake engine is closed")
         dst_base = target.region_addresses[local.name]
         src = [local.address + s.src_offset for s in segments]
         dst = [dst_base + s.dst_offset for s in segments]
         lengths = [s.nbytes for s in segments]
-        if self._engine is None:
-            raise TransferError("mooncake engine is closed")
         loop = asyncio.get_running_loop()
         # The call's arguments keep the engine and the source tensor alive for as
         # long as the thread runs, even if this coroutine is cancelled (timeout).
-        rc = await loop.run_in_executor(self._pool, _sync_write, self._engine,
-                                        local, target.session_id, src, dst, lengths)
-        if rc != 0:
-            raise TransferError(f"mooncake batch_transfer_sync_write to "
-                                f"{target.session_id} returned {rc}")
+        batches = await loop.run_in_executor(self._pool, _submit, engine, local,
+                                             target.session_id, src, dst, lengths)
+        # Wait for every transfer that was submitted, so that no byte of the
+        # slice moves any more once this returns, even when one failed.
+        waits = [self._poller.track(partial(_landed, engine, b)) for b in batches if b]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        failed = batches.count(0) + sum(1 for r in results if r is not None)
+        if failed:
+            raise TransferError(f"mooncake write to {target.session_id}: {failed} of "
+                                f"{len(segments)} transfers failed or were refused")
 
 
 def _topology_devices(topology_json: str) -> set[str]:
@@ -186,10 +198,21 @@ def _topology_devices(topology_json: str) -> set[str]:
     return {name for tier in tiers for name in tier if isinstance(name, str)}
 
 
-def _sync_write(engine: Any, local: LocalRegion, session_id: str, src: list[int],
-                dst: list[int], lengths: list[int]) -> int:
+def _submit(engine: Any, local: LocalRegion, session_id: str, src: list[int],
+            dst: list[int], lengths: list[int]) -> list[int]:
+    """One transfer per segment; batch id 0 is Mooncake's "refused"."""
     del local  # only held so that the source memory outlives the call
-    return int(engine.batch_transfer_sync_write(session_id, src, dst, lengths))
+    return [int(engine.transfer_submit_write(session_id, s, d, n))
+            for s, d, n in zip(src, dst, lengths)]
+
+
+def _landed(engine: Any, batch_id: int) -> bool:
+    """``transfer_check_status``: 1 landed, 0 running, < 0 failed or timed out
+    (the engine frees the batch id once it said 1 or -1)."""
+    state = int(engine.transfer_check_status(batch_id))
+    if state < 0:
+        raise TransferError(f"mooncake transfer failed ({state})")
+    return state == 1
 
 
 @register_backend("mooncake")

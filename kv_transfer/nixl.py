@@ -1,8 +1,10 @@
 """The ``nixl`` backend: NIXL agents with the UCX backend, one-sided WRITEs.
 
 Each endpoint owns one ``nixl_agent`` (no listener thread: agent metadata
-travels in our control handshake instead of NIXL's own socket; no progress
-thread by default, see ``NixlConfig.progress_thread``).
+travels in our control handshake instead of NIXL's own socket) with NIXL's
+progress thread, made event-driven (see ``_make_agent``): over UCX's TCP
+transport bytes move only while a UCX worker is progressed, and the thread
+does that as soon as a socket is ready, as a blocking socket would.
 Regions are registered once: DRAM for CPU tensors, VRAM for CUDA tensors. A
 write is posted as NIXL WRITE transfers, one per slice; the last one carries
 the notification as its NIXL notif message (``Notification.encode()``), which
@@ -10,7 +12,8 @@ NIXL delivers to the receiver after the data. The receiver polls
 ``get_new_notifs`` (only while it has admitted writes waiting) and finishes the
 write through ``RoomTable`` after checking room and generation. Transfer state
 is polled with ``check_xfer_state`` between ``asyncio.sleep``s, never blocking
-the event loop.
+the event loop; the few slices the one-sided layer keeps in flight carry the
+data over the gaps between polls.
 
 What peers learn in the handshake (``local_info``): the agent name, its NIXL
 metadata (base64; loaded with ``add_remote_agent``) and each region's address,
@@ -18,7 +21,8 @@ device id and memory type. Senders tell receivers their agent name, so a notif
 is only accepted from the agent that opened the write.
 
 UCX picks transports itself: inside one host it prefers shared memory.
-(``UCX_MODULES`` defaults to ``^efa`` here: see ``_skip_ucx_efa_module``.) To force
+(``UCX_MODULES`` defaults to ``^efa`` here: see ``_skip_ucx_efa_module``;
+``UCX_USE_MT_MUTEX`` to ``y``: see ``_sleeping_worker_lock``.) To force
 the network path (what tests and benchmarks of the inter-node case want), set
 ``UCX_TLS=tcp`` and ``UCX_NET_DEVICES=lo`` (or the NIC) in the environment
 before the agent is created; ``ucx_devices`` below is NIXL's own device filter.
@@ -37,6 +41,7 @@ import sys
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -44,7 +49,7 @@ import numpy as np
 from .base import (EndpointDescriptor, IncompatiblePeerError, Notification,
                    PeerDisconnectedError, TransferError, register_backend)
 from .onesided import EngineBackend, OneSidedConfig
-from .onesided_engine import CopyEngine, LocalRegion, Segment, region_info
+from .onesided_engine import CompletionPoller, CopyEngine, LocalRegion, Segment, region_info
 from .onesided_wire import b64, unb64
 
 log = logging.getLogger(__name__)
@@ -55,12 +60,23 @@ _INSTALL_HINT = "pip install --no-deps nixl==1.5.1 nixl-cu12==1.5.1"
 class NixlConfig(OneSidedConfig):
     ucx_devices: str = ""  # NIXL UCX backend "ucx_devices" ("" = UCX's choice)
     num_workers: int = 1  # UCX workers of the agent's UCX backend
-    # NIXL's progress thread busy-polls a whole core (its delay is fixed at 0 by
-    # the Python API). Off, UCX progresses inside our polls instead: the sender's
-    # check_xfer_state and the receiver's get_new_notifs, which run while writes
-    # are in flight. Turn it on where a spare core buys lower latency.
-    progress_thread: bool = False
-    xfer_poll_s: float = 0.001  # longest sleep between check_xfer_state polls
+    # NIXL's progress thread sleeps in poll() on the UCX workers' event fd and
+    # progresses them when a socket is ready; ``progress_wake_us`` bounds that
+    # sleep (NIXL's source rounds it up to whole ms), a fallback NIXL keeps for
+    # events poll() may miss. Off, UCX progresses only inside our polls (the sender's
+    # check_xfer_state, the receiver's get_new_notifs), at most once per
+    # asyncio sleep (>= 1 ms): over TCP that left the link idle most of the time.
+    progress_thread: bool = True
+    progress_wake_us: int = 1000
+    xfer_poll_s: float = 0.001  # sleep between check_xfer_state polls
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.progress_wake_us <= 0:
+            # 0 is what NIXL's Python API passes: poll() without a timeout
+            # turns the progress thread into a busy loop that takes a core.
+            raise ValueError(f"progress_wake_us must be positive, got "
+                             f"{self.progress_wake_us}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ def _import_nixl() -> Any:
                             f"{exc}") from exc
     _keep_stdout_clean()
     _skip_ucx_efa_module()
+    _sleeping_worker_lock()
     return _api
 
 
@@ -98,6 +115,17 @@ def _skip_ucx_efa_module() -> None:
     os.environ.setdefault("UCX_MODULES", "^efa")
 
 
+def _sleeping_worker_lock() -> None:
+    """With the progress thread, a UCX worker is shared by two threads: NIXL's
+    (progressing on socket events) and ours (``check_xfer_state`` progresses
+    it too, inside NIXL). UCX guards it with a spinlock unless
+    ``UCX_USE_MT_MUTEX=y``; measured on a 2-core host, the progress thread then
+    spent a third of the sender's CPU spinning while our thread was inside a
+    long ``sendmsg``. A mutex sleeps instead. Read when an agent creates its
+    UCX backend; an operator's own setting wins."""
+    os.environ.setdefault("UCX_USE_MT_MUTEX", "y")
+
+
 def _keep_stdout_clean() -> None:
     """NIXL's Python logger prints INFO lines to stdout; workers and test peers
     use stdout for their own output, so send NIXL's records to stderr at
@@ -108,6 +136,30 @@ def _keep_stdout_clean() -> None:
             handler.setStream(sys.stderr)
     if nixl_log.level < logging.WARNING and "NIXL_LOG_LEVEL" not in os.environ:
         nixl_log.setLevel(logging.WARNING)
+
+
+def _make_agent(api: Any, name: str, config: NixlConfig) -> Any:
+    """A ``nixl_agent`` without backends yet (``create_backend`` starts the
+    progress thread). NIXL's Python API builds its core agent with the progress
+    thread's poll timeout (``pthrDelay``) fixed at 0, a busy loop; so the
+    wrapper is made without the thread and given a core agent built from the
+    bindings' own config, with ``progress_wake_us``. The wrapper keeps no other
+    state about its core agent before a backend exists."""
+    conf = api.nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False,
+                                 backends=[])
+    agent = api.nixl_agent(name, conf)
+    if config.progress_thread:
+        if not hasattr(api, "nixlBind"):
+            raise TransferError("nixl: this NIXL's Python API does not expose its "
+                                "bindings (nixlBind), so its progress thread would "
+                                "busy-poll a core; use progress_thread=False")
+        core = api.nixlBind.nixlAgentConfig()
+        core.useProgThread = True
+        core.useListenThread = False
+        core.syncMode = api.nixl_thread_sync_t.NIXL_THREAD_SYNC_NONE.value
+        core.pthrDelay = config.progress_wake_us
+        agent.agent = api.nixlBind.nixlAgent(name, core)
+    return agent
 
 
 def _mem_type(region: LocalRegion) -> tuple[str, int]:
@@ -129,13 +181,12 @@ class NixlEngine(CopyEngine):
         self._agent: Any = None
         self._registered: dict[str, tuple[LocalRegion, Any]] = {}
         self._remote_refs: dict[str, int] = {}  # remote agent -> open targets
+        self._poller = CompletionPoller(config.xfer_poll_s)
 
     async def start(self, hostname: str) -> None:
         del hostname  # UCX addresses travel inside the agent metadata
         api, cfg = self._api, self._config
-        conf = api.nixl_agent_config(enable_prog_thread=cfg.progress_thread,
-                                     enable_listen_thread=False, backends=[])
-        agent = await asyncio.to_thread(api.nixl_agent, self.agent_name, conf)
+        agent = await asyncio.to_thread(_make_agent, api, self.agent_name, cfg)
         params = {"num_workers": str(cfg.num_workers)}
         if cfg.ucx_devices:
             params["ucx_devices"] = cfg.ucx_devices
@@ -146,6 +197,7 @@ class NixlEngine(CopyEngine):
         self._agent = agent
 
     async def close(self) -> None:
+        await self._poller.close()
         if self._agent is None:
             return
         for remote in list(self._remote_refs):
@@ -227,16 +279,20 @@ class NixlEngine(CopyEngine):
                                 f"{exc}") from exc
         try:
             state = self._state(agent.transfer, handle, message)
-            delay = 2e-5
-            while state == "PROC":
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._config.xfer_poll_s)
-                state = self._state(agent.check_xfer_state, handle)
+            if state == "PROC":
+                await self._poller.track(partial(self._landed, agent, handle,
+                                                 target.agent_name))
+            elif state != "DONE":
+                raise TransferError(f"nixl transfer to {target.agent_name} ended in "
+                                    f"state {state}")
         finally:
             self._release(handle)
-        if state != "DONE":
-            raise TransferError(f"nixl transfer to {target.agent_name} ended in "
-                                f"state {state}")
+
+    def _landed(self, agent: Any, handle: Any, peer: str) -> bool:
+        state = self._state(agent.check_xfer_state, handle)
+        if state not in ("DONE", "PROC"):
+            raise TransferError(f"nixl transfer to {peer} ended in state {state}")
+        return state == "DONE"
 
     @staticmethod
     def _state(fn: Any, *args: Any) -> str:

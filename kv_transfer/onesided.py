@@ -11,13 +11,16 @@ control connection per (sender, receiver) pair (``onesided_wire``):
    pages, unclaimed seq) and answers GO with the room's ``RoomReservation``; the
    sender checks its runs against that reservation itself before it posts a byte
    (so a write is never posted on the strength of the sender's own view).
-2. **During**: the sender posts the write in slices of at most ``slice_bytes``
-   and reports each landed slice (PROGRESS, which drives the receiver's byte
-   counter). ``release_room`` answers the write FENCED at once; the sender posts
-   no further slice. Bytes of the slice already posted can still land: that
-   window (one slice) is inherent to one-sided writes, and is why a released
-   page must not be handed out while a sender may still be mid-slice (callers
-   free pages after ``wait_final`` or after the sender is known to have stopped).
+2. **During**: the sender posts the write in slices of at most ``slice_bytes``,
+   keeping up to ``max_inflight_slices`` of them in flight (the next one is
+   posted as the oldest lands, so the link does not idle while the sender
+   notices), and reports each landed slice in order (PROGRESS, which drives the
+   receiver's byte counter). ``release_room`` answers the write FENCED at once;
+   the sender posts no further slice. Bytes of the slices already posted can
+   still land: that window (``slice_bytes * max_inflight_slices``) is inherent
+   to one-sided writes, and is why a released page must not be handed out while
+   a sender may still be posting (callers free pages after ``wait_final`` or
+   after the sender is known to have stopped).
 3. **After**: the receiver re-checks room and generation before it delivers the
    notification (``WriteTicket.finish``); a write that outlived its room gets
    FENCED and ``write`` raises ``FencingError``.
@@ -37,11 +40,12 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import logging
 import socket
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -67,11 +71,19 @@ class OneSidedConfig:
     host: str = "127.0.0.1"  # control-channel bind address; engine hostname
     port: int = 0  # control port; 0 = ephemeral (the descriptor reports it)
     advertise_host: str | None = None  # address peers dial; defaults to host
-    slice_bytes: int = 16 << 20  # posted before the sender looks for a fence again
+    # A write is posted in slices of at most ``slice_bytes``, up to
+    # ``max_inflight_slices`` of them at a time (a new one as the oldest lands).
+    # Their product bounds the bytes that can still land after a fence, and must
+    # cover the time until the sender notices a landed slice (engine polls run
+    # every ~1 ms; a busy host delays them more), or the link idles. 4 x 16 MiB
+    # measured best over loopback TCP on a 2-core host (BENCHMARKS.md); fewer,
+    # smaller slices cost more CPU per byte there.
+    slice_bytes: int = 16 << 20
+    max_inflight_slices: int = 4
     handshake_timeout: float = 10.0
     notify_poll_s: float = 0.001  # longest sleep between in-band notification polls
-    # Sender: after a write timed out, how long its in-flight slice may finish
-    # before it is abandoned and the receiver is told CANCEL.
+    # Sender: after a write timed out, how long its in-flight slices may finish
+    # before they are abandoned and the receiver is told CANCEL.
     cancel_grace_s: float = 2.0
     # Receiver: how long the pages of a fenced write stay blocked for new writes
     # when its sender never confirms that it stopped.
@@ -80,6 +92,9 @@ class OneSidedConfig:
     def __post_init__(self) -> None:
         if self.slice_bytes <= 0:
             raise ValueError(f"slice_bytes must be positive, got {self.slice_bytes}")
+        if self.max_inflight_slices <= 0:
+            raise ValueError(f"max_inflight_slices must be positive, "
+                             f"got {self.max_inflight_slices}")
 
     @property
     def hostname(self) -> str:
@@ -269,29 +284,30 @@ class OneSidedBackend(TransferBackend):
             if done:
                 peer.end_request(req_id, cancel=False)
             else:
-                self._cancel_when_still(peer, req_id, posting.copy)
+                self._cancel_when_still(peer, req_id, posting.futures())
         self._counters.bytes_sent += sent
         self._counters.transfer_seconds += time.perf_counter() - started
         return sent
 
     def _cancel_when_still(self, peer: OneSidedPeer, req_id: int,
-                           copy: asyncio.Future[None] | None) -> None:
+                           copies: set[asyncio.Future[None]]) -> None:
         """A failed write says CANCEL only once none of its bytes move any more
-        (the receiver keeps the pages blocked until then): a slice still in
-        flight gets ``cancel_grace_s`` to finish, then it is abandoned."""
-        if copy is None or copy.done():
+        (the receiver keeps the pages blocked until then): slices still in
+        flight get ``cancel_grace_s`` to finish, then they are abandoned."""
+        if not copies:
             peer.end_request(req_id, cancel=True)
             return
-        task = asyncio.create_task(self._cancel_after(peer, req_id, copy))
+        task = asyncio.create_task(self._cancel_after(peer, req_id, copies))
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
     async def _cancel_after(self, peer: OneSidedPeer, req_id: int,
-                            copy: asyncio.Future[None]) -> None:
+                            copies: set[asyncio.Future[None]]) -> None:
         try:
-            await asyncio.wait({copy}, timeout=self.config.cancel_grace_s)
+            await asyncio.wait(copies, timeout=self.config.cancel_grace_s)
         finally:
-            copy.cancel()
+            for copy in copies:
+                copy.cancel()
             peer.end_request(req_id, cancel=True)
 
     def _check_write(self, peer: OneSidedPeer, room_id: str, generation: int, region: str,
@@ -327,33 +343,39 @@ class OneSidedBackend(TransferBackend):
             return 0
         _check_reservation(await pending.go, local.name, runs, note)
         inband = self.engine.in_band_notifications
+        window = self.config.max_inflight_slices
         for i, segments in enumerate(slices):
+            last = i == len(slices) - 1
+            # In-band: the last slice carries the notification, so it is posted
+            # only once every earlier slice has landed (the notif then follows
+            # every byte, whatever order the engine completes transfers in).
+            room = 1 if last and inband else window
+            while len(posting.copies) >= room:
+                await self._land_oldest(peer, req_id, pending, posting)
             if pending.ack.done():  # fenced or lost: post nothing more
                 break
-            last = i == len(slices) - 1
-            await self._copy_slice(peer, pending, posting, local, segments,
-                                   note if inband and last else None)
-            if not last:
-                nbytes = sum(s.nbytes for s in segments)
-                await peer.send(ControlFrame.PROGRESS, req_id, encode_progress(nbytes))
+            posting.post(asyncio.ensure_future(self.engine.copy(
+                peer.target, local, segments, note if inband and last else None)),
+                sum(s.nbytes for s in segments), last)
+        while posting.copies:
+            await self._land_oldest(peer, req_id, pending, posting)
         if not inband and not pending.ack.done():
             await peer.send(ControlFrame.DONE, req_id)
         await pending.ack
         return sum(r.num_pages for r in runs) * local.page_bytes
 
-    async def _copy_slice(self, peer: OneSidedPeer, pending: PendingWrite,
-                          posting: _Posting, local: LocalRegion,
-                          segments: Sequence[Segment], note: Notification | None) -> None:
-        """Post one slice and wait until it landed. A FENCED answer meanwhile
-        still waits for the slice (so no byte moves once ``write`` raised); a
-        lost peer does not. On timeout the slice is left to ``_cancel_after``."""
-        copy = asyncio.ensure_future(self.engine.copy(peer.target, local, segments, note))
-        copy.add_done_callback(_retrieve)
-        posting.copy = copy
+    async def _land_oldest(self, peer: OneSidedPeer, req_id: int, pending: PendingWrite,
+                           posting: _Posting) -> None:
+        """Wait until the oldest posted slice landed, then report it (PROGRESS;
+        the last slice is reported by DONE or the notification). A FENCED
+        answer meanwhile still waits for the slices in flight (so no byte moves
+        once ``write`` raised); a lost peer does not. On timeout the slices are
+        left to ``_cancel_after``."""
+        copy, nbytes, last = posting.oldest()
         try:
             await asyncio.wait({copy, pending.ack}, return_when=asyncio.FIRST_COMPLETED)
             if not copy.done() and _lost(pending.ack):
-                copy.cancel()  # the peer is gone: nothing left to wait for
+                posting.cancel_all()  # the peer is gone: nothing left to wait for
                 await pending.ack  # raises PeerDisconnectedError
             await asyncio.shield(copy)
         except TransferError as exc:
@@ -362,6 +384,9 @@ class OneSidedBackend(TransferBackend):
             peer.broken(str(exc))
             raise PeerDisconnectedError(f"{self.name} transfer to "
                                         f"{peer.descriptor.address} failed: {exc}") from None
+        posting.landed()
+        if not last and not pending.ack.done():
+            await peer.send(ControlFrame.PROGRESS, req_id, encode_progress(nbytes))
 
     # -- receiver side
     def reserve_room(self, room_id: str, generation: int, region: str,
@@ -394,9 +419,28 @@ def _check_reservation(reservation: RoomReservation, region: str,
 
 @dataclass(eq=False)
 class _Posting:
-    """The slice a write is posting right now (the last one once it ended)."""
+    """The slices of one write that are in flight, oldest first: (engine copy,
+    bytes, whether it is the write's last slice)."""
 
-    copy: asyncio.Future[None] | None = None
+    copies: collections.deque[tuple[asyncio.Future[None], int, bool]] = field(
+        default_factory=collections.deque)
+
+    def post(self, copy: asyncio.Future[None], nbytes: int, last: bool) -> None:
+        copy.add_done_callback(_retrieve)
+        self.copies.append((copy, nbytes, last))
+
+    def oldest(self) -> tuple[asyncio.Future[None], int, bool]:
+        return self.copies[0]
+
+    def landed(self) -> None:
+        self.copies.popleft()
+
+    def futures(self) -> set[asyncio.Future[None]]:
+        return {copy for copy, _, _ in self.copies if not copy.done()}
+
+    def cancel_all(self) -> None:
+        for copy in self.futures():
+            copy.cancel()
 
 
 def _discard(sessions: set[ControlSession], session: ControlSession,

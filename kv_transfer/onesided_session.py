@@ -9,7 +9,7 @@ Invariants:
   re-checks that the room and generation are still live: a write that outlived
   its room is answered FENCED, never delivered;
 * ``release_room`` answers every in-flight write of the room FENCED at once, so
-  the sender stops after the slice it is posting;
+  the sender posts no further slice;
 * until that sender confirms it stopped (CANCEL), loses its connection, or the
   drain timeout passes, no other write into those pages is sent GO
   (``InFlight.drains``): a late slice cannot land on top of a newer room's bytes.
@@ -75,13 +75,14 @@ class InFlight:
     * ``waiting``: admitted writes of in-band engines (NIXL), by notification
       key, until their engine notification arrives.
     * ``drains``: fenced writes that had been sent GO: their sender may still be
-      posting one slice into pages that are no longer theirs. A drain ends when
-      the sender says CANCEL (sent once its slice is done or abandoned), when its
-      connection is lost, or after the drain timeout. Until then a new write
-      into any of those pages is not sent GO, so the late slice cannot land on
-      top of the new room's bytes.
-    * ``active`` is set while either is non-empty: engines without a progress
-      thread (NIXL over UCX TCP) move bytes only while they are polled.
+      posting its in-flight slices into pages that are no longer theirs. A drain
+      ends when the sender says CANCEL (sent once those slices are done or
+      abandoned), when its connection is lost, or after the drain timeout.
+      Until then a new write into any of those pages is not sent GO, so a late
+      slice cannot land on top of the new room's bytes.
+    * ``active`` is set while either is non-empty: in-band notifications are
+      polled only then (and engines without a progress thread, NIXL with
+      ``progress_thread=False``, move bytes only while they are polled).
     """
 
     waiting: dict[InbandKey, Drain] = field(default_factory=dict)

@@ -8,6 +8,7 @@ available here); the conformance suite covers the rest of the contract.
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ import torch
 from kv_transfer import (FencingError, Notification, PageRun, RoomReservation,
                          TransferError, backend_availability, coalesce, create_backend)
 from kv_transfer.onesided import OneSidedBackend
-from kv_transfer.onesided_engine import Segment, plan_slices
+from kv_transfer.onesided_engine import CompletionPoller, Segment, plan_slices
 from kv_transfer.onesided_session import InFlight
 from kv_transfer.onesided_wire import (ControlFrame, Hello, HelloReply, decode_reservation,
                                        encode_reservation, page_ranges, unpack_fields)
@@ -44,6 +45,34 @@ def test_plan_slices_cuts_runs_at_slice_bytes() -> None:
     assert plan_slices(runs, page_bytes=4, slice_bytes=1 << 20) == [
         [Segment(0, 40, 12), Segment(28, 8, 4)]]
     assert plan_slices([], page_bytes=4, slice_bytes=8) == []
+
+
+async def test_completion_poller_resolves_fails_and_forgets_cancelled_waits() -> None:
+    poller = CompletionPoller(0.001)
+    polls = {"slow": 0, "abandoned": 0}
+
+    def slow() -> bool:
+        polls["slow"] += 1
+        return polls["slow"] >= 3
+
+    def broken() -> bool:
+        raise TransferError("engine says no")
+
+    def abandoned() -> bool:
+        polls["abandoned"] += 1
+        return False
+
+    landed, failed, gave_up = poller.track(slow), poller.track(broken), poller.track(abandoned)
+    await asyncio.wait_for(landed, 1)
+    assert polls["slow"] == 3
+    with pytest.raises(TransferError, match="engine says no"):
+        await asyncio.wait_for(failed, 1)
+    gave_up.cancel()
+    await asyncio.sleep(0.02)
+    seen = polls["abandoned"]
+    await asyncio.sleep(0.02)
+    assert polls["abandoned"] == seen  # no longer polled
+    await poller.close()
 
 
 def test_control_bodies_round_trip_and_reject_garbage() -> None:
@@ -197,6 +226,52 @@ async def test_a_late_slice_cannot_land_on_the_next_rooms_bytes(
             await backend.close()
 
 
+@pytest.mark.parametrize("name", ONE_SIDED)
+async def test_a_write_keeps_up_to_max_inflight_slices_posted(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The next slice is posted while earlier ones are still landing (so the link
+    # does not idle while the sender notices a landed slice), never more than
+    # max_inflight_slices; a slice that carries an in-band notification is
+    # posted only once every earlier slice has landed.
+    factory = factory_for(name)
+    page = 1 << 20
+    src = random_bytes(16 * page, seed=41).reshape(16, page)
+    dst = torch.zeros_like(src)
+    sender = await open_endpoint(factory, src, slice_bytes=2 * page, max_inflight_slices=3)
+    receiver = await open_endpoint(factory, dst)
+    assert isinstance(sender, OneSidedBackend)
+    in_flight, peak, with_notification = 0, 0, []
+    real_copy = sender.engine.copy
+
+    async def counted_copy(target: object, local: object, segments: object,
+                           note: Notification | None) -> None:
+        nonlocal in_flight, peak
+        if note is not None:
+            with_notification.append(in_flight)
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            await asyncio.sleep(0.01)  # a slow link: slices overlap
+            await real_copy(target, local, segments, note)  # type: ignore[arg-type]
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(sender.engine, "copy", counted_copy)
+    try:
+        peer = await sender.connect(receiver.descriptor(), timeout=5)
+        receiver.reserve_room("r", 1, "kv", range(16))
+        await sender.write(peer, "r", 1, "kv", [PageRun(0, 0, 16)],
+                           Notification("r", 1, 0, final=True), timeout=20)
+        await receiver.wait_notification("r", timeout=5)
+    finally:
+        await sender.close()
+        await receiver.close()
+    assert peak == 3
+    assert with_notification == ([0] if sender.engine.in_band_notifications else [])
+    assert torch.equal(dst, src)
+    assert receiver.bytes_received_total == 16 * page
+
+
 async def _raw_control(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     host, _, port = address.rpartition(":")
     return await asyncio.open_connection(host, int(port))
@@ -261,6 +336,37 @@ async def test_the_event_loop_keeps_running_during_large_writes(name: str) -> No
     assert receiver.bytes_received_total == 4 * (64 << 20)
 
 
+def _thread_ticks(tids: set[str]) -> int:
+    """User + system clock ticks of this process's threads ``tids``."""
+    ticks = 0
+    for tid in tids:
+        try:
+            fields = open(f"/proc/self/task/{tid}/stat").read().rpartition(")")[2].split()
+        except FileNotFoundError:
+            continue  # the thread ended
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks
+
+
+@pytest.mark.skipif(backend_availability()["nixl"] is not None or
+                    not os.path.isdir("/proc/self/task"),
+                    reason="needs nixl and Linux /proc")
+async def test_the_nixl_progress_thread_sleeps_while_idle() -> None:
+    # NIXL's Python API would make its progress thread poll() with a zero
+    # timeout: a busy loop that takes a whole core. Ours waits for events.
+    before = set(os.listdir("/proc/self/task"))
+    backend = await open_endpoint(factory_for("nixl"), random_kv(4, seed=42))
+    try:
+        threads = set(os.listdir("/proc/self/task")) - before
+        assert threads, "the nixl backend started no progress thread"
+        start = _thread_ticks(threads)
+        await asyncio.sleep(1.0)
+        used = (_thread_ticks(threads) - start) / os.sysconf("SC_CLK_TCK")
+    finally:
+        await backend.close()
+    assert used < 0.2, f"nixl's threads used {used:.2f} s of CPU in 1 s of idling"
+
+
 # ---------------------------------------------------------------- availability
 
 
@@ -290,6 +396,10 @@ def test_a_missing_package_fails_clearly_when_the_backend_is_created(
 
 
 def test_bad_engine_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_inflight_slices"):
+        create_backend("mooncake", compat_hash=COMPAT, max_inflight_slices=0)
+    with pytest.raises(ValueError, match="progress_wake_us"):
+        create_backend("nixl", compat_hash=COMPAT, progress_wake_us=0)
     with pytest.raises(ValueError, match="device_name"):
         create_backend("mooncake", compat_hash=COMPAT, protocol="rdma")
     with pytest.raises(ValueError, match="protocol"):
