@@ -46,8 +46,8 @@ def test_worker_config_gets_typed_options() -> None:
      "'tcp' or 'rdma', got 'udp'"),
     (["worker", "decode", "--transfer", "nixl", "--transfer-option", "num_worker=2"],
      "epd worker: error: unknown option 'num_worker' for transfer backend 'nixl'; valid keys: "
-     "cancel_grace_s, drain_timeout_s, handshake_timeout, notify_poll_s, num_workers, port, "
-     "progress_thread, slice_bytes, ucx_devices, xfer_poll_s"),
+     "cancel_grace_s, drain_timeout_s, handshake_timeout, max_inflight_slices, notify_poll_s, "
+     "num_workers, port, progress_thread, progress_wake_us, slice_bytes, ucx_devices, xfer_poll_s"),
     (["worker", "decode", "--transfer-option", "chunk_bytes=big"],
      "epd worker: error: transfer option chunk_bytes='big': not a valid int"),
     (["worker", "decode", "--transfer-option", "host=0.0.0.0"],
