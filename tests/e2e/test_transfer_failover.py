@@ -228,9 +228,20 @@ def _check_decode_kill(cluster: LocalCluster, statuses: dict[str, pb.WorkerStatu
 
             async def shipping() -> bool:
                 values = await prefill1.read(client)
-                return (values.get(("epd_worker_kv_ship_jobs", dead), 0) >= 2
+                return (values.get(("epd_worker_kv_ship_jobs", dead), 0) >= 1
                         and values.get(("epd_worker_kv_bytes_sent_total", ""), 0) > 0)
-            await _poll_until(shipping, 60)
+
+            # Freeze decode-0 while prefill-1 ships to it: a frozen receiver never ACKs,
+            # so the shipment cannot complete between this check and the kill (fast
+            # backends finish a shipment within one poll otherwise).
+            victim = cluster.processes["decode-0"]
+            deadline = time.monotonic() + 60
+            while True:
+                await _poll_until(shipping, max(1.0, deadline - time.monotonic()))
+                os.kill(victim.pid, signal.SIGSTOP)
+                if (await prefill1.read(client)).get(("epd_worker_kv_ship_jobs", dead), 0) >= 1:
+                    break
+                os.kill(victim.pid, signal.SIGCONT)  # it finished just before the freeze
             killed = time.monotonic()
             cluster.kill("decode-0")
 
