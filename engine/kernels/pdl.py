@@ -48,4 +48,4 @@ def wait_and_release(USE_PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-__all__ = ["enabled", "launch", "wait_and_release", "triton"]
+__all__ = ["enabled", "launch", "wait_and_release"]
