@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from bench.presets import PRESETS
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import PrefillConfig, prefill_attention
-from engine.kernels.skinny_matmul import SkinnyConfig, skinny_matmul
+from engine.kernels.skinny_matmul import SkinnyConfig, default_config, skinny_matmul
 
 
 def graph_time(calls: list, repeats: int = 20) -> float:
@@ -52,8 +52,8 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
 
 
 def sweep_skinny(model: str, rows_list: list[int]) -> None:
-    configs = [SkinnyConfig(bn, bk, w, st) for bn, bk, w, st in
-               itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
+    configs = [SkinnyConfig(bn, bk, w, st, p) for bn, bk, w, st, p in
+               itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5), (False, True))]
     for name, (n, k) in layer_shapes(model).items():
         copies = max(1, (256 * 2**20) // (n * k * 2))  # >= 256 MiB of weights per round
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -68,6 +68,12 @@ def sweep_skinny(model: str, rows_list: list[int]) -> None:
                     print(f"  {config}: {type(exc).__name__}")
             results.sort()
             tb = n * k * 2 / 1e12
+            default = default_config(n, k, True)
+            for persistent in (False, True):
+                config = default._replace(persistent=persistent)
+                seconds = next(t for t, c in results if c == config)
+                print(f"skinny {name:8s} M={rows:<3d} default tiles, persistent={persistent!s:5s} "
+                      f"{seconds * 1e6:7.1f} us ({tb / seconds:5.2f} TB/s)")
             best_s, best = results[0]
             print(f"skinny {name:8s} M={rows:<3d} N={n:<6d} K={k:<5d} cuBLAS {cublas * 1e6:7.1f} us "
                   f"({tb / cublas:5.2f} TB/s)  best {best_s * 1e6:7.1f} us ({tb / best_s:5.2f} TB/s) {tuple(best)}  "

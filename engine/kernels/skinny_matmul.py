@@ -2,9 +2,22 @@
 
 At batch 1..16 a linear layer only streams its weight once; cuBLAS picks split-K
 kernels plus a reduce kernel for the 4096-wide layers. Here each program owns BLOCK_N
-output columns and walks the whole K, so the weight is read once, in 16-byte rows, with
-`num_stages` tiles in flight, and no reduction pass follows. The rows sit in the M side
-of a 16-row `tl.dot` (padding rows are masked loads of zeros).
+output columns at a time and walks the whole K, so the weight is read once, in 16-byte
+rows, with `num_stages` tiles in flight, and no reduction pass follows. The rows sit in
+the M side of a 16-row `tl.dot` (padding rows are masked loads of zeros).
+
+Persistent: a program takes column blocks pid, pid + P, pid + 2P, ... in one flat loop
+over (block, k tile), so its load pipeline stays full across block boundaries instead
+of draining and refilling once per block; P is chosen so every program gets the same
+number of blocks (`balanced_programs`).
+
+Two fusions take the decode layer's small kernels off the chain at small batch:
+- `residual_out`: the output is added to the residual stream in place (each program
+  owns its columns) and each program writes the sum of squares of its columns of the new
+  stream, one float per row and column block;
+- `norm_in`: the input is RMS-normalised on the fly from those per-block sums (summed in
+  a fixed order: deterministic) and the norm weight, with the reference's roundings.
+So `add + RMSNorm` between a layer's projections costs no launch of its own.
 """
 from __future__ import annotations
 
@@ -24,32 +37,82 @@ class SkinnyConfig(NamedTuple):
     block_k: int
     num_warps: int
     num_stages: int
+    persistent: bool = True
 
 
 @triton.jit
-def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x, stride_w, stride_out,
-                          HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, ssq_in_ptr, norm_w_ptr, ssq_out_ptr,
+                          rows, n, k, stride_x, stride_w, stride_out, stride_ssq_in, stride_ssq_out,
+                          in_parts, eps,
+                          HAS_BIAS: tl.constexpr, NORM_IN: tl.constexpr, RESIDUAL_OUT: tl.constexpr,
+                          PARTS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr = False):
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
     if USE_PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     row_ids = tl.arange(0, BLOCK_M)
     ks = tl.arange(0, BLOCK_K)
     row_mask = row_ids < rows
-    col_mask = cols < n
-    x_ptrs = x_ptr + row_ids[:, None] * stride_x + ks[None, :]
-    w_ptrs = w_ptr + cols[:, None].to(tl.int64) * stride_w + ks[None, :]
+    k_tiles = tl.cdiv(k, BLOCK_K)
+    my_blocks = (tl.cdiv(n, BLOCK_N) - pid + programs - 1) // programs
+    if NORM_IN:
+        parts = tl.arange(0, PARTS)
+        ssq = tl.load(ssq_in_ptr + row_ids[:, None] * stride_ssq_in + parts[None, :],
+                      mask=row_mask[:, None] & (parts < in_parts)[None, :], other=0.0)
+        inv_rms = tl.rsqrt(tl.sum(ssq, axis=1) / k + eps)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for k0 in range(0, k, BLOCK_K):
+    for t in range(0, my_blocks * k_tiles):
+        block = pid + (t // k_tiles) * programs
+        k0 = (t % k_tiles) * BLOCK_K
+        cols = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < n
         k_mask = (k0 + ks) < k
-        x = tl.load(x_ptrs + k0, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs + k0, mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+        x = tl.load(x_ptr + row_ids[:, None] * stride_x + (k0 + ks)[None, :],
+                    mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        if NORM_IN:
+            # The reference rounds the normalised row before the weight, then the product.
+            norm_w = tl.load(norm_w_ptr + k0 + ks, mask=k_mask, other=0.0).to(tl.float32)
+            normed = (x.to(tl.float32) * inv_rms[:, None]).to(x_ptr.dtype.element_ty).to(tl.float32)
+            x = (normed * norm_w[None, :]).to(x_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[:, None].to(tl.int64) * stride_w + (k0 + ks)[None, :],
+                    mask=col_mask[:, None] & k_mask[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(w))
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + row_ids[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+        if k0 + BLOCK_K >= k:  # the block's last k tile: its epilogue
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            out_ptrs = out_ptr + row_ids[:, None] * stride_out + cols[None, :]
+            out_mask = row_mask[:, None] & col_mask[None, :]
+            y = acc.to(out_ptr.dtype.element_ty)
+            if RESIDUAL_OUT:
+                # `stream + linear(x)`, rounded as the reference's bf16 add is.
+                total = (tl.load(out_ptrs, mask=out_mask, other=0.0).to(tl.float32)
+                         + y.to(tl.float32)).to(out_ptr.dtype.element_ty)
+                tl.store(out_ptrs, total, mask=out_mask)
+                squares = total.to(tl.float32)
+                tl.store(ssq_out_ptr + row_ids * stride_ssq_out + block,
+                         tl.sum(squares * squares, axis=1), mask=row_mask)
+            else:
+                tl.store(out_ptrs, y, mask=out_mask)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def balanced_programs(blocks: int, slots: int) -> int:
+    """Fewest programs that still finish in ceil(blocks / slots) rounds, so that every
+    program streams the same number of blocks (896 blocks on 132 SMs: 128 x 7)."""
+    rounds = -(-blocks // slots)
+    return -(-blocks // rounds)
 
 
 def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
@@ -69,17 +132,63 @@ def wins_over_cublas(n: int) -> bool:
     return n <= 4096 or n >= 65536
 
 
+def column_blocks(n: int, k: int, device: torch.device) -> int:
+    """How many per-block sums of squares a `residual_out` call writes per row."""
+    return triton.cdiv(n, default_config(n, k, device.type == "cuda").block_n)
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor,
+            config: SkinnyConfig | None, ssq_in: torch.Tensor | None = None,
+            norm_weight: torch.Tensor | None = None, eps: float = 0.0,
+            ssq_out: torch.Tensor | None = None) -> None:
+    rows, k = x.shape
+    n = weight.shape[0]
+    assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1 and out.stride(-1) == 1
+    config = config or default_config(n, k, x.is_cuda)
+    blocks = triton.cdiv(n, config.block_n)
+    programs = blocks
+    if config.persistent and x.is_cuda:
+        programs = balanced_programs(blocks, _sm_count(x.device))
+    if ssq_out is not None:
+        assert ssq_out.shape[0] >= rows and ssq_out.shape[1] >= blocks and ssq_out.dtype == torch.float32
+    parts = ssq_in.shape[1] if ssq_in is not None else 1
+    _skinny_matmul_kernel[(programs,)](
+        x, weight, bias if bias is not None else weight, out,
+        ssq_in if ssq_in is not None else out, norm_weight if norm_weight is not None else weight,
+        ssq_out if ssq_out is not None else out,
+        rows, n, k, x.stride(0), weight.stride(0), out.stride(0),
+        ssq_in.stride(0) if ssq_in is not None else 0, ssq_out.stride(0) if ssq_out is not None else 0,
+        parts, eps, HAS_BIAS=bias is not None, NORM_IN=ssq_in is not None,
+        RESIDUAL_OUT=ssq_out is not None, PARTS=triton.next_power_of_2(parts),
+        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch(x))
+
+
 def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   config: SkinnyConfig | None = None) -> torch.Tensor:
     """x [M <= 16, K] @ weight[N, K]^T (+ bias) -> [M, N]."""
-    rows, k = x.shape
-    n = weight.shape[0]
-    assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
-    config = config or default_config(n, k, x.is_cuda)
-    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
-    _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
-        x, weight, bias if bias is not None else weight, out, rows, n, k,
-        x.stride(0), weight.stride(0), out.stride(0), HAS_BIAS=bias is not None,
-        BLOCK_M=MAX_ROWS, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl.launch(x))
+    out = torch.empty((x.shape[0], weight.shape[0]), dtype=x.dtype, device=x.device)
+    _launch(x, weight, bias, out, config)
     return out
+
+
+def norm_matmul(stream: torch.Tensor, ssq: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                weight: torch.Tensor, bias: torch.Tensor | None = None,
+                config: SkinnyConfig | None = None) -> torch.Tensor:
+    """rms_norm(stream) @ weight^T (+ bias), where ssq [M, P] holds partial sums of the
+    squares of each row of `stream` (they add up to the row's sum of squares)."""
+    out = torch.empty((stream.shape[0], weight.shape[0]), dtype=stream.dtype, device=stream.device)
+    _launch(stream, weight, bias, out, config, ssq, norm_weight, eps)
+    return out
+
+
+def matmul_add_(stream: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                config: SkinnyConfig | None = None) -> torch.Tensor:
+    """stream += x @ weight^T in place (bf16 add, as `stream + linear(x)`); returns the
+    partial sums of squares of the new stream's rows [M, column blocks] (fp32)."""
+    n, k = weight.shape
+    config = config or default_config(n, k, x.is_cuda)
+    assert stream.shape == (x.shape[0], n)
+    ssq = torch.empty((x.shape[0], triton.cdiv(n, config.block_n)), dtype=torch.float32, device=x.device)
+    _launch(x, weight, None, stream, config, ssq_out=ssq)
+    return ssq
