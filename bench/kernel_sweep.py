@@ -18,9 +18,7 @@ import torch.nn.functional as F
 from bench.presets import PRESETS
 from engine.kernels.decode_attention import decode_attention
 from engine.kernels.prefill_attention import PrefillConfig, prefill_attention
-from engine.kernels.ops import TRITON_OPS
-from engine.kernels.rmsnorm import add_rms_norm
-from engine.kernels.skinny_matmul import SkinnyConfig, default_config, matmul_add_, norm_matmul, skinny_matmul
+from engine.kernels.skinny_matmul import SkinnyConfig, default_config, skinny_matmul
 
 
 def graph_time(calls: list, repeats: int = 20) -> float:
@@ -55,7 +53,7 @@ def layer_shapes(model: str) -> dict[str, tuple[int, int]]:
 
 def sweep_skinny(model: str, rows_list: list[int]) -> None:
     configs = [SkinnyConfig(bn, bk, w, st) for bn, bk, w, st in
-               itertools.product((16, 32, 64), (128, 256, 512), (4,), (3, 5))]
+               itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 5))]
     for name, (n, k) in layer_shapes(model).items():
         copies = max(1, (256 * 2**20) // (n * k * 2))  # >= 256 MiB of weights per round
         weights = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
@@ -79,52 +77,6 @@ def sweep_skinny(model: str, rows_list: list[int]) -> None:
                   f"({tb / cublas:5.2f} TB/s)  best {best_s * 1e6:7.1f} us ({tb / best_s:5.2f} TB/s) {tuple(best)}  "
                   f"next {[(round(t * 1e6, 1), tuple(c)) for t, c in results[1:4]]}")
         del weights
-
-
-def sweep_fused_norm(model: str, rows_list: list[int]) -> None:
-    """The decode layer's two halves at few rows, as chains of kernels over rotating
-    weights: (o or down projection, add + RMSNorm, gate_up or qkv projection) as separate
-    kernels against the residual add fused into the first and the norm into the second."""
-    c = PRESETS[model]
-    shapes = layer_shapes(model)
-    eps = c.get("rms_norm_eps", 1e-5)
-    for first, second in (("o", "gate_up"), ("down", "qkv")):
-        (n1, k1), (n2, k2) = shapes[first], shapes[second]
-        copies = max(1, (512 * 2**20) // ((n1 * k1 + n2 * k2) * 2))
-        w1 = [torch.randn(n1, k1, device="cuda", dtype=torch.bfloat16) * k1**-0.5 for _ in range(copies)]
-        w2 = [torch.randn(n2, k2, device="cuda", dtype=torch.bfloat16) * k2**-0.5 for _ in range(copies)]
-        norm_w = torch.rand(k2, device="cuda", dtype=torch.bfloat16) + 0.5
-        for rows in rows_list:
-            x = torch.randn(rows, k1, device="cuda", dtype=torch.bfloat16)
-            stream = torch.randn(rows, n1, device="cuda", dtype=torch.bfloat16)
-
-            def separate(a: torch.Tensor, b: torch.Tensor) -> None:
-                delta = TRITON_OPS.linear(x, a)
-                _, h = add_rms_norm(stream, delta, norm_w, eps)
-                TRITON_OPS.linear(h, b)
-
-            def fused(a: torch.Tensor, b: torch.Tensor, config: SkinnyConfig | None = None) -> None:
-                ssq = matmul_add_(stream, x, a)
-                norm_matmul(stream, ssq, norm_w, eps, b, config=config)
-
-            base = graph_time([lambda a=a, b=b: separate(a, b) for a, b in zip(w1, w2)])
-            tb = (n1 * k1 + n2 * k2) * 2 / 1e12
-            print(f"chain {first}+norm+{second} M={rows:<3d} separate kernels {base * 1e6:7.1f} us ({tb / base:5.2f} TB/s)")
-            for config in [None] + [SkinnyConfig(bn, bk, 4, st) for bn, bk, st in
-                                    itertools.product((32, 64), (128, 256, 512), (3, 5))]:
-                seconds = graph_time([lambda a=a, b=b: fused(a, b, config) for a, b in zip(w1, w2)])
-                label = "default" if config is None else tuple(config)
-                print(f"chain {first}+norm+{second} M={rows:<3d} fused {label}: {seconds * 1e6:7.1f} us "
-                      f"({tb / seconds:5.2f} TB/s)")
-            h = torch.randn(rows, k2, device="cuda", dtype=torch.bfloat16)
-            ssq = h.float().square().sum(-1, keepdim=True)
-            alone = graph_time([lambda b=b: norm_matmul(h, ssq, norm_w, eps, b) for b in w2])
-            plain = graph_time([lambda b=b: TRITON_OPS.linear(h, b) for b in w2])
-            first_alone = graph_time([lambda a=a: TRITON_OPS.linear(x, a) for a in w1])
-            first_fused = graph_time([lambda a=a: matmul_add_(stream, x, a) for a in w1])
-            print(f"  {second} alone: norm fused in {alone * 1e6:7.1f} us, engine's plain linear {plain * 1e6:7.1f} us; "
-                  f"{first} alone: add fused in {first_fused * 1e6:7.1f} us, engine's plain linear {first_alone * 1e6:7.1f} us")
-        del w1, w2
 
 
 def sweep_prefill(model: str, prompts: int = 4, length: int = 2048) -> None:
@@ -168,7 +120,7 @@ def sweep_decode_splits(model: str, context: int = 1024) -> None:
         del k_pages, v_pages
 
 
-SWEEPS = ("decode", "prefill", "skinny", "fused")
+SWEEPS = ("decode", "prefill", "skinny")
 
 
 def main() -> None:
@@ -187,8 +139,6 @@ def main() -> None:
         sweep_prefill(args.model)
     if "skinny" in only:
         sweep_skinny(args.model, rows)
-    if "fused" in only:
-        sweep_fused_norm(args.model, rows)
 
 
 if __name__ == "__main__":

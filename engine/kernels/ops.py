@@ -2,14 +2,12 @@
 elementwise work. Shapes a kernel does not cover fall back to the reference."""
 from __future__ import annotations
 
-import os
-
 import torch
 
 from engine.kernels.activation import silu_and_mul
 from engine.kernels.rmsnorm import add_rms_norm, rms_norm
 from engine.kernels.rotary import apply_rotary_
-from engine.kernels.skinny_matmul import MAX_ROWS, matmul_add_, norm_matmul, skinny_matmul, wins_over_cublas
+from engine.kernels.skinny_matmul import MAX_ROWS, skinny_matmul, wins_over_cublas
 from engine.models.ops import TorchOps
 
 
@@ -22,20 +20,6 @@ class TritonOps(TorchOps):
                 wins_over_cublas(weight.shape[0]) or not x.is_cuda):
             return skinny_matmul(x, weight, bias)
         return super().linear(x, weight, bias)
-
-    def streams_residual(self, x: torch.Tensor) -> bool:
-        # A few rows: the skinny kernels take the norms and residual adds (EPD_FUSED_NORM=0: off).
-        return (x.dim() == 2 and 0 < x.shape[0] <= MAX_ROWS and x.is_contiguous()
-                and os.environ.get("EPD_FUSED_NORM", "1") != "0")
-
-    def norm_linear(self, stream: torch.Tensor, ssq: torch.Tensor, norm: torch.nn.Module,
-                    linear: torch.nn.Linear) -> torch.Tensor:
-        return norm_matmul(stream, ssq, norm.weight, norm.eps, linear.weight, linear.bias)
-
-    def linear_add_(self, stream: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-        if linear.bias is not None or x.stride(-1) != 1:
-            return super().linear_add_(stream, x, linear)
-        return matmul_add_(stream, x, linear.weight)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if x.dim() != 2 or x.stride(-1) != 1:  # e.g. Qwen3's per-head q/k norm on strided views

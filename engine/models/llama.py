@@ -64,22 +64,15 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
         batch: Batch, attention: AttentionBackend,
     ) -> torch.Tensor:
-        return self.o_proj(self.attend(self.qkv_proj(x), cos_sin, batch, attention))
-
-    def attend(
-        self, qkv: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-        batch: Batch, attention: AttentionBackend,
-    ) -> torch.Tensor:
-        """Attention output [T, heads * head_dim] from the stacked q/k/v projection (before o_proj)."""
-        tokens = qkv.shape[0]
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(tokens, self.num_heads, self.head_dim)  # [T, H, D]
         k = k.view(tokens, self.num_kv_heads, self.head_dim)  # [T, KV, D]
         v = v.view(tokens, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         out = attention.rotate_and_attend(self.layer_index, q, k, v, cos_sin, batch, self.ops)  # [T, H, D]
-        return out.reshape(tokens, self.q_size)
+        return self.o_proj(out.reshape(tokens, self.q_size))
 
 
 class MLP(nn.Module):
@@ -111,20 +104,6 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_and_norm(x, self.self_attn(h, cos_sin, batch, attention))
         return x, self.mlp(h)
 
-    def forward_in_place(
-        self, x: torch.Tensor, ssq: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
-        batch: Batch, attention: AttentionBackend,
-    ) -> torch.Tensor:
-        """The same layer where the ops fuse each norm into the projection after it and
-        each residual add into the projection before it (`TorchOps.streams_residual`):
-        x, the residual stream, is updated in place; ssq holds partial sums of the squares
-        of its rows. Returns the new stream's partial sums of squares."""
-        ops, attn, mlp = self.mlp.ops, self.self_attn, self.mlp
-        qkv = ops.norm_linear(x, ssq, self.input_layernorm, attn.qkv_proj)
-        ssq = ops.linear_add_(x, attn.attend(qkv, cos_sin, batch, attention), attn.o_proj)
-        gate_up = ops.norm_linear(x, ssq, self.post_attention_layernorm, mlp.gate_up_proj)
-        return ops.linear_add_(x, ops.silu_and_mul(gate_up), mlp.down_proj)
-
 
 class CausalLM(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
@@ -142,11 +121,6 @@ class CausalLM(nn.Module):
         """Hidden states [T, hidden] for every token of the batch."""
         x = self.embed_tokens(batch.input_ids)
         cos_sin = self.rotary.cos_sin(batch.positions, x.dtype)
-        if self.ops.streams_residual(x):
-            ssq = x.float().square().sum(-1, keepdim=True)
-            for layer in self.layers:
-                ssq = layer.forward_in_place(x, ssq, cos_sin, batch, attention)
-            return self.norm(x)
         delta: torch.Tensor | None = None
         for layer in self.layers:
             x, delta = layer(x, delta, cos_sin, batch, attention)

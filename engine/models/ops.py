@@ -30,23 +30,6 @@ class TorchOps:
         x = x + delta
         return x, self.rms_norm(x, weight, eps)
 
-    def streams_residual(self, x: torch.Tensor) -> bool:
-        """Whether the model should run `DecoderLayer.forward_in_place` on the stream x
-        (norms fused into the projections after them, residual adds into those before)."""
-        return False
-
-    def norm_linear(self, stream: torch.Tensor, ssq: torch.Tensor, norm: torch.nn.Module,
-                    linear: torch.nn.Linear) -> torch.Tensor:
-        """linear(norm(stream)), given ssq [T, P]: partial sums of squares of stream's rows."""
-        x32 = stream.float()
-        normed = (x32 * torch.rsqrt(ssq.sum(-1, keepdim=True) / stream.shape[-1] + norm.eps)).to(stream.dtype)
-        return self.linear(norm.weight * normed, linear.weight, linear.bias)
-
-    def linear_add_(self, stream: torch.Tensor, x: torch.Tensor, linear: torch.nn.Linear) -> torch.Tensor:
-        """stream += linear(x) in place; returns partial sums of squares of the new rows [T, P]."""
-        stream.add_(self.linear(x, linear.weight, linear.bias))
-        return stream.float().square().sum(-1, keepdim=True)
-
     def rotary(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)

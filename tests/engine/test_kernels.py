@@ -150,36 +150,6 @@ def test_skinny_matmul(device: str, rows: int) -> None:
     assert rel_err(skinny_matmul(x, weight, bias), TORCH_OPS.linear(x.float(), weight.float(), bias.float())) <= s.tolerance
 
 
-@pytest.mark.parametrize("rows", [1, 3, 16])
-def test_norm_fused_into_matmul_and_residual_add_fused_after_it(device: str, rows: int) -> None:
-    """`norm_matmul` and `matmul_add_` (the decode layer's fusions at few rows) against
-    the reference's add, RMSNorm and linear, chained as a layer chains them."""
-    from torch import nn
-
-    from engine.kernels.skinny_matmul import matmul_add_, norm_matmul
-    s = SIZES[device]
-    hidden, n = (s.hidden, s.intermediate) if device == "cuda" else (72, 40)
-    stream = torch.randn(rows, hidden, device=device, dtype=s.dtype)
-    norm = nn.Module()
-    norm.weight, norm.eps = torch.rand(hidden, device=device, dtype=s.dtype) + 0.5, 1e-5
-    up = torch.randn(n, hidden, device=device, dtype=s.dtype) * hidden**-0.5
-    bias = torch.randn(n, device=device, dtype=s.dtype)
-    down = torch.randn(hidden, n, device=device, dtype=s.dtype) * n**-0.5
-    ssq = stream.float().square().sum(-1, keepdim=True)
-    h = norm_matmul(stream, ssq, norm.weight, norm.eps, up, bias)
-    ref_h = TORCH_OPS.linear(TORCH_OPS.rms_norm(stream, norm.weight, norm.eps), up, bias)
-    assert rel_err(h, ref_h) <= s.tolerance
-    ref_stream = stream + TORCH_OPS.linear(h, down)
-    parts = matmul_add_(stream, h, down)
-    assert rel_err(stream, ref_stream) <= s.tolerance
-    assert parts.shape[0] == rows and parts.shape[1] > 1  # one partial per column block
-    assert rel_err(parts.sum(-1), ref_stream.float().square().sum(-1)) <= s.tolerance
-    # The partial sums feed the next norm exactly as the whole row's sum would.
-    again = norm_matmul(stream, parts, norm.weight, norm.eps, up)
-    assert rel_err(again, TORCH_OPS.linear(TORCH_OPS.rms_norm(stream, norm.weight, norm.eps), up)) <= s.tolerance
-    assert not torch.isnan(again).any()
-
-
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
     s = SIZES[device]
     _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
