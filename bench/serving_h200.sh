@@ -17,5 +17,5 @@ python3 -c "from bench.presets import write_model_dir; from pathlib import Path;
 python3 -m bench.serving_bench --launch --prefill 0 --decode 1 --num-requests 512 --concurrency 256 \
   --input-len 1024 --output-len 256 --log-dir "$out/logs" -- \
   --model /tmp/l8b --load-format dummy --device cuda --dtype bfloat16 --attention-backend triton --cuda-graphs --transfer none \
-  --num-pages 24000 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 4096 "$@" 2>&1 | tee "$out/serving.log"
+  --num-pages 24000 --max-num-seqs 256 --max-num-batched-tokens 8192 --max-model-len 4096 --overlap-schedule "$@" 2>&1 | tee "$out/serving.log"
 tail -30 "$out"/logs/decode-0.log > "$out/decode-tail.log" 2>/dev/null
