@@ -41,36 +41,25 @@ from __future__ import annotations
 import abc
 import asyncio
 import collections
-import logging
-import socket
-import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
 
-from .base import (DEFAULT_TIMEOUT_S, EndpointDescriptor, FencingError,
-                   IncompatiblePeerError, Notification, PageRun, PeerDisconnectedError,
-                   PeerHandle, RegionSpec, RoomReservation, TransferBackend,
-                   TransferError, TransferTimeoutError, region_spec_for)
-from .onesided_engine import CopyEngine, LocalRegion, Segment, plan_slices
+from .base import (EndpointDescriptor, FencingError, Notification, PageRun,
+                   PeerDisconnectedError, RegionSpec, RoomReservation, TransferError)
+from .control import ControlBackend, ControlConfig
+from .control_session import ControlSession
+from .control_wire import Begin, FrameSocket
+from .onesided_engine import CopyEngine, LocalRegion, plan_slices
 from .onesided_peer import OneSidedPeer, PendingWrite
-from .onesided_session import ControlContext, ControlSession, InFlight
-from .onesided_wire import (PROTOCOL_VERSION, ControlFrame, ControlSocket, Hello,
-                            HelloReply, encode_progress)
-from .rooms import RoomTable
-from .tcp_wire import MALFORMED, Begin, ConnectionClosed, configure_socket
-
-log = logging.getLogger(__name__)
+from .onesided_session import InFlight, OneSidedContext, OneSidedSession
+from .onesided_wire import ONESIDED_PROTOCOL, ControlFrame, Hello, HelloReply, encode_progress
 
 
 @dataclass(frozen=True)
-class OneSidedConfig:
-    host: str = "127.0.0.1"  # control-channel bind address; engine hostname
-    port: int = 0  # control port; 0 = ephemeral (the descriptor reports it)
-    advertise_host: str | None = None  # address peers dial; defaults to host
+class OneSidedConfig(ControlConfig):
     # A write is posted in slices of at most ``slice_bytes``, up to
     # ``max_inflight_slices`` of them at a time (a new one as the oldest lands).
     # Their product bounds the bytes that can still land after a fence, and must
@@ -80,7 +69,6 @@ class OneSidedConfig:
     # smaller slices cost more CPU per byte there.
     slice_bytes: int = 16 << 20
     max_inflight_slices: int = 4
-    handshake_timeout: float = 10.0
     notify_poll_s: float = 0.001  # longest sleep between in-band notification polls
     # Sender: after a write timed out, how long its in-flight slices may finish
     # before they are abandoned and the receiver is told CANCEL.
@@ -96,32 +84,22 @@ class OneSidedConfig:
             raise ValueError(f"max_inflight_slices must be positive, "
                              f"got {self.max_inflight_slices}")
 
-    @property
-    def hostname(self) -> str:
-        return self.advertise_host or self.host
 
+class OneSidedBackend(ControlBackend[OneSidedPeer, HelloReply]):
+    """A ``TransferBackend`` over a ``CopyEngine``; see the module docstring.
+    Connections, handshake, rooms and timeouts are ``ControlBackend``'s."""
 
-class OneSidedBackend(TransferBackend):
-    """A ``TransferBackend`` over a ``CopyEngine``; see the module docstring."""
+    protocol = ONESIDED_PROTOCOL
+    peer_type = OneSidedPeer
+    config: OneSidedConfig
 
     def __init__(self, compat_hash: str, config: OneSidedConfig, engine: CopyEngine) -> None:
-        super().__init__(compat_hash)
-        self.config = config
+        super().__init__(compat_hash, config)
         self.engine = engine
         self.regions: dict[str, LocalRegion] = {}
-        self._specs: dict[str, RegionSpec] = {}
-        self.rooms = RoomTable()
         self._inflight = InFlight()
-        self._ctx = ControlContext(self.name, compat_hash, config.handshake_timeout,
-                                   config.drain_timeout_s, self._specs, self.rooms,
-                                   engine.local_info, self._count_received,
-                                   self._inflight, engine.in_band_notifications)
-        self._listener: socket.socket | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._cancels: set[asyncio.Task[None]] = set()
-        self._sessions: set[ControlSession] = set()
-        self._peers: set[OneSidedPeer] = set()
-        self._by_address: dict[str, OneSidedPeer] = {}
+        self._onesided = OneSidedContext(config.drain_timeout_s, engine.local_info,
+                                         self._inflight, engine.in_band_notifications)
 
     # -- lifecycle
     async def start(self) -> None:
@@ -130,29 +108,12 @@ class OneSidedBackend(TransferBackend):
         await self.engine.start(self.config.hostname)
         for region in self.regions.values():  # registered before start()
             self.engine.register(region)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # fast restart
-        sock.bind((self.config.host, self.config.port))
-        sock.listen(128)
-        sock.setblocking(False)
-        self._listener = sock
-        self._tasks.append(asyncio.create_task(self._accept_loop(sock)))
+        self._listen()
         if self.engine.in_band_notifications:
-            self._tasks.append(asyncio.create_task(self._poll_notifications(self._inflight)))
+            self._spawn(self._poll_notifications(self._inflight))
 
-    async def _accept_loop(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, _ = await loop.sock_accept(listener)
-            except OSError as exc:  # e.g. out of file descriptors: retry, don't die
-                log.warning("%s control channel: accept failed: %s", self.name, exc)
-                await asyncio.sleep(0.1)
-                continue
-            configure_socket(conn)
-            session = ControlSession(self._ctx, ControlSocket(conn))
-            self._sessions.add(session)
-            session.task.add_done_callback(partial(_discard, self._sessions, session))
+    def _new_session(self, fsock: FrameSocket) -> ControlSession[Any]:
+        return OneSidedSession(self._receiver, self._onesided, fsock)
 
     async def _poll_notifications(self, inflight: InFlight) -> None:
         """Polls the engine only while ``inflight.active`` (a write may be moving
@@ -168,125 +129,40 @@ class OneSidedBackend(TransferBackend):
             await asyncio.sleep(delay)
 
     async def close(self) -> None:
-        for task in (*self._tasks, *self._cancels):
-            task.cancel()
-        await asyncio.gather(*self._tasks, *self._cancels, return_exceptions=True)
-        if self._listener is not None:
-            self._listener.close()
-        await asyncio.gather(*(p.close() for p in list(self._peers)),
-                             *(s.close() for s in list(self._sessions)))
-        self.rooms.close()
+        await super().close()
         await self.engine.close()
 
     # -- memory
-    async def register_region(self, name: str, tensor: torch.Tensor,
-                              page_bytes: int | None = None) -> RegionSpec:
-        if name in self.regions:
-            raise ValueError(f"region {name!r} already registered")
-        spec = region_spec_for(name, tensor, page_bytes)
-        region = LocalRegion(name, tensor, spec.page_bytes)
+    def _add_region(self, spec: RegionSpec, tensor: torch.Tensor) -> None:
+        region = LocalRegion(spec.name, tensor, spec.page_bytes)
         if self._listener is not None:  # else start() registers it
             self.engine.register(region)
-        self.regions[name] = region
-        self._specs[name] = spec
-        return spec
-
-    def descriptor(self) -> EndpointDescriptor:
-        if self._listener is None:
-            raise RuntimeError("start() the backend before publishing its descriptor")
-        port = self._listener.getsockname()[1]
-        return EndpointDescriptor(self.name, f"{self.config.hostname}:{port}",
-                                  tuple(self._specs.values()), self.compat_hash)
+        self.regions[spec.name] = region
 
     # -- sender side
-    async def connect(self, peer: EndpointDescriptor, *,
-                      timeout: float = DEFAULT_TIMEOUT_S) -> PeerHandle:
-        """Reuses a live connection to the same descriptor: any number of rooms
-        share it, so callers need not pool or close handles per request."""
-        self._check_compatible(peer.backend, peer.compat_hash, peer.address)
-        cached = self._by_address.get(peer.address)
-        if cached is not None and cached.connected and cached.descriptor == peer:
-            return cached
-        try:
-            handle = await asyncio.wait_for(self._open(peer), timeout)
-        except asyncio.TimeoutError:
-            raise TransferTimeoutError(f"connecting to {peer.address} took longer "
-                                       f"than {timeout:.1f}s") from None
-        except (OSError, ConnectionClosed) as exc:
-            raise PeerDisconnectedError(f"cannot connect to {peer.address}: {exc}") from None
-        self._peers.add(handle)
-        self._by_address[peer.address] = handle
-        handle.reader.add_done_callback(lambda _t: self._forget_peer(handle))
-        return handle
+    def _hello(self) -> bytes:
+        return Hello(ONESIDED_PROTOCOL.version, self.name, self.compat_hash,
+                     self.engine.sender_info()).encode()
 
-    def _forget_peer(self, handle: OneSidedPeer) -> None:
-        self._peers.discard(handle)
-        if self._by_address.get(handle.descriptor.address) is handle:
-            del self._by_address[handle.descriptor.address]
+    def _decode_hello_reply(self, body: bytes) -> HelloReply:
+        return HelloReply.decode(body)
 
-    def _check_compatible(self, backend: str, their_hash: str, address: str) -> None:
-        if backend != self.name:
-            raise IncompatiblePeerError(f"peer {address} uses backend {backend!r}, "
-                                        f"this endpoint uses {self.name!r}")
-        if their_hash != self.compat_hash:
-            raise IncompatiblePeerError(
-                f"peer {address} has compat hash {their_hash}, this endpoint has "
-                f"{self.compat_hash}: model/dtype/KV layout differ, refusing")
+    async def _new_peer(self, peer: EndpointDescriptor, fsock: FrameSocket,
+                        reply: HelloReply) -> OneSidedPeer:
+        target = await self.engine.open_target(peer, reply.info)
+        return OneSidedPeer(peer, fsock, target, self.engine.close_target)
 
-    async def _open(self, peer: EndpointDescriptor) -> OneSidedPeer:
-        host, _, port = peer.address.rpartition(":")
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        try:
-            configure_socket(sock)
-            await asyncio.get_running_loop().sock_connect(sock, (host, int(port)))
-            csock = ControlSocket(sock)
-            hello = Hello(PROTOCOL_VERSION, self.name, self.compat_hash,
-                          self.engine.sender_info())
-            await csock.send_control(ControlFrame.HELLO, 0, hello.encode())
-            ftype, _, body = await csock.recv_control()
-            reply = HelloReply.decode(body)
-            if ftype is not ControlFrame.HELLO_REPLY or not reply.ok:
-                self._check_compatible(self.name, reply.compat_hash, peer.address)
-                raise IncompatiblePeerError(
-                    f"peer {peer.address} refused the handshake (protocol version "
-                    f"{PROTOCOL_VERSION})")
-            target = await self.engine.open_target(peer, reply.info)
-        except MALFORMED as exc:
-            sock.close()
-            raise IncompatiblePeerError(f"malformed handshake from {peer.address}: "
-                                        f"{exc}") from None
-        except BaseException:
-            sock.close()
-            raise
-        return OneSidedPeer(peer, csock, target, self.engine.close_target)
-
-    async def write(self, peer: PeerHandle, room_id: str, generation: int,
-                    region: str, runs: Sequence[PageRun],
-                    notification: Notification, *,
-                    timeout: float = DEFAULT_TIMEOUT_S) -> int:
-        if not isinstance(peer, OneSidedPeer):
-            raise TypeError(f"{self.name} backend cannot write through "
-                            f"{type(peer).__name__}")
-        local = self._check_write(peer, room_id, generation, region, runs, notification)
-        started = time.perf_counter()
+    async def _write(self, peer: OneSidedPeer, region: str, runs: Sequence[PageRun],
+                     note: Notification) -> int:
         req_id, pending = peer.open_request()
         posting = _Posting()
-        done = False
         try:
-            sent = await asyncio.wait_for(self._run_write(
-                peer, req_id, pending, posting, local, runs, notification), timeout)
-            done = True
-        except asyncio.TimeoutError:
-            raise TransferTimeoutError(f"write to room {room_id!r} on "
-                                       f"{peer.descriptor.address} exceeded "
-                                       f"{timeout:.1f}s") from None
-        finally:
-            if done:
-                peer.end_request(req_id, cancel=False)
-            else:
-                self._cancel_when_still(peer, req_id, posting.futures())
-        self._counters.bytes_sent += sent
-        self._counters.transfer_seconds += time.perf_counter() - started
+            sent = await self._run_write(peer, req_id, pending, posting,
+                                         self.regions[region], runs, note)
+        except BaseException:
+            self._cancel_when_still(peer, req_id, posting.futures())
+            raise
+        peer.end_request(req_id, cancel=False)
         return sent
 
     def _cancel_when_still(self, peer: OneSidedPeer, req_id: int,
@@ -297,9 +173,7 @@ class OneSidedBackend(TransferBackend):
         if not copies:
             peer.end_request(req_id, cancel=True)
             return
-        task = asyncio.create_task(self._cancel_after(peer, req_id, copies))
-        self._cancels.add(task)
-        task.add_done_callback(self._cancels.discard)
+        self._spawn(self._cancel_after(peer, req_id, copies))
 
     async def _cancel_after(self, peer: OneSidedPeer, req_id: int,
                             copies: set[asyncio.Future[None]]) -> None:
@@ -309,28 +183,6 @@ class OneSidedBackend(TransferBackend):
             for copy in copies:
                 copy.cancel()
             peer.end_request(req_id, cancel=True)
-
-    def _check_write(self, peer: OneSidedPeer, room_id: str, generation: int, region: str,
-                     runs: Sequence[PageRun], note: Notification) -> LocalRegion:
-        if (note.room_id, note.generation) != (room_id, generation):
-            raise ValueError(f"notification is for room {note.room_id!r} gen "
-                             f"{note.generation}, write is for {room_id!r} gen {generation}")
-        local = self.regions.get(region)
-        if local is None:
-            raise ValueError(f"no local region {region!r}")
-        try:
-            remote = peer.descriptor.region(region)
-        except KeyError as exc:
-            raise IncompatiblePeerError(str(exc)) from None
-        if remote.page_bytes != local.page_bytes:
-            raise IncompatiblePeerError(f"region {region!r}: local pages are "
-                                        f"{local.page_bytes} B, peer's {remote.page_bytes} B")
-        num_pages = local.nbytes // local.page_bytes
-        for run in runs:
-            if run.src_page + run.num_pages > num_pages:
-                raise ValueError(f"{run} reads past local region {region!r} "
-                                 f"({num_pages} pages)")
-        return local
 
     async def _run_write(self, peer: OneSidedPeer, req_id: int, pending: PendingWrite,
                          posting: _Posting, local: LocalRegion, runs: Sequence[PageRun],
@@ -388,24 +240,6 @@ class OneSidedBackend(TransferBackend):
         if not last and not pending.ack.done():
             await peer.send(ControlFrame.PROGRESS, req_id, encode_progress(nbytes))
 
-    # -- receiver side
-    def reserve_room(self, room_id: str, generation: int, region: str,
-                     page_ids: Iterable[int]) -> RoomReservation:
-        spec = self._specs.get(region)
-        if spec is None:
-            raise ValueError(f"no local region {region!r}")
-        return self.rooms.reserve(room_id, generation, spec, page_ids)
-
-    def release_room(self, room_id: str) -> None:
-        self.rooms.release(room_id)
-
-    async def wait_notification(self, room_id: str, *,
-                                timeout: float = DEFAULT_TIMEOUT_S) -> Notification:
-        return await self.rooms.next_notification(room_id, timeout)
-
-    def _count_received(self, nbytes: int) -> None:
-        self._counters.bytes_received += nbytes
-
 
 def _check_reservation(reservation: RoomReservation, region: str,
                        runs: Sequence[PageRun], note: Notification) -> None:
@@ -441,11 +275,6 @@ class _Posting:
     def cancel_all(self) -> None:
         for copy in self.futures():
             copy.cancel()
-
-
-def _discard(sessions: set[ControlSession], session: ControlSession,
-             _task: asyncio.Task[None]) -> None:
-    sessions.discard(session)
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import EndpointDescriptor, PeerDisconnectedError, PeerHandle, RoomReservation
-from .onesided_wire import ControlFrame, ControlSocket, decode_reservation
-from .tcp_wire import MALFORMED, ConnectionClosed, ProtocolError, decode_status, status_error
+from .base import EndpointDescriptor, PeerDisconnectedError, RoomReservation
+from .control_peer import ControlPeer
+from .control_wire import FrameSocket, ProtocolError, decode_status, status_error
+from .onesided_wire import ControlFrame, decode_reservation
 
 
 def _retrieve(fut: asyncio.Future[Any]) -> None:
@@ -36,63 +38,39 @@ class PendingWrite:
                 fut.set_exception(error)
 
 
-class OneSidedPeer(PeerHandle):
+class OneSidedPeer(ControlPeer[PendingWrite]):
     """One control connection plus the engine target of one receiver; shared by
     every write to it. ``target`` is released through ``release_target`` once
     the connection is gone and no write uses it any more."""
 
-    def __init__(self, descriptor: EndpointDescriptor, sock: ControlSocket,
+    def __init__(self, descriptor: EndpointDescriptor, fsock: FrameSocket,
                  target: object, release_target: Callable[[object], None]) -> None:
-        self.descriptor = descriptor
         self.target = target
-        self._sock = sock
         self._release_target = release_target
         self._target_released = False
-        self._pending: dict[int, PendingWrite] = {}
-        self._next_req = 0
-        self._active_writes = 0
-        self._cancels: set[asyncio.Task[None]] = set()
-        self.reader = asyncio.create_task(self._read_replies())
-
-    @property
-    def connected(self) -> bool:
-        return not self._sock.closed
+        self._active_writes = 0  # opened and not ended: they may use ``target``
+        super().__init__(descriptor, fsock)
 
     @property
     def max_pages(self) -> int:
         return sum(r.num_pages for r in self.descriptor.regions)
 
     # -- writes
+    def _new_pending(self) -> PendingWrite:
+        return PendingWrite()
+
     def open_request(self) -> tuple[int, PendingWrite]:
-        if not self.connected:
-            raise PeerDisconnectedError(f"not connected to {self.descriptor.address}")
-        self._next_req = (self._next_req + 1) % (1 << 32)
-        pending = PendingWrite()
-        self._pending[self._next_req] = pending
+        opened = super().open_request()
         self._active_writes += 1
-        return self._next_req, pending
+        return opened
 
     def end_request(self, req_id: int, *, cancel: bool) -> None:
         """The write is over (``cancel``: it gave up, tell the receiver)."""
         self._pending.pop(req_id, None)
         self._active_writes -= 1
-        if cancel and self.connected:
-            task = asyncio.create_task(self.send(ControlFrame.CANCEL, req_id))
-            self._cancels.add(task)
-            task.add_done_callback(self._cancel_sent)
+        if cancel:
+            self._send_cancel(req_id)
         self._maybe_release_target()
-
-    def _cancel_sent(self, task: asyncio.Task[None]) -> None:
-        self._cancels.discard(task)
-        if not task.cancelled():
-            task.exception()
-
-    async def send(self, ftype: ControlFrame, req_id: int, body: bytes = b"") -> None:
-        try:
-            await self._sock.send_control(ftype, req_id, body)
-        except ConnectionClosed as exc:
-            raise PeerDisconnectedError(
-                f"connection to {self.descriptor.address} lost: {exc}") from None
 
     def broken(self, reason: str) -> None:
         """The data path failed: drop the connection so that callers reconnect
@@ -101,23 +79,13 @@ class OneSidedPeer(PeerHandle):
             f"transfer to {self.descriptor.address} failed: {reason}"))
 
     # -- replies
-    async def _read_replies(self) -> None:
-        reason = "closed"
-        try:
-            while True:
-                ftype, req_id, body = await self._sock.recv_control()
-                if ftype is ControlFrame.GO:
-                    self._on_go(req_id, body)
-                elif ftype is ControlFrame.ACK:
-                    self._on_ack(req_id, body)
-                else:
-                    raise ProtocolError(f"unexpected {ftype.name} frame from a receiver")
-        except (ConnectionClosed, *MALFORMED) as exc:
-            reason = str(exc)
-        finally:
-            self._fail_all(PeerDisconnectedError(
-                f"connection to {self.descriptor.address} lost: {reason}"))
-            await self._sock.aclose()
+    def _on_reply(self, ftype: enum.IntEnum, req_id: int, body: bytes) -> None:
+        if ftype is ControlFrame.GO:
+            self._on_go(req_id, body)
+        elif ftype is ControlFrame.ACK:
+            self._on_ack(req_id, body)
+        else:
+            raise ProtocolError(f"unexpected {ftype.name} frame from a receiver")
 
     def _on_go(self, req_id: int, body: bytes) -> None:
         reservation = decode_reservation(body, self.max_pages)
@@ -137,17 +105,14 @@ class OneSidedPeer(PeerHandle):
             pending.go.cancel()  # a write without bytes is never sent GO
             pending.ack.set_result(None)
 
+    def _fail(self, pending: PendingWrite, error: PeerDisconnectedError) -> None:
+        pending.fail(error)
+
     def _fail_all(self, error: PeerDisconnectedError) -> None:
-        self._sock.shutdown()
-        for pending in self._pending.values():
-            pending.fail(error)
+        super()._fail_all(error)
         self._maybe_release_target()
 
     def _maybe_release_target(self) -> None:
         if not self.connected and self._active_writes == 0 and not self._target_released:
             self._target_released = True
             self._release_target(self.target)
-
-    async def close(self) -> None:
-        self._sock.shutdown()
-        await asyncio.gather(self.reader, return_exceptions=True)

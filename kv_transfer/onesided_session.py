@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .base import FencingError, Notification, RegionSpec, TransferError
-from .onesided_wire import (PROTOCOL_VERSION, ControlFrame, ControlSocket, Hello,
-                            HelloReply, decode_progress, encode_reservation)
-from .rooms import RoomTable, WriteTicket
-from .tcp_wire import MALFORMED, Begin, ConnectionClosed, ProtocolError, encode_status, status_of
+from .base import Notification, TransferError
+from .control_session import ControlSession, ReceiverContext
+from .control_wire import Begin, FrameSocket, ProtocolError
+from .onesided_wire import ControlFrame, Hello, HelloReply, decode_progress, encode_reservation
+from .rooms import WriteTicket
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +35,12 @@ InbandKey = tuple[str, int, int]  # (room_id, generation, seq): one admitted wri
 
 
 @dataclass(frozen=True)
-class ControlContext:
-    """What sessions share with their backend, which owns every field."""
+class OneSidedContext:
+    """What sessions share with a one-sided backend beyond ``ReceiverContext``;
+    the backend owns every field."""
 
-    backend_name: str
-    compat_hash: str
-    handshake_timeout: float
     drain_timeout: float  # longest a fenced write's pages stay blocked
-    regions: Mapping[str, RegionSpec]
-    rooms: RoomTable
     local_info: Callable[[Mapping[str, Any]], dict[str, Any]]  # engine info for a sender
-    count_received: Callable[[int], None]
     inflight: InFlight
     inband: bool  # the engine delivers notifications itself (NIXL)
 
@@ -65,7 +60,7 @@ class InboundWrite:
         return note.room_id, note.generation, note.seq
 
 
-Drain = tuple["ControlSession", int]  # (session, req_id) of a fenced write
+Drain = tuple["OneSidedSession", int]  # (session, req_id) of a fenced write
 
 
 @dataclass
@@ -90,7 +85,7 @@ class InFlight:
     active: asyncio.Event = field(default_factory=asyncio.Event)
     _change: asyncio.Event = field(default_factory=asyncio.Event)  # set on each drain end
 
-    def expect(self, key: InbandKey, session: ControlSession, req_id: int) -> None:
+    def expect(self, key: InbandKey, session: OneSidedSession, req_id: int) -> None:
         self.waiting[key] = (session, req_id)
         self.active.set()
 
@@ -114,13 +109,13 @@ class InFlight:
         session, req_id = entry
         session.finish(req_id)
 
-    def drain(self, session: ControlSession, req_id: int, region: str,
+    def drain(self, session: OneSidedSession, req_id: int, region: str,
               pages: frozenset[int], timeout: float) -> None:
         self.drains[(session, req_id)] = (region, pages)
         self.active.set()
         asyncio.get_running_loop().call_later(timeout, self._expire, session, req_id)
 
-    def drained(self, session: ControlSession, req_id: int | None = None) -> None:
+    def drained(self, session: OneSidedSession, req_id: int | None = None) -> None:
         """The sender stopped posting ``req_id`` (None: every write of the session)."""
         done = [d for d in self.drains if d[0] is session and req_id in (None, d[1])]
         for drain in done:
@@ -137,7 +132,7 @@ class InFlight:
         while self.blocked(region, pages):
             await self._change.wait()
 
-    def _expire(self, session: ControlSession, req_id: int) -> None:
+    def _expire(self, session: OneSidedSession, req_id: int) -> None:
         if (session, req_id) in self.drains:
             log.warning("fenced write %d of %s did not confirm its end: unblocking "
                         "its pages anyway", req_id, session.sender_id or "a sender")
@@ -148,53 +143,31 @@ class InFlight:
             self.active.clear()
 
 
-class ControlSession:
+class OneSidedSession(ControlSession[InboundWrite]):
     """Server end of one control connection: admits, tracks and ACKs writes."""
 
-    def __init__(self, ctx: ControlContext, sock: ControlSocket) -> None:
-        self._ctx = ctx
-        self._sock = sock
-        self._writes: dict[int, InboundWrite] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+    def __init__(self, ctx: ReceiverContext, onesided: OneSidedContext,
+                 fsock: FrameSocket) -> None:
+        self._onesided = onesided
         self.sender_id = ""  # the sender engine's identity (NIXL agent name)
-        self.task = asyncio.create_task(self._run())
+        super().__init__(ctx, fsock)
 
-    async def _run(self) -> None:
-        try:
-            if await self._handshake():
-                await self._serve()
-        except (ConnectionClosed, asyncio.TimeoutError, *MALFORMED) as exc:
-            log.debug("control session ended: %s", exc)
-        finally:
-            self._sock.shutdown()
-            for write in self._writes.values():
-                self._ctx.inflight.forget(write.key)
-            self._writes.clear()
-            self._ctx.inflight.drained(self)  # its engine traffic died with it
-            self._ctx.rooms.writer_lost(self)
-            for task in self._tasks:
-                task.cancel()
-            await self._sock.aclose()
+    def _connection_lost(self) -> None:
+        for write in self._writes.values():
+            self._onesided.inflight.forget(write.key)
+        self._onesided.inflight.drained(self)  # its engine traffic died with it
 
-    async def _handshake(self) -> bool:
-        ftype, _, body = await asyncio.wait_for(self._sock.recv_control(),
-                                                self._ctx.handshake_timeout)
-        if ftype is not ControlFrame.HELLO:
-            raise ProtocolError(f"expected HELLO, got {ftype.name}")
+    def _answer_hello(self, body: bytes) -> tuple[bool, bytes]:
         hello = Hello.decode(body)
-        ok = (hello.version == PROTOCOL_VERSION
-              and hello.backend == self._ctx.backend_name
-              and hello.compat_hash == self._ctx.compat_hash)
-        info = self._ctx.local_info(hello.info) if ok else {}
+        ok = self._accepts(hello)
+        info = self._onesided.local_info(hello.info) if ok else {}
         sender = hello.info.get("id", "")
         self.sender_id = sender if isinstance(sender, str) else ""
-        reply = HelloReply(ok, self._ctx.compat_hash, info)
-        await self._sock.send_control(ControlFrame.HELLO_REPLY, 0, reply.encode())
-        return ok
+        return ok, HelloReply(ok, self._ctx.compat_hash, info).encode()
 
     async def _serve(self) -> None:
         while True:
-            ftype, req_id, body = await self._sock.recv_control()
+            ftype, req_id, body = await self._sock.recv_frame()
             if ftype is ControlFrame.BEGIN:
                 await self._on_begin(req_id, body)
             elif ftype is ControlFrame.PROGRESS:
@@ -206,39 +179,27 @@ class ControlSession:
             else:
                 raise ProtocolError(f"unexpected {ftype.name} frame from a sender")
 
-    async def _on_begin(self, req_id: int, body: bytes) -> None:
-        begin = Begin.decode(body)
-        if req_id in self._writes:
-            raise ProtocolError(f"request {req_id} opened twice")
-        region = self._ctx.regions.get(begin.region)
-        try:
-            if region is None:
-                raise FencingError(f"no region {begin.region!r} on this endpoint")
-            ticket = self._ctx.rooms.admit(
-                begin.notification, begin.region, begin.runs, writer=self,
-                on_abort=lambda error: self._abort(req_id, error))
-        except TransferError as exc:
-            await self._reply(req_id, exc)
-            return
+    async def _admitted(self, req_id: int, begin: Begin, ticket: WriteTicket) -> None:
+        page_bytes = self._ctx.regions[begin.region].page_bytes
         pages = frozenset(p for run in begin.runs for p in run.dst_pages)
-        total = sum(r.num_pages for r in begin.runs) * region.page_bytes
+        total = sum(r.num_pages for r in begin.runs) * page_bytes
         write = InboundWrite(ticket, begin.region, pages, total)
         self._writes[req_id] = write
         if total == 0:  # notification only: nothing will be posted
             self.finish(req_id)
-        elif self._ctx.inflight.blocked(write.region, pages):
+        elif self._onesided.inflight.blocked(write.region, pages):
             self._spawn(self._go_when_drained(req_id, write))
         else:
             await self._go(req_id, write)
 
     async def _go_when_drained(self, req_id: int, write: InboundWrite) -> None:
-        await self._ctx.inflight.wait_unblocked(write.region, write.pages)
+        await self._onesided.inflight.wait_unblocked(write.region, write.pages)
         if self._writes.get(req_id) is write:  # not aborted or cancelled meanwhile
             await self._go(req_id, write)
 
     async def _go(self, req_id: int, write: InboundWrite) -> None:
-        if self._ctx.inband:
-            self._ctx.inflight.expect(write.key, self, req_id)
+        if self._onesided.inband:
+            self._onesided.inflight.expect(write.key, self, req_id)
         write.go_sent = True
         reservation = self._ctx.rooms.reservation(write.key[0])
         await self._send(ControlFrame.GO, req_id, encode_reservation(reservation))
@@ -254,7 +215,7 @@ class ControlSession:
         write = self._writes.pop(req_id, None)
         if write is None:
             return  # aborted earlier: the sender already got FENCED
-        self._ctx.inflight.forget(write.key)
+        self._onesided.inflight.forget(write.key)
         error: TransferError | None = None
         try:
             write.ticket.finish(self._ctx.rooms)
@@ -265,46 +226,22 @@ class ControlSession:
 
     def _on_cancel(self, req_id: int) -> None:
         """The sender gave up on the write and posts nothing more for it."""
-        self._ctx.inflight.drained(self, req_id)
+        self._onesided.inflight.drained(self, req_id)
         write = self._writes.pop(req_id, None)
         if write is not None:
-            self._ctx.inflight.forget(write.key)
+            self._onesided.inflight.forget(write.key)
             write.ticket.abandon()
 
     def _abort(self, req_id: int, error: TransferError) -> None:
-        """The room was released/replaced/failed while the write was in flight
-        (runs inside ``release_room``/``reserve_room``)."""
         write = self._writes.pop(req_id, None)
         if write is None:
             return
-        self._ctx.inflight.forget(write.key)
+        self._onesided.inflight.forget(write.key)
         if write.go_sent:  # a slice may still be landing in these pages
-            self._ctx.inflight.drain(self, req_id, write.region, write.pages,
-                                     self._ctx.drain_timeout)
+            self._onesided.inflight.drain(self, req_id, write.region, write.pages,
+                                          self._onesided.drain_timeout)
         self._spawn(self._reply(req_id, error))
 
     def _count(self, write: InboundWrite, nbytes: int) -> None:
         write.landed += nbytes
         self._ctx.count_received(nbytes)
-
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        if self._sock.closed:
-            coro.close()
-            return
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _reply(self, req_id: int, error: TransferError | None) -> None:
-        body = encode_status(status_of(error), str(error) if error else "")
-        await self._send(ControlFrame.ACK, req_id, body)
-
-    async def _send(self, ftype: ControlFrame, req_id: int, body: bytes) -> None:
-        try:
-            await self._sock.send_control(ftype, req_id, body)
-        except ConnectionClosed:
-            pass  # the reader notices the loss and cleans up
-
-    async def close(self) -> None:
-        self._sock.shutdown()
-        await asyncio.gather(self.task, return_exceptions=True)

@@ -3,7 +3,7 @@
 The bytes of a one-sided write travel through the transfer engine (Mooncake,
 NIXL/UCX, CUDA IPC); everything else travels over one small asyncio TCP
 connection per (sender, receiver) pair, framed like the ``tcp`` backend
-(``tcp_wire.HEADER``: type u8, req_id u32, body length u64) with its own frame
+(``control_wire``: type u8, req_id u32, body length u64) with its own frame
 types. Bodies are ``struct``-packed or JSON; never pickle.
 
 One write, as seen on the control channel::
@@ -30,10 +30,10 @@ import json
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from .base import RoomReservation
-from .tcp_wire import HEADER, FrameSocket, FrameType, ProtocolError
+from .control_wire import ControlProtocol, ProtocolError
 
 PROTOCOL_VERSION = 1
 
@@ -48,31 +48,18 @@ _RANGE = struct.Struct("!QQ")  # first page, page count
 class ControlFrame(enum.IntEnum):
     HELLO = 1  # sender -> receiver: version, backend, compat hash, sender info
     HELLO_REPLY = 2  # receiver -> sender: status, compat hash, receiver info
-    BEGIN = 3  # sender -> receiver: tcp_wire.Begin (region, dst runs, notification)
+    BEGIN = 3  # sender -> receiver: control_wire.Begin (region, dst runs, notification)
     GO = 4  # receiver -> sender: the room's reservation; bytes may be posted
     PROGRESS = 5  # sender -> receiver: a slice of the write has landed
     DONE = 6  # sender -> receiver: every slice has landed (engines without notifs)
     CANCEL = 7  # sender -> receiver: the sender gave up on req_id
-    ACK = 8  # receiver -> sender: final outcome of req_id (tcp_wire status body)
+    ACK = 8  # receiver -> sender: final outcome of req_id (control_wire status body)
 
 
-class ControlSocket(FrameSocket):
-    """``FrameSocket`` speaking ``ControlFrame`` instead of the tcp frame types."""
-
-    async def send_control(self, ftype: ControlFrame, req_id: int,
-                           body: bytes = b"") -> None:
-        # The header packs the type as a plain u8; the tcp enum is only a label.
-        await self.send_frame(cast(FrameType, ftype), req_id, body)
-
-    async def recv_control(self) -> tuple[ControlFrame, int, bytes]:
-        header = bytearray(HEADER.size)
-        await self.recv_exact_into(memoryview(header))
-        ftype, req_id, length = HEADER.unpack(header)
-        try:
-            frame = ControlFrame(ftype)
-        except ValueError:
-            raise ProtocolError(f"unknown control frame type {ftype}") from None
-        return frame, req_id, await self.recv_body(length)
+ONESIDED_PROTOCOL = ControlProtocol(PROTOCOL_VERSION, ControlFrame, hello=ControlFrame.HELLO,
+                                    hello_reply=ControlFrame.HELLO_REPLY,
+                                    cancel=ControlFrame.CANCEL, ack=ControlFrame.ACK,
+                                    label="control frame")
 
 
 # ------------------------------------------------------------------ bodies

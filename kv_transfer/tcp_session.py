@@ -7,20 +7,16 @@ in the same event-loop step after checking that the write's room is still live
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .base import FencingError, PageRun, RegionSpec, TransferError
-from .rooms import RoomTable, WriteTicket
-from .tcp_wire import (MALFORMED, PROTOCOL_VERSION, Begin, ConnectionClosed,
-                       FrameSocket, FrameType, Hello, ProtocolError, Status,
-                       encode_status, status_of)
-
-log = logging.getLogger(__name__)
+from .base import PageRun, RegionSpec, TransferError
+from .control_session import ControlSession, ReceiverContext
+from .control_wire import Begin, FrameSocket, ProtocolError
+from .rooms import WriteTicket
+from .tcp_wire import FrameType, Hello, HelloReply
 
 
 @dataclass(frozen=True)
@@ -35,18 +31,6 @@ class LocalRegion:
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """Flat writable bytes of a contiguous CPU tensor, sharing its storage."""
     return memoryview(tensor.detach().reshape(-1).view(torch.uint8).numpy())
-
-
-@dataclass(frozen=True)
-class ReceiverContext:
-    """What sessions share with their backend, which owns every field."""
-
-    backend_name: str
-    compat_hash: str
-    handshake_timeout: float
-    regions: Mapping[str, LocalRegion]
-    rooms: RoomTable
-    count_received: Callable[[int], None]
 
 
 class InboundWrite:
@@ -73,44 +57,20 @@ class InboundWrite:
         self.remaining -= n
 
 
-class InboundSession:
+class InboundSession(ControlSession[InboundWrite]):
     """Server end of one connection: admits, lands and ACKs writes."""
 
     _SCRATCH_BYTES = 1 << 20
 
-    def __init__(self, ctx: ReceiverContext, fsock: FrameSocket) -> None:
-        self._ctx = ctx
-        self._sock = fsock
-        self._writes: dict[int, InboundWrite] = {}
+    def __init__(self, ctx: ReceiverContext, memory: Mapping[str, LocalRegion],
+                 fsock: FrameSocket) -> None:
+        self._memory = memory  # the backend's regions, where DATA lands
         self._scratch = memoryview(bytearray(self._SCRATCH_BYTES))
-        self._replies: set[asyncio.Task[None]] = set()
-        self.task = asyncio.create_task(self._run())
+        super().__init__(ctx, fsock)
 
-    async def _run(self) -> None:
-        try:
-            if await self._handshake():
-                await self._serve()
-        except (ConnectionClosed, asyncio.TimeoutError, *MALFORMED) as exc:
-            log.debug("tcp session ended: %s", exc)
-        finally:
-            self._sock.shutdown()  # no replies from here on
-            self._writes.clear()
-            self._ctx.rooms.writer_lost(self)
-            await self._sock.aclose()
-
-    async def _handshake(self) -> bool:
-        timeout = self._ctx.handshake_timeout
-        ftype, _, length = await asyncio.wait_for(self._sock.recv_header(), timeout)
-        body = await asyncio.wait_for(self._sock.recv_body(length), timeout)
-        if ftype is not FrameType.HELLO:
-            raise ProtocolError(f"expected HELLO, got {ftype.name}")
-        hello = Hello.decode(body)
-        ours = self._ctx.compat_hash
-        ok = (hello.version == PROTOCOL_VERSION and hello.backend == self._ctx.backend_name
-              and hello.compat_hash == ours)
-        status = Status.OK if ok else Status.INCOMPATIBLE
-        await self._sock.send_frame(FrameType.HELLO_REPLY, 0, encode_status(status, ours))
-        return ok
+    def _answer_hello(self, body: bytes) -> tuple[bool, bytes]:
+        ok = self._accepts(Hello.decode(body))
+        return ok, HelloReply(ok, self._ctx.compat_hash).encode()
 
     async def _serve(self) -> None:
         while True:
@@ -124,21 +84,8 @@ class InboundSession:
             else:
                 raise ProtocolError(f"unexpected {ftype.name} frame from client")
 
-    async def _on_begin(self, req_id: int, body: bytes) -> None:
-        begin = Begin.decode(body)
-        if req_id in self._writes:
-            raise ProtocolError(f"request {req_id} opened twice")
-        region = self._ctx.regions.get(begin.region)
-        try:
-            if region is None:
-                raise FencingError(f"no region {begin.region!r} on this endpoint")
-            ticket = self._ctx.rooms.admit(
-                begin.notification, begin.region, begin.runs, writer=self,
-                on_abort=lambda error: self._abort(req_id, error))
-        except TransferError as exc:
-            await self._reply(req_id, exc)
-            return
-        write = InboundWrite(ticket, region, begin.runs)
+    async def _admitted(self, req_id: int, begin: Begin, ticket: WriteTicket) -> None:
+        write = InboundWrite(ticket, self._memory[begin.region], begin.runs)
         if write.remaining == 0:
             await self._finish(req_id, write)
         else:
@@ -184,22 +131,5 @@ class InboundSession:
             write.ticket.abandon()
 
     def _abort(self, req_id: int, error: TransferError) -> None:
-        """Room released/replaced/failed while the write was in flight."""
-        if self._writes.pop(req_id, None) is None or self._sock.closed:
-            return
-        task = asyncio.create_task(self._reply(req_id, error))
-        self._replies.add(task)
-        task.add_done_callback(self._replies.discard)
-
-    async def _reply(self, req_id: int, error: TransferError | None) -> None:
-        body = encode_status(status_of(error), str(error) if error else "")
-        try:
-            await self._sock.send_frame(FrameType.ACK, req_id, body)
-        except ConnectionClosed:
-            pass  # the reader notices the loss and cleans up
-
-    async def close(self) -> None:
-        self._sock.shutdown()
-        await asyncio.gather(self.task, return_exceptions=True)
-
-
+        if self._writes.pop(req_id, None) is not None:
+            self._spawn(self._reply(req_id, error))

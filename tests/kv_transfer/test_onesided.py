@@ -19,12 +19,12 @@ import torch
 
 from kv_transfer import (FencingError, Notification, PageRun, RoomReservation,
                          TransferError, backend_availability, coalesce, create_backend)
+from kv_transfer.control_wire import HEADER, ProtocolError
 from kv_transfer.onesided import OneSidedBackend
 from kv_transfer.onesided_engine import CompletionPoller, Segment, plan_slices
 from kv_transfer.onesided_session import InFlight
 from kv_transfer.onesided_wire import (ControlFrame, Hello, HelloReply, decode_reservation,
                                        encode_reservation, page_ranges, unpack_fields)
-from kv_transfer.tcp_wire import HEADER, ProtocolError
 from tests.kv_transfer.support import (COMPAT, NUM_PAGES, factory_for, open_endpoint,
                                        page_bytes_of, random_bytes, random_kv)
 

@@ -10,8 +10,8 @@ import torch
 
 from kv_transfer import (Notification, PageRun, PeerDisconnectedError, TransferBackend,
                          create_backend)
-from kv_transfer.tcp_wire import (HEADER, PROTOCOL_VERSION, Begin, FrameType, Hello,
-                                  Status, decode_status)
+from kv_transfer.control_wire import HEADER, Begin, Status, decode_status
+from kv_transfer.tcp_wire import PROTOCOL_VERSION, FrameType, Hello
 
 pytestmark = pytest.mark.timeout(30)
 
