@@ -96,7 +96,8 @@ class AsyncEngine:
     async def finish_stream(self, request_id: str) -> None:
         """Drop the subscription; abort the request if it is still live."""
         self.unsubscribe(request_id)
-        await self.run(self.engine.abort_request, request_id)
+        if await self.run(self.engine.abort_request, request_id):
+            logger.info("request %s aborted: its stream closed before it finished", request_id)
 
     def publish(self, outputs: list[StepOutput]) -> None:
         for out in outputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from contextlib import aclosing
@@ -29,6 +30,7 @@ from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, Pr
                                     parse_body, sampling_options, validate_model)
 from router.service import Finish, GenerationRequest, RouterService, TokenDelta
 
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
@@ -90,6 +92,11 @@ class Fanout:
                 raise item
             self._open -= isinstance(item, Finish)
             yield index, item
+
+    @property
+    def unfinished(self) -> int:
+        """Choices whose Finish has not been read yet."""
+        return self._open
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -221,6 +228,9 @@ class OpenAIServer:
 
     def _stream(self, job: Job, fanout: Fanout, slot: Slot) -> Response:
         async def close() -> None:
+            if fanout.unfinished:
+                logger.info("request %s: the HTTP stream ended with %d of %d choices unfinished (client gone); "
+                            "cancelling them", job.requests[0].request_id, fanout.unfinished, len(job.requests))
             await fanout.close()
             slot.release()
 
