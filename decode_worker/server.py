@@ -144,6 +144,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         found = await self.runtime.async_engine.run(self.engine.abort_request, request.request_id)
+        logger.info("Abort %s from the router: %s", request.request_id, "aborted" if found else "not running")
         if found:
             self.runtime.async_engine.publish([StepOutput(request.request_id, [], [], True, "abort", None)])
         return pb.AbortResponse(found=found)

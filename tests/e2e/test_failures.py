@@ -32,9 +32,19 @@ def _direct_status(cluster, name: str) -> pb.WorkerStatus:  # noqa: ANN001
     return _STUBS[address].Status(pb.StatusRequest(), timeout=5)
 
 
-def _workers_idle(cluster) -> bool:  # noqa: ANN001
-    statuses = [_direct_status(cluster, name) for name in ("prefill-0", "decode-0")]
-    return all(s.running == 0 and s.waiting == 0 for s in statuses)
+def _wait_idle(cluster, timeout: float = 5.0) -> list[str]:  # noqa: ANN001
+    """Poll both workers until neither runs nor queues anything; returns what each poll
+    saw (for the failure message) after the first."""
+    seen: list[str] = []
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        statuses = {name: _direct_status(cluster, name) for name in ("prefill-0", "decode-0")}
+        seen.append(f"{time.monotonic() - start:.2f}s " + " ".join(
+            f"{name}:{s.running}r/{s.waiting}w" for name, s in statuses.items()))
+        if all(s.running == 0 and s.waiting == 0 for s in statuses.values()):
+            return seen[:2] + seen[-2:] if len(seen) > 4 else seen
+        time.sleep(0.02)
+    raise AssertionError(f"workers not idle after {timeout} s: {seen[-3:]}")
 
 
 def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # noqa: ANN001
@@ -55,10 +65,10 @@ def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # no
             # Ask the prefill worker itself: the router's view lags by up to 0.5 s.
             wait_for(lambda: _direct_status(cluster, "prefill-0").running > 0, 20, 0.01)
         closed = time.monotonic()
-        wait_for(lambda: _workers_idle(cluster), 5, 0.02)
+        trace = _wait_idle(cluster)
         elapsed = time.monotonic() - closed
         print(f"workers idle {elapsed:.3f} s after the disconnect")
-        assert elapsed < 1.0, f"workers idle only {elapsed:.2f} s after the client disconnected"
+        assert elapsed < 1.0, f"workers idle only {elapsed:.2f} s after the client disconnected ({trace})"
         # The prefill was aborted part-way, not left to finish.
         assert _direct_status(cluster, "prefill-0").prefill_tokens_total < len(prompt)
         # Now a disconnect while decoding.
@@ -70,10 +80,10 @@ def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # no
                     next(lines)
                 wait_for(lambda: by_role(cluster_status(cluster), "decode")[0]["running"] == 1, 5, 0.05)
             closed = time.monotonic()
-        wait_for(lambda: _workers_idle(cluster), 5, 0.02)
+        trace = _wait_idle(cluster)
         elapsed = time.monotonic() - closed
         print(f"workers idle {elapsed:.3f} s after the disconnect")
-        assert elapsed < 1.0, f"workers idle only {elapsed:.2f} s after the client disconnected"
+        assert elapsed < 1.0, f"workers idle only {elapsed:.2f} s after the client disconnected ({trace})"
         for name in ("prefill-0", "decode-0"):
             status = _direct_status(cluster, name)
             assert status.kv_pages_free == status.kv_pages_total - status.kv_pages_cached
