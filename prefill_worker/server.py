@@ -113,7 +113,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             if first.finish_reason == "error":
                 raise TransferError(f"prefill failed: {first.request.stop_reason}")
             # Shielded: `done` belongs to the shipping side, which may still resolve it.
-            kv_bytes = await asyncio.wait_for(asyncio.shield(job.done), self.runtime.config.transfer_timeout_s)
+            # asyncio.timeout, not wait_for, which can swallow a cancellation (3.11).
+            async with asyncio.timeout(self.runtime.config.transfer_timeout_s):
+                kv_bytes = await asyncio.shield(job.done)
         finally:
             async_engine.unsubscribe(job.request_id)
         response = pb.PrefillResponse(first_token=first.new_token_ids[0],
@@ -135,7 +137,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             if not output.done() and job.done.done() and not job.done.cancelled():
                 job.done.result()  # raises the shipping error
             # (`done` succeeds only with the final chunk, sent after the first token was published.)
-            return await asyncio.wait_for(asyncio.shield(output), max(deadline - loop.time(), 0.0))
+            async with asyncio.timeout(max(deadline - loop.time(), 0.0)):
+                return await asyncio.shield(output)
         finally:
             output.cancel()
 

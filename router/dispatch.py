@@ -153,8 +153,12 @@ class Dispatcher:
         timeout = self.config.token_timeout if got_token else self.config.first_token_timeout
         worker = plan.decode_id
         try:
-            response = await asyncio.wait_for(call.read(), timeout)
-        except asyncio.TimeoutError:
+            # Not asyncio.wait_for: on 3.11 it returns the read's result when the task is
+            # cancelled in the same loop turn as the read completes, and the cancellation
+            # (client gone) is lost: the request then streamed on to its end.
+            async with asyncio.timeout(timeout):
+                response = await call.read()
+        except TimeoutError:
             raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
         except asyncio.CancelledError:
