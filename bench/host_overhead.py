@@ -7,11 +7,12 @@
 (`OverlapTimings.cpu`, waits excluded). This runs the same engine loop on the CPU with
 the model's forward replaced by a stand-in that costs nothing (fixed logits), so every
 remaining microsecond is host work the GPU run also pays: `Scheduler.schedule`, the
-runner's input preparation (`--path graphs`: the decode graphs' host-side fill and
-staging copy, as on the H200; `--path eager`: `ModelRunner.prepare` and the attention
-backend's `prepare`), the rest of the launch (argmax, bookkeeping, placeholders) and the
-resolve (read-back, stop checks, outputs). GPU API calls (kernel and graph launches,
-event records) cost nothing here, so the figures are a lower bound of the GPU run's.
+runner's input preparation (`--path graphs`, as on the H200: the decode graphs' host-side
+fill of the staging buffer; `--path eager`: `ModelRunner.prepare` and the attention
+backend's `prepare`), the rest of the launch (staging copy, argmax, bookkeeping,
+placeholders) and the resolve (read-back, stop checks, outputs). GPU API calls (copies,
+graph and kernel launches, event records) are free here and the H200 host's CPU is not
+this one: a CPU proxy for the H200 figure, not that figure.
 
 Each round adds `--batch` requests of `--prompt-len` random tokens (greedy, ignore_eos),
 prefills them, runs 10 warm-up steps, times `--steps` decode steps and aborts them.
@@ -34,7 +35,7 @@ from typing import Any, Callable
 import torch
 
 from engine.batch import Batch
-from engine.cuda_graph import _SEGMENTS, DecodeGraphs
+from engine.cuda_graph import DecodeGraphs
 from engine.engine import Engine
 from engine.sampling_params import SamplingParams
 
@@ -74,24 +75,13 @@ class HostOnlyGraphs(DecodeGraphs):
     """DecodeGraphs' host side on CPU: the same staging buffers, host fill, staging copy
     and `run`; no capture, and a replay that returns the stand-in model's fixed logits."""
 
-    def __init__(self, engine: Engine, logits: torch.Tensor) -> None:  # noqa: D107 - no super(): no CUDA
+    def __init__(self, engine: Engine, logits: torch.Tensor) -> None:  # no super(): no CUDA
         config = engine.config
         assert config.max_model_len is not None
-        self.page_size = config.page_size
-        self.batch_sizes = sorted({b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs}
-                                  or {config.max_num_seqs})
-        self.max_batch = self.batch_sizes[-1]
-        self.max_pages = -(-config.max_model_len // self.page_size)
-        size = self.max_batch * (len(_SEGMENTS) + self.max_pages)
-        self.static = torch.zeros(size, dtype=torch.int32)
-        self.static_views = self._views(self.static, self.max_batch)
-        self.carried_tokens = torch.zeros(max(config.max_num_seqs, self.max_batch), dtype=torch.long)
-        self.hosts = [torch.zeros(size, dtype=torch.int32) for _ in range(2)]
-        self._init_host_views()
-        self.copied = [_Done(), _Done()]
-        self.turn = 0
+        sizes = [b for b in config.cuda_graph_batch_sizes if b <= config.max_num_seqs] or [config.max_num_seqs]
+        self._init_buffers(config.page_size, sizes, config.max_model_len, config.max_num_seqs, torch.device("cpu"))
+        self.copied = [_Done(), _Done()]  # type: ignore[list-item]
         self.graphs = {b: (_Done(), logits[:b]) for b in self.batch_sizes}  # type: ignore[misc]
-        self.static_views["slots"].fill_(-1)
 
 
 def build_engine(args: argparse.Namespace) -> Engine:
@@ -130,7 +120,7 @@ def instrument(engine: Engine, path: str) -> Timings:
     if path == "graphs":
         graphs = runner.graphs
         assert graphs is not None
-        graphs._fill_host = timed(timings, "prepare", graphs._fill_host)  # type: ignore[method-assign]
+        graphs.inputs.fill = timed(timings, "prepare", graphs.inputs.fill)  # type: ignore[method-assign]
     else:
         runner.prepare = timed(timings, "prepare", runner.prepare)  # type: ignore[method-assign]
         attention = runner.attention
@@ -141,9 +131,10 @@ def instrument(engine: Engine, path: str) -> Timings:
 def uninstrument(engine: Engine) -> None:
     """Drop the instance wrappers: the class methods show through again."""
     runner = engine.runner
-    owners = [o for o in (engine.scheduler, engine.overlap, runner, runner.graphs, runner.attention) if o is not None]
+    graph_inputs = runner.graphs.inputs if isinstance(runner.graphs, HostOnlyGraphs) else None
+    owners = [o for o in (engine.scheduler, engine.overlap, runner, graph_inputs, runner.attention) if o is not None]
     for owner in owners:
-        for name in ("schedule", "_launch", "_resolve", "_fill_host", "prepare"):
+        for name in ("schedule", "_launch", "_resolve", "fill", "prepare"):
             vars(owner).pop(name, None)
 
 
