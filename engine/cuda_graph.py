@@ -67,17 +67,28 @@ class GraphInputs:
         returns how many input rows come from carried device tokens."""
         arrays, written, page_size = self.arrays[turn], self.written_pages[turn], self.page_size
         table, rows = arrays["page_table"], len(batch.scheduled)
-        sources = carried.source_rows if carried is not None else _NO_SOURCES
-        ids, positions, slots, fill_sources = [], [], [], []
+        get_source = (carried.source_rows if carried is not None else _NO_SOURCES).get
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sources: list[int] = []  # -1: not carried
+        add_id, add_position, add_slot, add_source = ids.append, positions.append, slots.append, sources.append
+        fills = 0
         for row, item in enumerate(batch.scheduled):
             request = item.request
-            position, pages, prompt = request.num_computed_tokens, request.pages, request.prompt_token_ids
+            position, pages = request.num_computed_tokens, request.pages
             index = position // page_size
-            positions.append(position)
-            slots.append(pages[index] * page_size + position - index * page_size)
-            ids.append(prompt[position] if position < len(prompt)
+            add_position(position)
+            add_slot(pages[index] * page_size + position - index * page_size)
+            source = get_source(request, -1)
+            add_source(source)
+            if source < 0:
+                prompt = request.prompt_token_ids
+                add_id(prompt[position] if position < len(prompt)
                        else request.output_token_ids[position - len(prompt)])
-            fill_sources.append(sources.get(request, -1))
+            else:  # the graph takes the carried token; the placeholder here is never read
+                add_id(0)
+                fills += 1
             count, previous = index + 1, written[row]
             done = previous[1] if previous is not None and previous[0] is pages and previous[1] <= count else 0
             if done < count:
@@ -89,12 +100,12 @@ class GraphInputs:
         arrays["slots"][:rows] = slots
         arrays["slots"][rows:] = -1
         arrays["seq_lens"][rows:] = 0
-        # -1: not carried. Mask = source >= 0; a row not carried reads source 0 (masked).
-        arrays["fill_sources"][:rows] = fill_sources
+        # Mask = source >= 0; a row not carried reads source 0 (masked out).
+        arrays["fill_sources"][:rows] = sources
         np.greater_equal(arrays["fill_sources"][:rows], 0, out=arrays["fill_mask"][:rows], casting="unsafe")
         arrays["fill_mask"][rows:] = 0
         np.maximum(arrays["fill_sources"][:rows], 0, out=arrays["fill_sources"][:rows])
-        return int(arrays["fill_mask"][:rows].sum()) if sources else 0
+        return fills
 
 
 class DecodeGraphs:
