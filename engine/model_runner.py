@@ -132,7 +132,8 @@ class ModelRunner:
         batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices = views[:4]
         batch.page_tables = list(views[4].split([row.shape[0] for row in rows]))
         if fill_rows:
-            batch.input_ids[views[5]] = carried.tokens[views[6]]  # type: ignore[union-attr]
+            assert carried is not None
+            batch.input_ids[views[5]] = carried.tokens[views[6]]
 
     def _positions_and_slots(self, query_lens: list[int], starts: list[int],
                              rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
