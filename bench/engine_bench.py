@@ -101,7 +101,7 @@ def release(engine: Engine, requests: list[Request]) -> None:
 
 
 def batch_of(requests: list[Request]) -> Batch:
-    return Batch([ScheduledRequest(r, r.num_tokens - r.num_computed_tokens) for r in requests])
+    return Batch([ScheduledRequest.of(r, r.num_tokens - r.num_computed_tokens) for r in requests])
 
 
 def linear_params(engine: Engine) -> tuple[int, int]:

@@ -15,28 +15,39 @@ if TYPE_CHECKING:
     from engine.request import Request
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # tokens computed this step, starting at request.num_computed_tokens
+    # After this step every known token is computed: the step samples a new token. Fixed
+    # when the item is made, before the step moves the request's counts (`of` computes it).
+    completes_prompt: bool
 
-    @property
-    def completes_prompt(self) -> bool:
-        """After this step every known token is computed: the step samples a new token."""
-        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+    @classmethod
+    def of(cls, request: Request, num_new_tokens: int) -> ScheduledRequest:
+        return cls(request, num_new_tokens, request.num_computed_tokens + num_new_tokens == request.num_tokens)
+
+
+# One shared empty placeholder for the tensor fields until the runner replaces them
+# (nothing writes into a zero-size tensor); a fresh torch.empty each costs ~1.4 us.
+_EMPTY = torch.empty(0, dtype=torch.long)
+
+
+def _no_tensor() -> torch.Tensor:
+    return _EMPTY
 
 
 @dataclass
 class Batch:
     scheduled: list[ScheduledRequest]
     # Filled by the model runner:
-    input_ids: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [T]
-    positions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [T]
-    slot_mapping: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # [T]
+    input_ids: torch.Tensor = field(default_factory=_no_tensor)  # [T]
+    positions: torch.Tensor = field(default_factory=_no_tensor)  # [T]
+    slot_mapping: torch.Tensor = field(default_factory=_no_tensor)  # [T]
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     page_tables: list[torch.Tensor] = field(default_factory=list)  # per sequence, [pages]
-    logits_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    logits_indices: torch.Tensor = field(default_factory=_no_tensor)
     # Filled by the attention backend's prepare(), once per step; only it reads this.
     attention_metadata: Any = None
 

@@ -78,6 +78,7 @@ class Engine:
         self.model_config = ModelConfig.from_pretrained(self.model_path, config.dtype)
         max_len = config.max_model_len or self.model_config.max_position_embeddings
         self.config = config.with_overrides(max_model_len=max_len)
+        self._context_limit: int = max_len  # = max_model_len, read by every stop check
         self.device = torch.device(config.device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         torch.manual_seed(config.seed)
@@ -265,8 +266,14 @@ class Engine:
         else:
             self.scheduler.finish(request)
 
-    def _check_stop(self, request: Request, token: int) -> str | None:
+    def _check_stop(self, request: Request, token: int, num_outputs: int | None = None) -> str | None:
+        """Why the request stops on `token`, its output token number `num_outputs` (by
+        default the last in its list; the overlap scheduler reads a token while a newer
+        placeholder may follow it), or None. Stop strings decode the whole list: the
+        caller makes it end at `token` when the request has any."""
         params = request.params
+        if num_outputs is None:
+            num_outputs = len(request.output_token_ids)
         if token in params.stop_token_ids:
             request.stop_reason = token
             return "stop"
@@ -275,7 +282,7 @@ class Engine:
             return "stop"
         if params.stop and self._hit_stop_string(request):
             return "stop"
-        if len(request.output_token_ids) >= params.max_tokens or request.num_tokens >= self.max_model_len:
+        if num_outputs >= params.max_tokens or len(request.prompt_token_ids) + num_outputs >= self._context_limit:
             return "length"
         return None
 

@@ -1,8 +1,10 @@
 """Fills a Batch's tensors from the scheduled requests and runs the model on them."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple
 
+import numpy as np
 import torch
 
 from engine.attention.base import AttentionBackend
@@ -23,10 +25,64 @@ class CarriedTokens(NamedTuple):
     tokens: torch.Tensor  # [N] long, the previous step's sampled token ids
 
 
+_NO_SOURCES: dict[Request, int] = {}
+
+
 def token_at(request: Request, index: int) -> int:
     """request.all_token_ids[index] without building the whole list."""
     prompt = request.prompt_token_ids
     return prompt[index] if index < len(prompt) else request.output_token_ids[index - len(prompt)]
+
+
+def token_slice(request: Request, start: int, end: int) -> list[int]:
+    """request.all_token_ids[start:end] without building the whole list."""
+    prompt, outputs = request.prompt_token_ids, request.output_token_ids
+    if end <= len(prompt):
+        return prompt[start:end]
+    if start >= len(prompt):
+        return outputs[start - len(prompt):end - len(prompt)]
+    return prompt[start:] + outputs[:end - len(prompt)]
+
+
+@dataclass(slots=True)
+class _Row:
+    pages: list[int]  # the request's page list this row copies (held: its id stays unique)
+    array: np.ndarray  # int64; the first `count` entries are pages[:count]
+    count: int
+
+
+class PageRows:
+    """Host int64 copies of requests' page lists, each grown in place as its list grows,
+    so a step copies only new page ids rather than every page of every request.
+
+    Valid because the scheduler only appends to a request's `pages` while it is the same
+    list object and replaces the list (never edits it) when it releases or re-matches
+    pages: a copy taken from the same list object is a prefix of it."""
+
+    def __init__(self) -> None:
+        self._rows: dict[Request, _Row] = {}
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def get(self, request: Request, count: int) -> np.ndarray:
+        """request.pages[:count] (a view, valid until the next call for this request)."""
+        pages = request.pages
+        row = self._rows.get(request)
+        if row is None or row.pages is not pages:
+            row = self._rows[request] = _Row(pages, np.empty(max(2 * count, 16), dtype=np.int64), 0)
+        if row.count < count:
+            if count > row.array.shape[0]:
+                grown = np.empty(2 * count, dtype=np.int64)
+                grown[:row.count] = row.array[:row.count]
+                row.array = grown
+            row.array[row.count:count] = pages[row.count:count]
+            row.count = count
+        return row.array[:count]
+
+    def drop_stale(self) -> None:
+        """Forget finished requests and copies of lists their request no longer holds."""
+        self._rows = {r: row for r, row in self._rows.items() if not r.finished and row.pages is r.pages}
 
 
 class ModelRunner:
@@ -37,41 +93,63 @@ class ModelRunner:
         self.device = device
         self.page_size = attention.kv_cache.page_size
         self.graphs = graphs  # CUDA graphs for decode batches, when enabled
+        self.page_rows = PageRows()
 
     def prepare(self, batch: Batch, carried: CarriedTokens | None = None) -> None:
+        page_size, page_rows = self.page_size, self.page_rows
+        sources = carried.source_rows if carried is not None else _NO_SOURCES
         ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
+        starts: list[int] = []
+        rows: list[np.ndarray] = []
         logits_indices: list[int] = []
-        pages: list[int] = []
         fill_rows: list[int] = []
         fill_sources: list[int] = []
         for item in batch.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            end = start + item.num_new_tokens
-            ids.extend(request.all_token_ids[start:end])
-            positions.extend(range(start, end))
-            slots.extend(request.pages[p // self.page_size] * self.page_size + p % self.page_size
-                         for p in range(start, end))
-            batch.query_lens.append(item.num_new_tokens)
+            request, count = item.request, item.num_new_tokens
+            start = request.num_computed_tokens
+            end = start + count
+            ids.extend(token_slice(request, start, end))
+            starts.append(start)
+            batch.query_lens.append(count)
             batch.seq_lens.append(end)
-            pages.extend(request.pages[: -(-end // self.page_size)])
-            if carried is not None and request in carried.source_rows:
+            rows.append(page_rows.get(request, -(-end // page_size)))
+            source = sources.get(request)
+            if source is not None:
                 fill_rows.append(len(ids) - 1)
-                fill_sources.append(carried.source_rows[request])
+                fill_sources.append(source)
             if item.completes_prompt:
                 logits_indices.append(len(ids) - 1)
+        if len(page_rows) > 2 * len(rows) + 32:
+            page_rows.drop_stale()
+        positions, slots, pages = self._positions_and_slots(batch.query_lens, starts, rows)
         # One host-to-device copy for everything (pinned and non-blocking on CUDA).
-        parts = [ids, positions, slots, logits_indices, pages, fill_rows, fill_sources]
-        flat = torch.tensor([x for part in parts for x in part], dtype=torch.long)
+        parts = [np.asarray(ids, dtype=np.int64), positions, slots, np.asarray(logits_indices, dtype=np.int64),
+                 pages, np.asarray(fill_rows, dtype=np.int64), np.asarray(fill_sources, dtype=np.int64)]
+        flat = torch.from_numpy(np.concatenate(parts))
         if self.device.type == "cuda":
             flat = flat.pin_memory().to(self.device, non_blocking=True)
-        views = flat.split([len(part) for part in parts])
+        views = flat.split([part.shape[0] for part in parts])
         batch.input_ids, batch.positions, batch.slot_mapping, batch.logits_indices = views[:4]
-        batch.page_tables = list(views[4].split([-(-n // self.page_size) for n in batch.seq_lens]))
+        batch.page_tables = list(views[4].split([row.shape[0] for row in rows]))
         if fill_rows:
             assert carried is not None
             batch.input_ids[views[5]] = carried.tokens[views[6]]
+
+    def _positions_and_slots(self, query_lens: list[int], starts: list[int],
+                             rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(positions [T], KV slots [T], the page rows concatenated) for sequences whose
+        new tokens start at `starts` and whose pages are `rows`, without a loop per token."""
+        page_size = self.page_size
+        counts = np.asarray(query_lens, dtype=np.int64)
+        sequence = np.repeat(np.arange(counts.shape[0]), counts)  # [T] each token's sequence
+        first_token = np.cumsum(counts) - counts
+        positions = np.arange(sequence.shape[0], dtype=np.int64) + (np.asarray(starts, dtype=np.int64)
+                                                                    - first_token)[sequence]
+        pages = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+        lengths = np.fromiter((row.shape[0] for row in rows), dtype=np.int64, count=len(rows))
+        first_page = np.cumsum(lengths) - lengths
+        slots = pages[first_page[sequence] + positions // page_size] * page_size + positions % page_size
+        return positions, slots, pages
 
     @torch.inference_mode()
     def execute(self, batch: Batch, carried: CarriedTokens | None = None) -> torch.Tensor:

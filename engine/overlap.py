@@ -25,8 +25,7 @@ import torch
 
 from engine.batch import Batch
 from engine.model_runner import CarriedTokens
-from engine.request import Request
-from engine.sampler import is_plain_greedy
+from engine.request import Request, RequestStatus
 
 if TYPE_CHECKING:
     from engine.engine import Engine, StepOutput
@@ -90,26 +89,37 @@ class OverlapScheduler:
 
     @staticmethod
     def _can_overlap(batch: Batch) -> bool:
-        return all(is_plain_greedy(s.request.params) or not s.completes_prompt for s in batch.scheduled)
+        for item in batch.scheduled:
+            if item.completes_prompt and not item.request.plain_greedy:
+                return False
+        return True
 
     def _launch(self, batch: Batch) -> InFlightStep:
-        sampling = [s.request for s in batch.scheduled if s.completes_prompt]
         previous = self.in_flight
         carried = None
         if previous is not None:
             carried = CarriedTokens({r: i for i, r in enumerate(previous.requests)}, previous.tokens)
         logits = self.engine.runner.execute(batch, carried)
         tokens = logits.argmax(dim=-1)
-        counters = self.engine.counters
+        # One pass: count prompt tokens, move the computed counts, and give each request
+        # that samples its placeholder (in logits-row order, as `sampling` lists them).
+        sampling: list[Request] = []
+        indices: list[int] = []
+        prefill_tokens = 0
         for item in batch.scheduled:
-            request, start = item.request, item.request.num_computed_tokens
-            counters.prefill_tokens_total += max(
-                0, min(start + item.num_new_tokens, request.num_prompt_tokens) - start)
-            request.num_computed_tokens += item.num_new_tokens
-        indices = []
-        for request in sampling:
-            request.output_token_ids.append(_PLACEHOLDER)
-            indices.append(len(request.output_token_ids) - 1)
+            request = item.request
+            start = request.num_computed_tokens
+            end = start + item.num_new_tokens
+            prompt_len = len(request.prompt_token_ids)
+            if start < prompt_len:
+                prefill_tokens += min(end, prompt_len) - start
+            request.num_computed_tokens = end
+            if item.completes_prompt:
+                outputs = request.output_token_ids
+                outputs.append(_PLACEHOLDER)
+                sampling.append(request)
+                indices.append(len(outputs) - 1)
+        self.engine.counters.prefill_tokens_total += prefill_tokens
         host, ready = self._copy_to_host(tokens)
         return InFlightStep(sampling, indices, tokens, host, ready)
 
@@ -138,24 +148,37 @@ class OverlapScheduler:
             start = time.perf_counter()
             step.ready.synchronize()
             self.timings.wait += time.perf_counter() - start
+        engine, finished = self.engine, RequestStatus.FINISHED
         outputs = []
+        read = 0
         for request, index, token in zip(step.requests, step.output_indices, step.host_tokens.tolist()):
-            if request.finished:  # aborted, or finished on an earlier token
+            if request.status is finished:  # aborted, or finished on an earlier token
                 continue
-            outputs_so_far = request.output_token_ids
-            outputs_so_far[index] = token
-            self.engine.counters.generated_tokens_total += 1
-            # Stop checks see exactly the tokens read so far: hold back a newer placeholder.
-            later = outputs_so_far[index + 1:]
-            if later:
-                del outputs_so_far[index + 1:]
-            reason = self.engine._check_stop(request, token)
-            if reason is None:
-                outputs_so_far.extend(later)
+            read += 1
+            tokens = request.output_token_ids
+            tokens[index] = token
+            # Stop checks see exactly the tokens read so far (index + 1 of them); a newer
+            # placeholder may follow, which a finished request drops.
+            if request.params.stop and len(tokens) > index + 1:
+                reason = self._check_stop_strings(request, index, token)
             else:
-                self.engine._finish(request, reason)
+                reason = engine._check_stop(request, token, index + 1)
+            if reason is not None:
+                del tokens[index + 1:]
+                engine._finish(request, reason)
             outputs.append(StepOutput(request.request_id, [token], [], reason is not None, reason, request))
+        engine.counters.generated_tokens_total += read
         return outputs
+
+    def _check_stop_strings(self, request: Request, index: int, token: int) -> str | None:
+        """Stop strings decode the output list itself: hold the newer placeholder back."""
+        tokens = request.output_token_ids
+        later = tokens[index + 1:]
+        del tokens[index + 1:]
+        reason = self.engine._check_stop(request, token)
+        if reason is None:
+            tokens.extend(later)
+        return reason
 
     def _run_synchronously(self, batch: Batch) -> list[StepOutput]:
         # Requests that finished on the tokens just read were scheduled before we knew.

@@ -45,6 +45,12 @@ class Request:
     # Prefill role: when the request finishes, keep its pages (out of the scheduler)
     # until the owner has shipped them and calls Engine.release_held.
     hold_pages: bool = False
+    # params.plain_greedy, read once (params never change): the overlap scheduler asks
+    # for every row of every step.
+    plain_greedy: bool = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.plain_greedy = self.params.plain_greedy
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -49,8 +49,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def is_plain_greedy(params: SamplingParams) -> bool:
     """Greedy with nothing that needs the host per row: argmax of the raw logits."""
-    return (params.greedy and params.logprobs is None and params.repetition_penalty == 1.0
-            and not params.frequency_penalty and not params.presence_penalty)
+    return params.plain_greedy
 
 
 class Sampler:

@@ -39,6 +39,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with nothing that needs the host per row: argmax of the raw logits."""
+        return (self.greedy and self.logprobs is None and self.repetition_penalty == 1.0
+                and not self.frequency_penalty and not self.presence_penalty)
+
     def _validate(self) -> None:
         _check_int("max_tokens", self.max_tokens, minimum=1)
         _check_number("temperature", self.temperature)

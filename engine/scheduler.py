@@ -27,6 +27,11 @@ class PageAccounting(NamedTuple):
     held_by_requests: int  # in requests' page tables and not in the cache
 
 
+class _RunningScheduled(NamedTuple):
+    preempted: bool  # a running request lost its pages this step
+    budget_left: int  # tokens the step can still give to waiting requests
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -55,8 +60,7 @@ class Scheduler:
     def schedule(self) -> Batch:
         budget = self.config.max_num_batched_tokens
         scheduled: list[ScheduledRequest] = []
-        preempted = self._schedule_running(scheduled, budget)
-        budget -= sum(s.num_new_tokens for s in scheduled)
+        preempted, budget = self._schedule_running(scheduled, budget)
         if not preempted:
             self._schedule_waiting(scheduled, budget)
         return Batch(scheduled)
@@ -119,23 +123,29 @@ class Scheduler:
 
     # -- internals ---------------------------------------------------------------------
 
-    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> bool:
-        preempted, index = False, 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._reserve(self._pages_needed(request, count)):
-                preempted = True
-                victim = self.running[-1]
-                self._preempt(victim)
-                if victim is request:
-                    break
-                continue
-            self._grow(request, count)
-            scheduled.append(ScheduledRequest(request, count))
+    def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> _RunningScheduled:
+        """The hot loop of a decode step: pages are asked for only when a request crosses
+        into a new page (`_reserve(0)` and `_grow` by 0 pages change nothing)."""
+        preempted, index, page_size, running = False, 0, self.page_size, self.running
+        while index < len(running) and budget > 0:
+            request = running[index]
+            computed = request.num_computed_tokens
+            remaining = request.num_tokens - computed
+            count = remaining if remaining <= budget else budget
+            needed = -(-(computed + count) // page_size) - len(request.pages)  # as _pages_needed
+            if needed > 0:
+                if not self._reserve(needed):
+                    preempted = True
+                    victim = running[-1]
+                    self._preempt(victim)
+                    if victim is request:
+                        break
+                    continue
+                request.pages.extend(self.pool.allocate(needed))
+            scheduled.append(ScheduledRequest(request, count, count == remaining))
             budget -= count
             index += 1
-        return preempted
+        return _RunningScheduled(preempted, budget)
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
@@ -151,7 +161,7 @@ class Scheduler:
             self.waiting.popleft()
             self.running.append(request)
             request.status = RequestStatus.RUNNING
-            scheduled.append(ScheduledRequest(request, count))
+            scheduled.append(ScheduledRequest.of(request, count))
             budget -= count
 
     def _match_prefix(self, request: Request) -> None:

@@ -82,7 +82,7 @@ def paged_batch(seq_lens: list[int], query_lens: list[int], page_size: int, num_
         request = Request(f"r{i}", [1] * seq_len, SamplingParams())
         request.pages = [free.pop() for _ in range(-(-seq_len // page_size))]
         request.num_computed_tokens = seq_len - query_len
-        batch.scheduled.append(ScheduledRequest(request, query_len))
+        batch.scheduled.append(ScheduledRequest.of(request, query_len))
         slots.extend(request.pages[p // page_size] * page_size + p % page_size
                      for p in range(seq_len - query_len, seq_len))
         batch.query_lens.append(query_len)

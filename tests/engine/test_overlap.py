@@ -75,3 +75,26 @@ def test_overlap_abort_while_in_flight(tiny_model_path) -> None:  # noqa: ANN001
             assert out.request_id != ids[4]
     engine.free_cache()
     assert engine.page_accounting().free == engine.config.num_pages
+
+
+def test_overlap_stop_strings_and_context_limit_match_synchronous(tiny_model_path) -> None:  # noqa: ANN001
+    # Stop checks read a token while a newer placeholder follows it: stop strings (which
+    # decode the output list) and the context limit must see only the tokens read so far.
+    prompts = _prompts()
+    plain = LLM(tiny_model_path, max_model_len=130).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    params = []
+    for i, result in enumerate(plain):
+        text = result.outputs[0].text
+        stop = [text[len(text) // 2:len(text) // 2 + 3]] if i in (1, 3, 5) else []
+        params.append(SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop))
+    results = {}
+    for overlap in (False, True):
+        llm = LLM(tiny_model_path, max_model_len=130, overlap_schedule=overlap)
+        outs = [r.outputs[0] for r in llm.generate(prompts, params)]
+        results[overlap] = [(o.token_ids, o.finish_reason, o.text) for o in outs]
+        assert llm.engine.check_page_invariants().held_by_requests == 0
+    assert results[True] == results[False]
+    reasons = [reason for _, reason, _ in results[False]]
+    assert "stop" in reasons and "length" in reasons
+    assert len(results[False][7][0]) == 130 - len(prompts[7])  # cut by the context, not max_tokens
