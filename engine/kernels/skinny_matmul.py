@@ -58,17 +58,24 @@ def _skinny_matmul_kernel(x_ptr, w_ptr, bias_ptr, out_ptr, rows, n, k, stride_x,
              mask=row_mask[:, None] & col_mask[None, :])
 
 
-def default_config(n: int, k: int, on_gpu: bool) -> SkinnyConfig:
-    """Tiles picked per layer width from bench/kernel_sweep.py on H200s (BENCHMARKS.md)."""
+def default_config(n: int, k: int, on_gpu: bool, element_size: int = 2) -> SkinnyConfig:
+    """Tiles picked per layer width from bench/kernel_sweep.py on H200s (BENCHMARKS.md),
+    for 16-bit weights; wider elements get proportionally shorter k tiles, so the
+    pipeline's stages keep fitting in shared memory (float32 at (32, 512, 5 stages)
+    would need 384 KiB)."""
     if not on_gpu:
         return SkinnyConfig(16, 16, 4, 1)
     if n >= 65536:  # LM heads
-        return SkinnyConfig(64, 128, 4, 3)
-    if n > 16384:  # stacked gate/up projections
-        return SkinnyConfig(32, 128, 4, 3)
-    if n > 4096:  # stacked q/k/v projections
-        return SkinnyConfig(64, 128, 4, 5)
-    return SkinnyConfig(32, 512, 4, 5)
+        config = SkinnyConfig(64, 128, 4, 3)
+    elif n > 16384:  # stacked gate/up projections
+        config = SkinnyConfig(32, 128, 4, 3)
+    elif n > 4096:  # stacked q/k/v projections
+        config = SkinnyConfig(64, 128, 4, 5)
+    else:
+        config = SkinnyConfig(32, 512, 4, 5)
+    if element_size > 2:
+        config = config._replace(block_k=max(32, config.block_k * 2 // element_size))
+    return config
 
 
 def wins_over_cublas(n: int) -> bool:
@@ -86,7 +93,7 @@ def skinny_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows, k = x.shape
     n = weight.shape[0]
     assert rows <= MAX_ROWS and x.stride(-1) == 1 and weight.stride(-1) == 1
-    config = config or default_config(n, k, x.is_cuda)
+    config = config or default_config(n, k, x.is_cuda, max(x.element_size(), weight.element_size()))
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     _skinny_matmul_kernel[(triton.cdiv(n, config.block_n),)](
         x, weight, bias if bias is not None else weight, out, rows, n, k,

@@ -8,7 +8,7 @@ import torch
 from engine.attention.torch_backend import TorchAttention
 from engine.models.ops import TORCH_OPS
 from engine.models.rope import RotaryEmbedding
-from tests.engine.kernel_cases import DEVICES, HAS_TRITON, SIZES, model_config, paged_batch, random_cache, rel_err
+from tests.engine.kernel_cases import DEVICES, HAS_CUDA, HAS_TRITON, SIZES, model_config, paged_batch, random_cache, rel_err
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
@@ -148,6 +148,18 @@ def test_skinny_matmul(device: str, rows: int) -> None:
     bias = torch.randn(n, device=device, dtype=s.dtype)
     assert rel_err(skinny_matmul(x, weight), TORCH_OPS.linear(x.float(), weight.float())) <= s.tolerance
     assert rel_err(skinny_matmul(x, weight, bias), TORCH_OPS.linear(x.float(), weight.float(), bias.float())) <= s.tolerance
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("n, k", [(4096, 4096), (4096, 14336), (6144, 4096), (28672, 4096)])
+def test_skinny_matmul_float32_tiles_fit(n: int, k: int) -> None:
+    """Float32 weights (e.g. a test model) take shorter k tiles than bf16's, which would
+    not fit in shared memory."""
+    from engine.kernels.skinny_matmul import skinny_matmul
+    x = torch.randn(3, k, device="cuda")
+    weight = torch.randn(n, k, device="cuda") * k**-0.5
+    assert rel_err(skinny_matmul(x, weight), TORCH_OPS.linear(x.double(), weight.double())) <= 2e-2
 
 
 def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
