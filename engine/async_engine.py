@@ -2,17 +2,16 @@
 
 Every touch of the engine (steps, adding, aborting, reserving) runs on one worker
 thread, so the engine itself needs no locks; the event loop stays free for gRPC while a
-step computes. Without a hook the thread may run up to EPD_STEPS_PER_HOP steps back to
-back (until a call is queued for it; 1 by default, see MAX_STEPS_PER_HOP). With an
-after-step hook, the hook runs before the next step starts (the prefill role ships KV there, so pages it
-reads cannot be rewritten meanwhile).
+step computes. After each step an optional hook runs before the next step starts (the
+prefill role ships KV there, so pages it reads cannot be rewritten meanwhile). (Running
+several steps per hop to the loop measured slower in the serving bench, 2,511 against
+2,978 output tokens/s on one H200, BENCHMARKS.md, so each step returns to the loop.)
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -22,11 +21,6 @@ from engine.sampling_params import SamplingParams
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 StepHook = Callable[[list[StepOutput]], Awaitable[None]]
-# Steps the engine thread may run before it returns to the loop. 1 by default: with 64 the
-# serving bench measured 2,511 against 2,978 output tokens/s on one H200 (the engine thread
-# and the loop's gRPC writes then contend for the GIL during the step's host work).
-# EPD_STEPS_PER_HOP=N for A/B runs.
-MAX_STEPS_PER_HOP = max(1, int(os.environ.get("EPD_STEPS_PER_HOP", "1")))
 
 
 class AsyncEngine:
@@ -38,15 +32,11 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.step_error: BaseException | None = None
-        self._calls_submitted = 0
-        self._calls_started = 0
-        self._stopping = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
 
     async def stop(self) -> None:
-        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -56,13 +46,7 @@ class AsyncEngine:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `fn` on the engine thread, between steps."""
         loop = asyncio.get_running_loop()
-        self._calls_submitted += 1  # written on the loop's thread only
-
-        def call() -> T:
-            self._calls_started += 1  # written on the engine thread only
-            return fn(*args, **kwargs)
-
-        result = await loop.run_in_executor(self._executor, call)
+        result = await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
         self._wake.set()
         return result
 
@@ -113,10 +97,7 @@ class AsyncEngine:
                 await self._wake.wait()
                 continue
             try:
-                if self._after_step is None:
-                    outputs = await loop.run_in_executor(self._executor, self._steps, loop)
-                else:
-                    outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs = await loop.run_in_executor(self._executor, self.engine.step)
             except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
                 logger.exception("engine step failed")
                 self.step_error = exc
@@ -128,20 +109,6 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - a failing hook must not stop every later step
                     logger.exception("after-step hook failed")
             await asyncio.sleep(0)  # let callers queue work between steps
-
-    def _steps(self, loop: asyncio.AbstractEventLoop) -> list[StepOutput]:
-        """On the engine thread: steps back to back while no call waits for the thread,
-        handing each step's outputs to the loop as they come; returns the last step's.
-        (One step per hop to the loop would leave the GPU idle while the loop wakes every
-        stream of the step before: hundreds of gRPC writes at high concurrency.)"""
-        outputs = self.engine.step()
-        for _ in range(MAX_STEPS_PER_HOP - 1):
-            if (self._stopping or self._calls_submitted != self._calls_started
-                    or not self.engine.has_unfinished_requests()):
-                break
-            loop.call_soon_threadsafe(self.publish, outputs)
-            outputs = self.engine.step()
-        return outputs
 
     def _fail_all(self, message: str) -> list[StepOutput]:
         outputs = []
