@@ -33,18 +33,20 @@ def _direct_status(cluster, name: str) -> pb.WorkerStatus:  # noqa: ANN001
 
 
 def _wait_idle(cluster, timeout: float = 5.0) -> list[str]:  # noqa: ANN001
-    """Poll both workers until neither runs nor queues anything; returns what each poll
-    saw (for the failure message) after the first."""
+    """Poll both workers until neither runs nor queues anything; returns what the first
+    and last polls saw (for the failure message)."""
     seen: list[str] = []
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
+
+    def idle() -> bool:
         statuses = {name: _direct_status(cluster, name) for name in ("prefill-0", "decode-0")}
-        seen.append(f"{time.monotonic() - start:.2f}s " + " ".join(
-            f"{name}:{s.running}r/{s.waiting}w" for name, s in statuses.items()))
-        if all(s.running == 0 and s.waiting == 0 for s in statuses.values()):
-            return seen[:2] + seen[-2:] if len(seen) > 4 else seen
-        time.sleep(0.02)
-    raise AssertionError(f"workers not idle after {timeout} s: {seen[-3:]}")
+        seen.append(" ".join(f"{name}:{s.running}r/{s.waiting}w" for name, s in statuses.items()))
+        return all(s.running == 0 and s.waiting == 0 for s in statuses.values())
+
+    try:
+        wait_for(idle, timeout, 0.02)
+    except TimeoutError:
+        raise AssertionError(f"workers not idle after {timeout} s: {seen[-3:]}") from None
+    return seen[:2] + seen[-2:] if len(seen) > 4 else seen
 
 
 def test_client_disconnect_aborts_on_decode_and_prefill(tmp_path) -> None:  # noqa: ANN001
