@@ -190,3 +190,14 @@ def _token_text(path: Path, token_id: int) -> str | None:
         return Tokenizer.from_file(str(path / "tokenizer.json")).id_to_token(token_id)
     except Exception:  # noqa: BLE001 - tokenizers raises plain Exception; no text then
         return None
+
+
+def build_image_inputs(token_ids: Sequence[int], images: Sequence[bytes],
+                       info: MultimodalInfo) -> tuple[list[int], list[ImageInput]]:
+    """(the prompt with each image placeholder expanded, one ImageInput per image with
+    its bytes and hash): what the router and the offline API make of a prompt and its
+    images. The bytes are not decoded here (`decode_image` checks them)."""
+    expanded, offsets = expand_placeholders(token_ids, info, len(images))
+    inputs = [ImageInput(image_hash(data), offset, info.num_image_tokens, data=data)
+              for data, offset in zip(images, offsets)]
+    return expanded, inputs
