@@ -19,12 +19,13 @@ import grpc
 from decode_worker.prefill_stats import RemotePrefillStats
 from engine.engine import RemoteReservation, StepOutput
 from engine.errors import InvalidRequestError
+from engine.multimodal import ImageInput, check_images
 from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
 from kv_transfer import TransferError
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from proto.convert import FINISH_REASONS, logprob_from_proto, logprob_to_proto, params_from_proto
+from proto.convert import FINISH_REASONS, images_from_proto, logprob_from_proto, logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
 from worker.runtime import KV_REGION, WorkerRuntime
 
@@ -50,43 +51,60 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await async_engine.run(self.engine.validate, prompt, params)
             if not rid:
                 raise InvalidRequestError("request_id is required")
+            images = images_from_proto(request.images)
+            info = self.engine.multimodal
+            check_images(prompt, images, info.image_token_id if info else None)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         queue = async_engine.subscribe(rid)
         try:
-            await self._start(request, prompt, params)
+            try:
+                await self._start(request, prompt, params, images)
+            except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             async for out in async_engine.stream(queue):
                 for message in _responses(out):
                     yield message
         finally:
             await async_engine.finish_stream(rid)
 
-    async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams) -> None:
+    async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
+                     images: list[ImageInput]) -> None:
+        """Images: their bytes stay in `images` for a local prefill; KV of image tokens
+        that came from a prefill worker needs none (its cache keys are by image hash)."""
         rid = request.request_id
         run = self.runtime.async_engine.run
-        if await self._prefill_remotely(request, prompt):
-            reservation = await self._reserve(prompt, params, rid)
+        if await self._prefill_remotely(request, prompt, images):
+            reservation = await self._reserve(prompt, params, rid, images)
             first = await self._remote_prefill(request, reservation)
             if first is not None:
                 out = await run(self.engine.resume_remote, rid, *first)
                 self.runtime.async_engine.publish([out])
                 return
             await run(self.engine.abort_request, rid)  # every prefill failed: do it here
-        await run(self.engine.add_request, prompt, params, rid)
+        await run(self.engine.add_request, prompt, params, rid, images=images)
 
-    async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int]) -> bool:
+    async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int],
+                                images: list[ImageInput]) -> bool:
+        """Remote when the uncached part is long, or holds an image (image work belongs to
+        the encode and prefill pools, not to decode)."""
         if not request.prefill or self.runtime.transfer is None:
             return False
         if request.force_remote_prefill:
             return True
-        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, prompt)
+        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, prompt, images)
+        if any(image.end > cached for image in images):
+            return True
         return len(prompt) - cached >= self.runtime.config.local_prefill_threshold
 
-    async def _reserve(self, prompt: list[int], params: SamplingParams, rid: str) -> RemoteReservation:
+    async def _reserve(self, prompt: list[int], params: SamplingParams, rid: str,
+                       images: list[ImageInput]) -> RemoteReservation:
         """Wait (bounded) until the pool has pages for the whole prompt."""
         deadline = asyncio.get_running_loop().time() + self.runtime.config.prefill_timeout_s
+        keys_only = [ImageInput(i.hash, i.offset, i.num_tokens) for i in images]
         while True:
-            reservation = await self.runtime.async_engine.run(self.engine.reserve_remote, prompt, params, rid)
+            reservation = await self.runtime.async_engine.run(
+                self.engine.reserve_remote, prompt, params, rid, keys_only)
             if reservation is not None:
                 return reservation
             if asyncio.get_running_loop().time() > deadline:
@@ -135,7 +153,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         stub = pb_grpc.PrefillWorkerStub(self._channel(candidate.address))
         return await stub.Prefill(pb.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-            sampling=request.sampling, destination=destination), timeout=self.runtime.config.prefill_timeout_s)
+            sampling=request.sampling, destination=destination, images=request.images),
+            timeout=self.runtime.config.prefill_timeout_s)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:

@@ -8,8 +8,8 @@ from worker.config import WorkerConfig, add_worker_arguments, transfer_options
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
-    worker = sub.add_parser("worker", help="start one prefill or decode worker")
-    worker.add_argument("role", choices=["prefill", "decode"])
+    worker = sub.add_parser("worker", help="start one encode, prefill or decode worker")
+    worker.add_argument("role", choices=["encode", "prefill", "decode"])
     add_engine_arguments(worker)
     add_worker_arguments(worker)
     worker.set_defaults(handler=_worker, usage_error=worker.error)
@@ -25,7 +25,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         transfer=args.transfer, transfer_options=transfer_options(args.transfer, args.transfer_option),
         transfer_timeout_s=args.transfer_timeout_s,
         prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
-        engine_options=engine_options(args))
+        encode_max_batch=args.encode_max_batch, embedding_slots=args.embedding_slots,
+        embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args))
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""`epd up`: a local cluster of separate processes (router + prefill + decode workers).
+"""`epd up`: a local cluster of separate processes (router + encode, prefill and decode workers).
 
 Each worker gets a free gRPC port chosen here and is handed to the router on its command
 line. `/health` on the router answers 200 once every worker is ready; the launcher
@@ -25,6 +25,7 @@ from worker.config import free_port, transfer_options
 class ClusterSpec:
     num_prefill: int = 1
     num_decode: int = 1
+    num_encode: int = 0
     host: str = "127.0.0.1"
     port: int = 8000
     grpc_port: int = 50051
@@ -36,6 +37,7 @@ class ClusterSpec:
     worker_args: tuple[str, ...] = ()  # extra engine/worker flags for every worker
     prefill_args: tuple[str, ...] = ()  # ... for prefill workers only (after worker_args)
     decode_args: tuple[str, ...] = ()
+    encode_args: tuple[str, ...] = ()
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None  # None: children print to this terminal
     env: dict[str, str] = field(default_factory=dict)
@@ -57,7 +59,8 @@ class LocalCluster:
 
     def start(self, timeout_s: float = 180.0) -> None:
         try:
-            for role, count in (("prefill", self.spec.num_prefill), ("decode", self.spec.num_decode)):
+            for role, count in (("encode", self.spec.num_encode), ("prefill", self.spec.num_prefill),
+                                ("decode", self.spec.num_decode)):
                 for index in range(count):
                     self._start_worker(role, index)
             self._start_router()
@@ -75,11 +78,15 @@ class LocalCluster:
                 "--transfer", self.spec.transfer, "--metrics-port", str(free_port(self.spec.host)),
                 *(arg for item in self.spec.transfer_options for arg in ("--transfer-option", item)),
                 *self._common(), *self.spec.worker_args,
-                *(self.spec.prefill_args if role == "prefill" else self.spec.decode_args)]
+                *self._role_args(role)]
         if role == "decode" and self.spec.local_prefill_threshold is not None:
             args += ["--local-prefill-threshold", str(self.spec.local_prefill_threshold)]
         self.worker_addresses[name] = f"{self.spec.host}:{port}"
         self._spawn(name, args)
+
+    def _role_args(self, role: str) -> tuple[str, ...]:
+        return {"encode": self.spec.encode_args, "prefill": self.spec.prefill_args,
+                "decode": self.spec.decode_args}[role]
 
     def _start_router(self) -> None:
         args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
@@ -142,7 +149,9 @@ class LocalCluster:
 
 
 def add_up_command(sub: argparse._SubParsersAction) -> None:
-    up = sub.add_parser("up", help="start a local cluster: router + prefill + decode workers")
+    up = sub.add_parser("up", help="start a local cluster: router + encode, prefill and decode workers")
+    up.add_argument("--encode", type=int, default=0,
+                    help="encode workers (vision-language models; the default model becomes the tiny VLM)")
     up.add_argument("--prefill", type=int, default=1, help="prefill workers")
     up.add_argument("--decode", type=int, default=1, help="decode workers")
     up.add_argument("--host", default="127.0.0.1")
@@ -174,16 +183,20 @@ def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
 
 def _up(args: argparse.Namespace) -> int:
     from kv_transfer import TransferOptionError
-    if args.prefill < 0 or args.decode < 1:
-        raise SystemExit("epd up: --decode must be >= 1 and --prefill >= 0")
+    if args.prefill < 0 or args.decode < 1 or args.encode < 0:
+        raise SystemExit("epd up: --decode must be >= 1, --prefill and --encode >= 0")
     try:  # before any process starts: a bad option would fail every worker
         options = transfer_options(args.transfer, args.transfer_option)
     except TransferOptionError as exc:
         args.usage_error(str(exc))
-    if "port" in options and args.prefill + args.decode > 1:
+    if "port" in options and args.prefill + args.decode + args.encode > 1:
         args.usage_error("--transfer-option port=... would give every worker the same transfer port")
-    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, host=args.host, port=args.port,
-                       grpc_port=args.grpc_port, model=args.model, transfer=args.transfer,
+    model = args.model
+    if model is None and args.encode:
+        from engine.tiny_vlm import default_vlm_path
+        model = str(default_vlm_path())
+    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, num_encode=args.encode, host=args.host,
+                       port=args.port, grpc_port=args.grpc_port, model=model, transfer=args.transfer,
                        transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
                        log_dir=args.log_dir)
@@ -197,7 +210,7 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     cluster.start()
-    print(f"epd-serve is up: {args.prefill} prefill, {args.decode} decode worker(s)\n"
+    print(f"epd-serve is up: {args.encode} encode, {args.prefill} prefill, {args.decode} decode worker(s)\n"
           f"  OpenAI HTTP: {cluster.http_url}/v1   (health {cluster.http_url}/health, "
           f"cluster {cluster.http_url}/cluster, metrics {cluster.http_url}/metrics)\n"
           f"  gRPC:        {cluster.grpc_address}\nPress Ctrl-C to stop.", flush=True)

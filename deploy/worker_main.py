@@ -10,7 +10,9 @@ from worker.config import WorkerConfig
 
 
 async def run_worker(config: WorkerConfig, ready_file: str | None = None) -> None:
-    if config.role == "prefill":
+    if config.role == "encode":
+        from encode_worker.server import serve_encode as serve
+    elif config.role == "prefill":
         from prefill_worker.server import serve_prefill as serve
     elif config.role == "decode":
         from decode_worker.server import serve_decode as serve

@@ -17,12 +17,14 @@ import grpc
 
 from engine.engine import StepOutput
 from engine.errors import InvalidRequestError
+from engine.multimodal import ImageInput, check_images
 from engine.sampling_params import SamplingParams
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferError, coalesce
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from prefill_worker.ship_stats import ShipStats
-from proto.convert import logprob_to_proto, params_from_proto
+from prefill_worker.images import ImageFetcher
+from proto.convert import images_from_proto, logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
 from worker.runtime import KV_REGION, WorkerRuntime
 
@@ -56,6 +58,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.ship_stats = ShipStats()
         runtime.metric_sources.append(self.ship_stats.samples)
         runtime.set_step_hook(self._ship)
+        # Vision-language models: embeddings from the encode pool (or encoded here).
+        self.images: ImageFetcher | None = None
+        if self.engine.multimodal is not None:
+            self.images = ImageFetcher(self.engine, runtime.config)
+            runtime.status_sources.append(self._image_counts)
+            runtime.starters.append(self.images.start)
+            runtime.closers.append(self.images.close)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
@@ -64,6 +73,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             prompt = list(request.prompt_token_ids)
             await self.runtime.async_engine.run(self.engine.validate, prompt, params)
             self._check_destination(request.destination, len(prompt))
+            images = images_from_proto(request.images)
+            info = self.engine.multimodal
+            check_images(prompt, images, info.image_token_id if info else None)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         try:
@@ -71,18 +83,26 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
         job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
+        if images and self.images is not None:
+            images = await self.images.fetch(rid, list(request.images), images)
         with self.ship_stats.jobs.held(peer.descriptor.address):
-            return await self._serve(job, prompt, params, context)
+            return await self._serve(job, prompt, params, images, context)
 
-    async def _serve(self, job: ShipJob, prompt: list[int], params: SamplingParams,
+    def _image_counts(self) -> dict[str, int]:
+        assert self.images is not None
+        return dict(self.images.counts(), images_encoded_total=self.engine.counters.images_encoded_total)
+
+    async def _serve(self, job: ShipJob, prompt: list[int], params: SamplingParams, images: list[ImageInput],
                      context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         """Run the job; however it ends, its pages are given back before this returns."""
         destination = job.peer.descriptor.address
         outcome = self.ship_stats.failed
         try:
-            response = await self._run(job, prompt, params)
+            response = await self._run(job, prompt, params, images)
             outcome = self.ship_stats.delivered
             return response
+        except InvalidRequestError as exc:  # e.g. an image the vision tower here cannot decode
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except asyncio.CancelledError:  # the decode worker hung up (or died)
             outcome = self.ship_stats.cancelled
             raise
@@ -99,14 +119,16 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                 logger.info("prefill %s for %s ended undelivered (%s); its pages are released",
                             job.request_id, destination, outcome.name)
 
-    async def _run(self, job: ShipJob, prompt: list[int], params: SamplingParams) -> pb.PrefillResponse:
+    async def _run(self, job: ShipJob, prompt: list[int], params: SamplingParams,
+                   images: list[ImageInput]) -> pb.PrefillResponse:
         # Prefill samples exactly the first token; decode applies every stop rule to it.
         first_only = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop=())
         async_engine = self.runtime.async_engine
         queue = async_engine.subscribe(job.request_id)
         self.jobs[job.request_id] = job
         try:
-            await async_engine.run(self.engine.add_request, prompt, first_only, job.request_id, hold_pages=True)
+            await async_engine.run(self.engine.add_request, prompt, first_only, job.request_id,
+                                   hold_pages=True, images=images)
             first = await self._first_output(job, queue)
             if first.finish_reason == "abort":
                 raise TransferError("prefill aborted")

@@ -1,6 +1,10 @@
 """Conversions between wire messages and engine types, shared by router and workers."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from engine.errors import InvalidRequestError
+from engine.multimodal import ImageInput, image_hash
 from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
 from proto import epd_pb2 as pb
@@ -63,3 +67,20 @@ def logprob_to_proto(entry: TokenLogprob) -> pb.TokenLogprob:
 
 def logprob_from_proto(msg: pb.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(msg.token_id, msg.logprob, [(t.token_id, t.logprob) for t in msg.top])
+
+
+def images_from_proto(images: Sequence[pb.ImageData], keep_data: bool = True) -> list[ImageInput]:
+    """A request's images as the engine takes them. Raises InvalidRequestError when an
+    image's hash is not the sha256 of its bytes (the caches trust the hash) or its token
+    range is empty; the placement against the prompt is checked by the engine."""
+    out: list[ImageInput] = []
+    for index, image in enumerate(images):
+        if image.data and image_hash(image.data) != image.hash:
+            raise InvalidRequestError(f"image {index}: hash is not the sha256 of its data")
+        if not image.data and len(image.hash) != 64:
+            raise InvalidRequestError(f"image {index}: needs data or a sha256 hex hash")
+        if image.num_tokens == 0:
+            raise InvalidRequestError(f"image {index}: num_tokens must be positive")
+        out.append(ImageInput(image.hash, image.offset, image.num_tokens,
+                              data=bytes(image.data) if keep_data and image.data else None))
+    return out

@@ -16,7 +16,7 @@ WORKER_SET_TRANSFER_FIELDS = ("host", "advertise_host")
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    role: str  # "prefill" or "decode"
+    role: str  # "encode", "prefill" or "decode"
     model: str | None = None
     host: str = "127.0.0.1"
     port: int = 0  # gRPC; 0 picks a free port
@@ -30,6 +30,12 @@ class WorkerConfig:
     prefill_timeout_s: float = 60.0
     local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
     heartbeat_interval_s: float = 1.0
+    # Images (vision-language models): encode batches up to encode_max_batch images per
+    # forward; encode (staging) and prefill (receiving) keep embedding_slots slots of
+    # embeddings for transfer and an embedding cache of embedding_cache_mb.
+    encode_max_batch: int = 32
+    embedding_slots: int = 32
+    embedding_cache_mb: float = 256.0
     engine_options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -55,6 +61,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
                         help="decode: prompts with fewer uncached tokens are prefilled locally")
+    parser.add_argument("--encode-max-batch", type=int, default=32,
+                        help="encode: images per vision-tower forward, at most")
+    parser.add_argument("--embedding-slots", type=int, default=32,
+                        help="encode/prefill: image embeddings in flight between them (transfer slots)")
+    parser.add_argument("--embedding-cache-mb", type=float, default=256.0,
+                        help="encode/prefill: image embedding cache size (MiB; 0 turns it off)")
 
 
 def transfer_options(transfer: str, items: Sequence[str]) -> dict[str, Any]:

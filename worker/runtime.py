@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import inspect
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -49,6 +50,11 @@ class WorkerRuntime:
         self.port = 0
         self.snapshot: dict[str, float] = {}
         self.metric_sources: list[MetricSource] = []  # the role service's own /metrics samples
+        # The role service's own WorkerStatus fields (read on the engine thread), and what
+        # it starts after / closes before the runtime's own parts.
+        self.status_sources: list[Callable[[], dict[str, Any]]] = []
+        self.starters: list[Callable[[], Awaitable[None]]] = []
+        self.closers: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
 
     @property
@@ -72,6 +78,8 @@ class WorkerRuntime:
         if self.transfer is not None:
             await _maybe_await(self.transfer.start())
             await _maybe_await(self.transfer.register_region(KV_REGION, self.engine.kv_cache.buffer))
+        for start in self.starters:
+            await start()
         await self.async_engine.start()
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
@@ -91,6 +99,8 @@ class WorkerRuntime:
                 await task
         await self.server.stop(grace=1.0)
         await self.async_engine.stop()
+        for close in self.closers:
+            await close()
         if self.transfer is not None:
             await _maybe_await(self.transfer.close())
 
@@ -112,6 +122,7 @@ class WorkerRuntime:
             queued_prefill_tokens=engine.scheduler.queued_prefill_tokens(),
             prefix_hit_tokens_total=engine.scheduler.prefix_hit_tokens_total,
             generated_tokens_total=engine.counters.generated_tokens_total,
+            **{k: v for source in self.status_sources for k, v in source().items()},
         )
 
     def _status_on_engine(self, after_event: int) -> pb.WorkerStatus:
@@ -145,20 +156,27 @@ class WorkerRuntime:
 
     async def _register_loop(self) -> None:
         assert self.config.router is not None
-        async with grpc.aio.insecure_channel(self.config.router) as channel:
-            registry = pb_grpc.RegistryStub(channel)
-            known = False
-            while True:
-                with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                    if not known:
-                        await registry.Register(pb.RegisterRequest(
-                            role=self.config.role, id=self.worker_id, address=self.address), timeout=2.0)
-                    known = (await registry.Heartbeat(pb.HeartbeatRequest(id=self.worker_id),
-                                                      timeout=2.0)).known
-                await asyncio.sleep(self.config.heartbeat_interval_s)
+        await register_loop(self.config.router, self.config.role, self.worker_id, self.address,
+                            self.config.heartbeat_interval_s)
+
+
+async def register_loop(router: str, role: str, worker_id: str, address: str, interval_s: float) -> None:
+    """Register with the router and keep heartbeating; registers again whenever the
+    router no longer knows this worker (it restarted or forgot it). Runs until cancelled."""
+    async with grpc.aio.insecure_channel(router) as channel:
+        registry = pb_grpc.RegistryStub(channel)
+        known = False
+        while True:
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
+                if not known:
+                    await registry.Register(pb.RegisterRequest(role=role, id=worker_id, address=address),
+                                            timeout=2.0)
+                known = (await registry.Heartbeat(pb.HeartbeatRequest(id=worker_id), timeout=2.0)).known
+            await asyncio.sleep(interval_s)
 
 
 _COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "kv_bytes_received_total",
+             "images_encoded_total", "embedding_cache_hits_total", "embedding_bytes_received_total",
              "prefix_hit_tokens_total", "generated_tokens_total", "kv_transfer_seconds_total")
 
 
