@@ -8,6 +8,15 @@ after `--`), e.g. one aggregated worker:
 
     python -m bench.serving_bench --launch --prefill 0 --decode 1 -- --device cuda --dtype bfloat16 \\
         --model DIR --num-pages 40000
+
+Image-heavy runs (a vision-language checkpoint): `--images K` puts K random PNG images
+(`--image-size` pixels square, drawn from `--distinct-images` different ones) at the start
+of every prompt; `--encode N` launches N encode workers, and `--compare-encode-on-prefill`
+runs the same load a second time on a cluster without encode workers (the prefill worker
+runs the vision tower) and prints both:
+
+    python -m bench.serving_bench --launch --encode 1 --prefill 1 --decode 1 --images 2 \\
+        --compare-encode-on-prefill -- --model DIR --device cuda
 """
 from __future__ import annotations
 
@@ -46,8 +55,10 @@ class RequestTiming:
         return self.token_times[-1] - self.start
 
 
-async def _one(stub: pb_grpc.RouterStub, prompt: list[int], output_len: int, timeout: float) -> RequestTiming:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True))
+async def _one(stub: pb_grpc.RouterStub, prompt: list[int], output_len: int, timeout: float,
+               images: list[bytes]) -> RequestTiming:
+    request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True),
+                                 images=images)
     request.token_ids.ids.extend(prompt)
     timing = RequestTiming(time.perf_counter())
     try:
@@ -64,19 +75,46 @@ async def _one(stub: pb_grpc.RouterStub, prompt: list[int], output_len: int, tim
     return timing
 
 
-async def run_load(address: str, args: argparse.Namespace) -> tuple[list[RequestTiming], float]:
+def random_png(rng: random.Random, size: int) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def workload(args: argparse.Namespace, image_token_id: int | None) -> list[tuple[list[int], list[bytes]]]:
+    """Prompts of random token ids (`--input-len`, below `--vocab`, never the image
+    token) led by `--images` image placeholders, each with its image."""
     rng = random.Random(args.seed)
-    prompts = [[rng.randrange(10, args.vocab) for _ in range(args.input_len)] for _ in range(args.num_requests)]
+    distinct = args.distinct_images or args.num_requests * args.images
+    pool = [random_png(rng, args.image_size) for _ in range(min(distinct, args.num_requests * args.images))]
+    requests = []
+    for _ in range(args.num_requests):
+        text = [t for t in (rng.randrange(10, args.vocab) for _ in range(args.input_len + 8)) if t != image_token_id]
+        images = [rng.choice(pool) for _ in range(args.images)] if args.images else []
+        placeholders = [image_token_id] * len(images) if images else []
+        requests.append((placeholders + text[:args.input_len], images))
+    return requests
+
+
+async def run_load(address: str, args: argparse.Namespace,
+                   image_token_id: int | None = None) -> tuple[list[RequestTiming], float]:
+    requests = workload(args, image_token_id)
     limit = asyncio.Semaphore(args.concurrency)
-    async with grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = pb_grpc.RouterStub(channel)
 
-        async def bounded(prompt: list[int]) -> RequestTiming:
+        async def bounded(prompt: list[int], images: list[bytes]) -> RequestTiming:
             async with limit:
-                return await _one(stub, prompt, args.output_len, args.timeout)
+                return await _one(stub, prompt, args.output_len, args.timeout, images)
 
         start = time.perf_counter()
-        timings = await asyncio.gather(*(bounded(p) for p in prompts))
+        timings = await asyncio.gather(*(bounded(p, i) for p, i in requests))
         return list(timings), time.perf_counter() - start
 
 
@@ -87,7 +125,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace) -> None:
+def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace, title: str = "") -> None:
+    if title:
+        print(f"--- {title}")
     ok = [t for t in timings if t.error is None and t.token_times]
     errors = [t.error for t in timings if t.error is not None]
     out_tokens = sum(t.tokens for t in ok)
@@ -125,6 +165,12 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--slo-ttft", type=float, default=2.0, help="seconds")
     parser.add_argument("--slo-itl", type=float, default=0.05, help="seconds")
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--encode", type=int, default=0, help="encode workers (with --launch)")
+    parser.add_argument("--images", type=int, default=0, help="images per request (a vision-language model)")
+    parser.add_argument("--image-size", type=int, default=336, help="pixels per side of each random image")
+    parser.add_argument("--distinct-images", type=int, default=0, help="different images in the workload (0: all)")
+    parser.add_argument("--compare-encode-on-prefill", action="store_true",
+                        help="run the load again without encode workers (the prefill worker encodes)")
     return parser.parse_args(argv), extra
 
 
@@ -132,19 +178,37 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parse(argv)
     print(f"command: python -m bench.serving_bench {shlex.join(argv)}", flush=True)
+    model = _flag(extra, "--model")
+    image_token_id = _image_token_id(model) if args.images else None
     if not args.launch:
-        timings, wall = asyncio.run(run_load(args.address, args))
+        timings, wall = asyncio.run(run_load(args.address, args, image_token_id))
         report(timings, wall, args)
         return 0
+    shapes = [args.encode] + ([0] if args.compare_encode_on_prefill else [])
+    results = [(encoders, _launched(args, extra, model, encoders, image_token_id)) for encoders in shapes]
+    for encoders, (timings, wall) in results:
+        where = f"{encoders} encode worker(s)" if encoders else "images encoded on prefill"
+        report(timings, wall, args, f"{args.prefill} prefill, {args.decode} decode, {where}")
+    return 0
+
+
+def _launched(args: argparse.Namespace, extra: list[str], model: str | None, encoders: int,
+              image_token_id: int | None) -> tuple[list[RequestTiming], float]:
     from deploy.local import ClusterSpec, LocalCluster
     from worker.config import free_port
-    spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, port=free_port(), grpc_port=free_port(),
-                       model=_flag(extra, "--model"), worker_args=tuple(_without(extra, "--model")),
+    spec = ClusterSpec(num_encode=encoders, num_prefill=args.prefill, num_decode=args.decode, port=free_port(),
+                       grpc_port=free_port(), model=model, worker_args=tuple(_without(extra, "--model")),
                        log_dir=args.log_dir)
     with LocalCluster(spec) as cluster:
-        timings, wall = asyncio.run(run_load(cluster.grpc_address, args))
-    report(timings, wall, args)
-    return 0
+        return asyncio.run(run_load(cluster.grpc_address, args, image_token_id))
+
+
+def _image_token_id(model: str | None) -> int:
+    from engine.multimodal import read_multimodal_info
+    info = read_multimodal_info(model) if model else None
+    if info is None:
+        raise SystemExit("--images needs --model DIR of a vision-language (LLaVA-format) checkpoint after --")
+    return info.image_token_id
 
 
 def _flag(extra: list[str], name: str) -> str | None:

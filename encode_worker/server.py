@@ -26,7 +26,7 @@ from engine.multimodal import InvalidImageError, image_hash
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from worker.config import WorkerConfig
+from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.metrics import Sample, families
 from worker.runtime import _maybe_await, register_loop
@@ -67,7 +67,7 @@ class EncodeRuntime:
         self.transfer: TransferBackend = create_backend(
             config.transfer, compat_hash=embedding_compat_hash(self.model_path, self.info, dtype),
             host=config.host, advertise_host=config.public_host, **config.transfer_options)
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
         self.port = 0
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []

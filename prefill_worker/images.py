@@ -25,7 +25,7 @@ from engine.multimodal import ImageInput
 from kv_transfer import TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from worker.config import WorkerConfig
+from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.runtime import _maybe_await
 
@@ -129,7 +129,7 @@ class ImageFetcher:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address)
+            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
         return self._channels[address]
 
 

@@ -12,6 +12,9 @@ from typing import Any
 # Transfer-backend config fields the worker sets itself (from --host/--advertise-host);
 # --transfer-option refuses them.
 WORKER_SET_TRANSFER_FIELDS = ("host", "advertise_host")
+# Worker gRPC messages carry a request's images (the router bounds their number and size);
+# gRPC's default 4 MiB receive limit would refuse a few large ones.
+GRPC_MESSAGE_OPTIONS = [("grpc.max_receive_message_length", 256 << 20), ("grpc.max_send_message_length", 256 << 20)]
 
 
 @dataclass(frozen=True)

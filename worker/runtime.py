@@ -19,7 +19,7 @@ from engine.engine import Engine
 from kv_transfer import TransferBackend, compat_hash, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from worker.config import WorkerConfig
+from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.events import KVEventLog
 from worker.metrics import MetricSource, Sample, families
 
@@ -46,7 +46,7 @@ class WorkerRuntime:
         elif config.role == "prefill":
             raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
         self.port = 0
         self.snapshot: dict[str, float] = {}
         self.metric_sources: list[MetricSource] = []  # the role service's own /metrics samples
