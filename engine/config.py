@@ -133,6 +133,14 @@ def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
 
 
 def _parse_config(raw: dict[str, Any], dtype: str | None) -> ModelConfig:
+    if isinstance(raw.get("text_config"), dict) and "vision_config" in raw:
+        # A vision-language (LLaVA-format) checkpoint: this is its language model; the
+        # vision half is engine.vision_encoder's. The dtype lives at the top level.
+        text = {"model_type": "llama", **raw["text_config"]}
+        for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+            if key not in text and key in raw:
+                text[key] = raw[key]
+        return _parse_config(text, dtype)
     archs = raw.get("architectures") or []
     model_type = raw.get("model_type")
     arch = next((SUPPORTED_ARCHITECTURES[a] for a in archs if a in SUPPORTED_ARCHITECTURES), None)

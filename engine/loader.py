@@ -35,6 +35,18 @@ def _shard_slices(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     }
 
 
+def language_model_name(hf_name: str) -> str | None:
+    """The text model's tensor name in a LLaVA-format checkpoint (`language_model.model.X`,
+    `language_model.lm_head.weight`, or `model.language_model.X` + `lm_head.weight`), the
+    name itself for a text-only one; None for the vision tower and projector."""
+    name = hf_name.removeprefix("model.")
+    if name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return None
+    if name.startswith("language_model."):
+        return name.removeprefix("language_model.")
+    return hf_name
+
+
 def _target(name: str, slices: dict[str, tuple[str, int, int]]) -> tuple[str, int | None, int | None]:
     name = name.removeprefix("model.")
     match = re.match(r"(layers\.\d+\.)(self_attn\.[qkv]_proj|mlp\.(?:gate|up)_proj)\.(weight|bias)$", name)
@@ -63,9 +75,11 @@ def load_weights(model: CausalLM, path: Path) -> None:
     for file in safetensors_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for hf_name in handle.keys():
-                if _IGNORED.match(hf_name) or (hf_name == "lm_head.weight" and model.lm_head is None):
+                text_name = language_model_name(hf_name)
+                if text_name is None or _IGNORED.match(text_name) or (
+                        text_name == "lm_head.weight" and model.lm_head is None):
                     continue
-                name, start, end = _target(hf_name, slices)
+                name, start, end = _target(text_name, slices)
                 if name not in params:
                     raise ConfigError(f"unexpected tensor {hf_name!r} in {file.name}")
                 _copy(params[name], handle.get_tensor(hf_name), start, end, hf_name)
