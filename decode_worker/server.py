@@ -70,8 +70,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
                      images: list[ImageInput]) -> None:
-        """Images: their bytes stay in `images` for a local prefill; KV of image tokens
-        that came from a prefill worker needs none (its cache keys are by image hash)."""
+        """Images: their bytes stay in `images` for a local prefill (or a recompute after
+        preemption); KV of image tokens from a prefill worker needs no embeddings."""
         rid = request.request_id
         run = self.runtime.async_engine.run
         if await self._prefill_remotely(request, prompt, images):
@@ -101,10 +101,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                        images: list[ImageInput]) -> RemoteReservation:
         """Wait (bounded) until the pool has pages for the whole prompt."""
         deadline = asyncio.get_running_loop().time() + self.runtime.config.prefill_timeout_s
-        keys_only = [ImageInput(i.hash, i.offset, i.num_tokens) for i in images]
         while True:
+            # The images keep their bytes: should this request be preempted and its image
+            # pages evicted, the recompute encodes them here.
             reservation = await self.runtime.async_engine.run(
-                self.engine.reserve_remote, prompt, params, rid, keys_only)
+                self.engine.reserve_remote, prompt, params, rid, images)
             if reservation is not None:
                 return reservation
             if asyncio.get_running_loop().time() > deadline:

@@ -48,6 +48,10 @@ class Batch:
     seq_lens: list[int] = field(default_factory=list)
     page_tables: list[torch.Tensor] = field(default_factory=list)  # per sequence, [pages]
     logits_indices: torch.Tensor = field(default_factory=_no_tensor)
+    # Rows of the batch's tokens that are image positions, and their embeddings
+    # [len(image_rows), hidden] (None when no image token is computed this step).
+    image_rows: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
     # Filled by the attention backend's prepare(), once per step; only it reads this.
     attention_metadata: Any = None
 

@@ -177,7 +177,9 @@ class DecodeGraphs:
             return False
         limit = self.max_pages * self.page_size
         for item in batch.scheduled:
-            if item.num_new_tokens != 1 or not item.completes_prompt or item.request.num_computed_tokens >= limit:
+            computed = item.request.num_computed_tokens
+            if item.num_new_tokens != 1 or not item.completes_prompt or computed >= limit \
+                    or computed < item.request.images_end:  # an image position: not a decode step
                 return False
         return True
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import torch
 
@@ -20,15 +20,18 @@ from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from engine.multimodal import ImageInput, MultimodalInfo, cache_keys, check_images, read_multimodal_info
 from engine.request import Request, RequestStatus, TokenLogprob
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
 from engine.tiny import default_model_path
+from engine.tiny_vlm import default_vlm_path
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from engine.overlap import OverlapScheduler
+    from engine.vision_encoder import VisionEncoder
 
 
 @dataclass
@@ -36,6 +39,7 @@ class EngineCounters:
     requests_total: int = 0
     prefill_tokens_total: int = 0  # prompt tokens computed here (cache hits excluded)
     generated_tokens_total: int = 0
+    images_encoded_total: int = 0  # images this engine's own vision tower encoded
 
 
 class RemoteReservation(NamedTuple):
@@ -60,9 +64,12 @@ class StepOutput:
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
-    """`None` means the built-in tiny model (created in the cache on first use)."""
+    """`None` means the built-in tiny model (created in the cache on first use);
+    "tiny-vlm" the built-in tiny vision-language model."""
     if model is None or str(model) in ("", "tiny"):
         return default_model_path()
+    if str(model) == "tiny-vlm":
+        return default_vlm_path()
     path = Path(model).expanduser()
     if not path.is_dir():
         raise ConfigError(f"model directory not found: {model}")
@@ -106,6 +113,10 @@ class Engine:
         self.last_logits: torch.Tensor | None = None  # of the last step, for inspection
         self.last_batch: Batch | None = None
         self.counters = EngineCounters()
+        # Image settings of a vision-language checkpoint (None: text only) and its vision
+        # tower, loaded on first use (an engine whose images arrive encoded never needs it).
+        self.multimodal: MultimodalInfo | None = read_multimodal_info(self.model_path)
+        self._vision: VisionEncoder | None = None
         # Set only with overlap_schedule; then step() returns the previous step's tokens.
         self.overlap: OverlapScheduler | None = None
         if config.overlap_schedule:
@@ -149,33 +160,77 @@ class Engine:
                 f"{self.config.num_pages * self.config.page_size}")
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, hold_pages: bool = False) -> str:
+                    request_id: str | None = None, hold_pages: bool = False,
+                    images: Sequence[ImageInput] = ()) -> str:
         """Validate and queue a request; raises InvalidRequestError and queues nothing
         when the input is bad. `hold_pages`: keep the pages after finishing until
-        `release_held` (the prefill role ships them first)."""
-        request = self._new_request(prompt, params, request_id)
+        `release_held` (the prefill role ships them first). `images`: the prompt's
+        images over its (already expanded) placeholder tokens; those without an
+        embedding are encoded here by this engine's vision tower."""
+        request = self._new_request(prompt, params, request_id, images, encode=True)
         request.hold_pages = hold_pages
         self.scheduler.add(request)
         return request.request_id
 
+    @property
+    def vision(self) -> VisionEncoder:
+        """The checkpoint's vision tower + projector on this engine's device and dtype."""
+        if self._vision is None:
+            if self.multimodal is None:
+                raise InvalidRequestError("this model does not take images")
+            from engine.vision_encoder import VisionEncoder
+            self._vision = VisionEncoder.from_pretrained(self.model_path, self.device,
+                                                         self.model_config.torch_dtype)
+        return self._vision
+
+    def check_images(self, token_ids: list[int], images: Sequence[ImageInput]) -> None:
+        info = self.multimodal
+        check_images(token_ids, images, info.image_token_id if info else None)
+        for index, image in enumerate(images):
+            if image.embedding is not None and tuple(image.embedding.shape) != (
+                    image.num_tokens, self.model_config.hidden_size):
+                raise InvalidRequestError(
+                    f"image {index}'s embedding has shape {tuple(image.embedding.shape)}; "
+                    f"expected ({image.num_tokens}, {self.model_config.hidden_size})")
+
+    def encode_images(self, images: Sequence[ImageInput]) -> list[ImageInput]:
+        """`images` with every missing embedding computed from the image's bytes;
+        InvalidImageError names a bad image."""
+        todo = [i for i, image in enumerate(images) if image.embedding is None]
+        if not todo:
+            return list(images)
+        if any(images[i].data is None for i in todo):
+            raise InvalidRequestError("an image has neither bytes nor an embedding")
+        embeddings = self.vision.encode_images([images[i].data for i in todo])  # type: ignore[misc]
+        self.counters.images_encoded_total += len(todo)
+        result = list(images)
+        for i, embedding in zip(todo, embeddings):
+            result[i] = result[i].with_embedding(embedding)
+        return result
+
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None,
-                     request_id: str | None) -> Request:
+                     request_id: str | None, images: Sequence[ImageInput] = (),
+                     encode: bool = False) -> Request:
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
         self.validate(token_ids, params)
+        self.check_images(token_ids, images)
         request_id = request_id or f"req-{next(self._arrivals)}"
         if request_id in self.requests or request_id in self.scheduler.parked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, token_ids, params, arrival=next(self._arrivals))
+        if encode and images:
+            images = self.encode_images(images)
+        request = Request(request_id, token_ids, params, arrival=next(self._arrivals), images=tuple(images))
         self.requests[request_id] = request
         self.counters.requests_total += 1
         return request
 
-    def reserve_remote(self, prompt: list[int], params: SamplingParams,
-                       request_id: str) -> RemoteReservation | None:
+    def reserve_remote(self, prompt: list[int], params: SamplingParams, request_id: str,
+                       images: Sequence[ImageInput] = ()) -> RemoteReservation | None:
         """Reserve pages for a prompt prefilled elsewhere; None when pages are short now
-        (nothing is kept then: try again later)."""
-        request = self._new_request(prompt, params, request_id)
+        (nothing is kept then: try again later). `images` key the prefix cache; they
+        need no embeddings (those are encoded only if a recompute ever needs them)."""
+        request = self._new_request(prompt, params, request_id, images)
         if not self.scheduler.reserve_prompt(request):
             self.requests.pop(request_id)
             self.counters.requests_total -= 1
@@ -192,12 +247,13 @@ class Engine:
         self.scheduler.resume(request)
         return self._append_token(request, first_token, logprob)
 
-    def cached_prefix_tokens(self, prompt: list[int]) -> int:
+    def cached_prefix_tokens(self, prompt: list[int], images: Sequence[ImageInput] = ()) -> int:
         """Prompt tokens the local prefix cache would serve (nothing is held)."""
         cache = self.scheduler.cache
         if cache is None:
             return 0
-        match = cache.match(prompt[:-1])
+        keys = cache_keys(prompt, images) if images else prompt
+        match = cache.match(keys[:-1])
         cache.unlock(match.nodes)
         return match.num_pages * self.config.page_size
 
@@ -231,9 +287,19 @@ class Engine:
         self.last_batch = batch
         if not batch.scheduled:
             return []
+        self.ensure_embeddings(batch)
         logits = self.runner.execute(batch)
         self.last_logits = logits
         return self._process(batch, logits)
+
+    def ensure_embeddings(self, batch: Batch) -> None:
+        """Encode the images of requests that compute image positions this step without
+        their embeddings (KV that came from elsewhere, then preempted and evicted)."""
+        for item in batch.scheduled:
+            request = item.request
+            if request.num_computed_tokens < request.images_end and any(
+                    image.embedding is None for image in request.images):
+                request.images = tuple(self.encode_images(request.images))
 
     def _process(self, batch: Batch, logits: torch.Tensor) -> list[StepOutput]:
         sampling = [s.request for s in batch.scheduled if s.completes_prompt]

@@ -44,6 +44,20 @@ def token_slice(request: Request, start: int, end: int) -> list[int]:
     return prompt[start:] + outputs[:end - len(prompt)]
 
 
+def _image_parts(request: Request, start: int, end: int, first_row: int,
+                 rows: list[int], embeds: list[torch.Tensor]) -> None:
+    """Add the batch rows and embedding slices of `request`'s image positions among its
+    tokens [start, end), which occupy the batch from row `first_row`."""
+    for image in request.images:
+        low, high = max(start, image.offset), min(end, image.end)
+        if low >= high:
+            continue
+        if image.embedding is None:
+            raise RuntimeError(f"request {request.request_id}: an image reached the model unencoded")
+        rows.extend(range(first_row + low - start, first_row + high - start))
+        embeds.append(image.embedding[low - image.offset:high - image.offset])
+
+
 @dataclass(slots=True)
 class _Row:
     pages: list[int]  # the request's page list this row copies (held: its id stays unique)
@@ -104,10 +118,14 @@ class ModelRunner:
         logits_indices: list[int] = []
         fill_rows: list[int] = []
         fill_sources: list[int] = []
+        image_rows: list[int] = []
+        image_embeds: list[torch.Tensor] = []
         for item in batch.scheduled:
             request, count = item.request, item.num_new_tokens
             start = request.num_computed_tokens
             end = start + count
+            if start < request.images_end:
+                _image_parts(request, start, end, len(ids), image_rows, image_embeds)
             ids.extend(token_slice(request, start, end))
             starts.append(start)
             batch.query_lens.append(count)
@@ -134,6 +152,10 @@ class ModelRunner:
         if fill_rows:
             assert carried is not None
             batch.input_ids[views[5]] = carried.tokens[views[6]]
+        if image_rows:
+            batch.image_rows = torch.tensor(image_rows, dtype=torch.long).to(self.device, non_blocking=True)
+            embeds = torch.cat(image_embeds) if len(image_embeds) > 1 else image_embeds[0]
+            batch.image_embeds = embeds.to(self.device, non_blocking=True)
 
     def _positions_and_slots(self, query_lens: list[int], starts: list[int],
                              rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -201,3 +201,102 @@ def build_image_inputs(token_ids: Sequence[int], images: Sequence[bytes],
     inputs = [ImageInput(image_hash(data), offset, info.num_image_tokens, data=data)
               for data, offset in zip(images, offsets)]
     return expanded, inputs
+
+
+DATA_URL_MEDIA_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+
+
+def parse_data_url(url: str, max_bytes: int) -> bytes:
+    """The bytes of a base64 `data:image/...` URL; InvalidImageError says what is wrong
+    (not a data URL, a media type that is not an image, bad base64, too big)."""
+    import base64
+    import binascii
+
+    if not url.startswith("data:"):
+        raise InvalidImageError("the image URL is not a data: URL")
+    header, comma, payload = url[5:].partition(",")
+    if not comma:
+        raise InvalidImageError("the data URL has no ',' before its data")
+    fields = [f.strip().lower() for f in header.split(";")]
+    media_type = fields[0]
+    if media_type not in DATA_URL_MEDIA_TYPES:
+        raise InvalidImageError(f"the data URL's media type is {media_type or 'missing'!r}; "
+                                f"images must be one of {', '.join(DATA_URL_MEDIA_TYPES)}")
+    if "base64" not in fields[1:]:
+        raise InvalidImageError("the data URL is not base64-encoded (';base64' is missing)")
+    # Base64 is 4 characters per 3 bytes: refuse an oversized image before decoding it.
+    if len(payload) > 4 * (-(-max_bytes // 3)) + 4:
+        raise InvalidImageError(f"the image is over the size limit of {max_bytes} bytes")
+    try:
+        data = base64.b64decode(payload.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImageError("the data URL's base64 data is malformed") from None
+    if len(data) > max_bytes:
+        raise InvalidImageError(f"the image is {len(data)} bytes; the size limit is {max_bytes} bytes")
+    return data
+
+
+def split_chat_images(messages: Sequence[dict]) -> tuple[list[dict], list[object]]:
+    """(messages for a chat template, each image's source in prompt order). An
+    `image_url` part (OpenAI) or `image` part becomes `{"type": "image"}`, which the
+    template renders as the image placeholder; its source is the URL string or the
+    part's `image` value. Content without images is joined into one string, as for
+    text-only models. Raises InvalidRequestError for a malformed part."""
+    out: list[dict] = []
+    sources: list[object] = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise InvalidRequestError(f"messages[{index}] must be an object with a role and content")
+        content = message.get("content")
+        entry = dict(message)
+        if isinstance(content, list):
+            parts: list[dict] = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append({"type": "text", "text": part["text"]})
+                elif kind == "image_url":
+                    url = part.get("image_url")
+                    url = url.get("url") if isinstance(url, dict) else url
+                    if not isinstance(url, str) or not url:
+                        raise InvalidRequestError(f"messages[{index}]: an image_url part needs a url")
+                    sources.append(url)
+                    parts.append({"type": "image"})
+                elif kind == "image" and part.get("image") is not None:
+                    sources.append(part["image"])
+                    parts.append({"type": "image"})
+                else:
+                    raise InvalidRequestError(f"messages[{index}]: unsupported content part {kind!r}; "
+                                              "use text, image_url or image parts")
+            if any(p["type"] == "image" for p in parts):
+                entry["content"] = parts
+            else:
+                entry["content"] = "".join(p["text"] for p in parts)
+        out.append(entry)
+    return out, sources
+
+
+def image_bytes(source: object, max_bytes: int = 20 << 20) -> bytes:
+    """Encoded image bytes of an offline image input: bytes, a PIL image (saved as
+    PNG), a `data:` URL, or a local file path. Remote URLs are the router's business."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, str) and source.startswith("data:"):
+        return parse_data_url(source, max_bytes)
+    if isinstance(source, str) and source.startswith(("http://", "https://")):
+        raise InvalidImageError("the offline API does not fetch remote image URLs; pass bytes or a path")
+    if isinstance(source, (str, Path)):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise InvalidImageError(f"image file not found: {source}")
+        return path.read_bytes()
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover - Pillow is a dependency
+        Image = None  # type: ignore[assignment]
+    if Image is not None and isinstance(source, Image.Image):
+        buffer = io.BytesIO()
+        source.save(buffer, format="PNG")
+        return buffer.getvalue()
+    raise InvalidImageError(f"an image must be bytes, a PIL image, a data: URL or a path, "
+                            f"not {type(source).__name__}")

@@ -99,6 +99,7 @@ class OverlapScheduler:
         carried = None
         if previous is not None:
             carried = CarriedTokens({r: i for i, r in enumerate(previous.requests)}, previous.tokens)
+        self.engine.ensure_embeddings(batch)
         logits = self.engine.runner.execute(batch, carried)
         tokens = logits.argmax(dim=-1)
         # One pass: count prompt tokens, move the computed counts, and give each request
@@ -185,6 +186,7 @@ class OverlapScheduler:
         batch.scheduled = [s for s in batch.scheduled if not s.request.finished]
         if not batch.scheduled:
             return []
+        self.engine.ensure_embeddings(batch)
         logits = self.engine.runner.execute(batch)
         self.engine.last_logits = logits
         return self.engine._process(batch, logits)

@@ -10,6 +10,7 @@ import enum
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from engine.multimodal import ImageInput, cache_keys
 from engine.sampling_params import SamplingParams
 
 
@@ -45,12 +46,22 @@ class Request:
     # Prefill role: when the request finishes, keep its pages (out of the scheduler)
     # until the owner has shipped them and calls Engine.release_held.
     hold_pages: bool = False
+    # Images of the prompt, in prompt order, each with its embedding (or only its hash
+    # where the KV comes from elsewhere). The prefix cache sees `prompt_cache_keys`:
+    # the prompt with image positions keyed by image hash (the prompt itself if none).
+    images: tuple[ImageInput, ...] = ()
+    prompt_cache_keys: list[int] = field(init=False, repr=False)
+    images_end: int = field(init=False, repr=False)  # first position after the last image
     # params.plain_greedy, read once (params never change): the overlap scheduler asks
     # for every row of every step.
     plain_greedy: bool = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.plain_greedy = self.params.plain_greedy
+        self.images = tuple(self.images)
+        self.prompt_cache_keys = (cache_keys(self.prompt_token_ids, self.images) if self.images
+                                  else self.prompt_token_ids)
+        self.images_end = self.images[-1].end if self.images else 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -63,6 +74,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def cache_token_ids(self) -> list[int]:
+        """all_token_ids as the prefix cache keys them (image positions by image hash)."""
+        return self.prompt_cache_keys + self.output_token_ids
 
     @property
     def finished(self) -> bool:

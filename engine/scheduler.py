@@ -168,7 +168,7 @@ class Scheduler:
         if self.cache is None or request.pages:
             return
         # At least the last token is recomputed: its logits produce the next token.
-        match = self.cache.match(request.all_token_ids[: request.num_tokens - 1])
+        match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1])
         request.pages, request.prefix_nodes = list(match.pages), match.nodes
         request.num_computed_tokens = match.num_pages * self.page_size
         if not request.output_token_ids and request.num_preemptions == 0:
@@ -200,7 +200,7 @@ class Scheduler:
         pages = request.pages
         if self.cache is not None:
             full = request.num_computed_tokens // self.page_size
-            tokens = request.all_token_ids[: full * self.page_size]
+            tokens = request.cache_token_ids[: full * self.page_size]
             duplicates = self.cache.insert(tokens, pages[:full])
             self.pool.free(duplicates + pages[full:])
             self.cache.unlock(request.prefix_nodes)

@@ -120,6 +120,8 @@ class CausalLM(nn.Module):
     def forward(self, batch: Batch, attention: AttentionBackend) -> torch.Tensor:
         """Hidden states [T, hidden] for every token of the batch."""
         x = self.embed_tokens(batch.input_ids)
+        if batch.image_rows is not None:  # image positions take the image's embeddings
+            x[batch.image_rows] = batch.image_embeds.to(x.dtype)
         cos_sin = self.rotary.cos_sin(batch.positions, x.dtype)
         delta: torch.Tensor | None = None
         for layer in self.layers:
