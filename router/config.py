@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, fields
 from typing import Sequence
 
-ROLES = ("prefill", "decode")
+ROLES = ("encode", "prefill", "decode")
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,13 @@ class RouterConfig:
     max_model_len: int | None = None       # defaults to config.json's max_position_embeddings
     prefill: tuple[str, ...] = ()          # static prefill workers, `ADDR` or `ID=ADDR`
     decode: tuple[str, ...] = ()           # static decode workers
+    encode: tuple[str, ...] = ()           # static encode workers (vision-language models)
+    expect_encode: int = 0                 # /health needs this many healthy encode workers
     expect_prefill: int = 0                # /health needs this many healthy prefill workers
     expect_decode: int = 1                 # ... and this many healthy decode workers
     policy: str = "prefix_aware"
     max_prefill_candidates: int = 3        # prefill workers handed to decode, best first
+    max_encode_candidates: int = 3         # encode workers per image, best first
     force_remote_prefill: bool = False     # tell decode to skip its local-prefill threshold
     health_interval: float = 0.5           # between two Status polls of one worker
     health_timeout: float = 1.0            # of one Status call
@@ -46,12 +49,17 @@ class RouterConfig:
     abort_timeout: float = 1.0             # of an Abort call to a worker
     max_concurrent_requests: int = 256     # generating at once; more wait in the queue
     max_queued_requests: int = 1024        # waiting for a slot; more get 429 / RESOURCE_EXHAUSTED
-    max_request_bytes: int = 8 * 1024 * 1024  # HTTP body limit (413)
+    max_request_bytes: int = 64 * 1024 * 1024  # HTTP body limit (413); images come base64 in it
+    max_images_per_request: int = 8
+    max_image_bytes: int = 20 * 1024 * 1024  # one encoded image
+    max_image_pixels: int = 4096 * 4096    # one decoded image (width x height)
+    allow_image_urls: bool = False         # fetch http(s) image URLs (off: data: URLs only)
+    image_fetch_timeout: float = 10.0      # of one http(s) image fetch
     log_level: str = "info"
 
     def static_workers(self) -> list[WorkerAddress]:
         out = []
-        for role, specs in (("prefill", self.prefill), ("decode", self.decode)):
+        for role, specs in (("encode", self.encode), ("prefill", self.prefill), ("decode", self.decode)):
             out.extend(parse_worker_spec(role, spec, index) for index, spec in enumerate(specs))
         return out
 
@@ -78,11 +86,15 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-model-len", type=int, default=d.max_model_len)
     add("--prefill", action="append", default=[], metavar="[ID=]ADDR", help="prefill worker (repeatable)")
     add("--decode", action="append", default=[], metavar="[ID=]ADDR", help="decode worker (repeatable)")
+    add("--encode", action="append", default=[], metavar="[ID=]ADDR", help="encode worker (repeatable)")
+    add("--expect-encode", type=int, default=d.expect_encode,
+        help="healthy encode workers /health waits for (beyond those named)")
     add("--expect-prefill", type=int, default=d.expect_prefill,
         help="healthy prefill workers /health waits for (beyond those named)")
     add("--expect-decode", type=int, default=d.expect_decode)
     add("--policy", default=d.policy, help="routing policy: prefix_aware, load, round_robin, random")
     add("--max-prefill-candidates", type=int, default=d.max_prefill_candidates)
+    add("--max-encode-candidates", type=int, default=d.max_encode_candidates)
     add("--force-remote-prefill", action="store_true")
     add("--health-interval", type=float, default=d.health_interval)
     add("--health-timeout", type=float, default=d.health_timeout)
@@ -95,6 +107,12 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-concurrent-requests", type=int, default=d.max_concurrent_requests)
     add("--max-queued-requests", type=int, default=d.max_queued_requests)
     add("--max-request-bytes", type=int, default=d.max_request_bytes)
+    add("--max-images-per-request", type=int, default=d.max_images_per_request)
+    add("--max-image-bytes", type=int, default=d.max_image_bytes, help="size limit of one encoded image")
+    add("--max-image-pixels", type=int, default=d.max_image_pixels, help="width x height limit of one image")
+    add("--allow-image-urls", action="store_true",
+        help="fetch http(s) image URLs (default: only data: URLs are accepted)")
+    add("--image-fetch-timeout", type=float, default=d.image_fetch_timeout)
     add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
 
 
@@ -102,7 +120,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """Build a RouterConfig from parsed options; unknown attributes are ignored."""
     names = {f.name for f in fields(RouterConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    for key in ("prefill", "decode"):
+    for key in ("encode", "prefill", "decode"):
         values[key] = tuple(values.get(key) or ())
     config = RouterConfig(**values)
     validate_config(config)
@@ -113,12 +131,16 @@ def validate_config(config: RouterConfig) -> None:
     from router.policies import policy_names
     if config.policy not in policy_names():
         raise ValueError(f"unknown policy {config.policy!r}; choose one of {policy_names()}")
-    for name in ("max_concurrent_requests", "max_request_bytes", "max_prefill_candidates"):
+    for name in ("max_concurrent_requests", "max_request_bytes", "max_prefill_candidates",
+                 "max_image_bytes", "max_image_pixels", "max_encode_candidates"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1")
-    for name in ("max_queued_requests", "max_retries", "expect_prefill", "expect_decode"):
+    for name in ("max_queued_requests", "max_retries", "expect_prefill", "expect_decode", "expect_encode",
+                 "max_images_per_request"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0")
+    if config.image_fetch_timeout <= 0:
+        raise ValueError("image_fetch_timeout must be > 0")
     config.static_workers()  # raises on a malformed worker spec
 
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, AsyncIterator, Protocol
 
 import grpc
 
+from engine.multimodal import cache_keys
 from engine.sampling_params import SamplingParams
 from proto import epd_pb2
 from router.config import RouterConfig
@@ -40,9 +41,11 @@ class _Unreachable(Exception):
 class Plan:
     """Where one attempt goes: a decode worker and the prefill workers it should try."""
 
-    def __init__(self, decode: WorkerHandle, prefill: list[WorkerHandle], route: RouteRequest) -> None:
+    def __init__(self, decode: WorkerHandle, prefill: list[WorkerHandle], route: RouteRequest,
+                 encoders: list[list[WorkerHandle]] | None = None) -> None:
         self.decode = decode
         self.prefill = prefill
+        self.encoders = encoders or []  # per image, the encode workers to try in order
         self.call: grpc.aio.UnaryStreamCall | None = None
         self._leases: list[Lease] = [decode.state.lease()]
         if prefill:
@@ -50,6 +53,10 @@ class Plan:
             page_size = first.load.page_size
             predicted = route.page_hashes(page_size) if page_size > 0 else []
             self._leases.append(first.lease(route.uncached_tokens(first), predicted))
+        # Each image counts on its first encoder until the prompt is computed.
+        self._encoding = [candidates[0].state for candidates in self.encoders if candidates]
+        for state in self._encoding:
+            state.inflight_images += 1
 
     @property
     def decode_id(self) -> str:
@@ -58,8 +65,12 @@ class Plan:
     def prefill_done(self) -> None:
         for lease in self._leases:
             lease.prefill_done()
+        for state in self._encoding:
+            state.inflight_images -= 1
+        self._encoding = []
 
     def release(self) -> None:
+        self.prefill_done()
         for lease in self._leases:
             lease.close()
 
@@ -81,7 +92,24 @@ class Dispatcher:
         self.policy = create_policy(config.policy)
         self._background: set[asyncio.Task[None]] = set()
 
-    def plan(self, route: RouteRequest, exclude: set[str]) -> Plan:
+    def plan_encoders(self, num_images: int) -> list[list[WorkerHandle]]:
+        """For each image, the healthy encode workers, least loaded first (queued images
+        as reported, or as routed here when that is higher). Images of one request spread:
+        each one counts on its first choice before the next is placed. No encode workers:
+        empty lists, and prefill encodes the images itself."""
+        workers = self.registry.healthy("encode")
+        if not num_images or not workers:
+            return [[] for _ in range(num_images)]
+        planned = {w.id: 0 for w in workers}
+        order: list[list[WorkerHandle]] = []
+        for _ in range(num_images):
+            ranked = sorted(workers, key=lambda w: (w.effective_queued_images() + planned[w.id], w.routed_total))
+            planned[ranked[0].id] += 1
+            handles = [h for h in (self.registry.get(w.id) for w in ranked) if h is not None]
+            order.append(handles[:self.config.max_encode_candidates])
+        return order
+
+    def plan(self, route: RouteRequest, exclude: set[str], num_images: int = 0) -> Plan:
         decode = [w for w in self.registry.healthy("decode") if w.id not in exclude]
         if not decode:
             raise NoHealthyWorkers("no healthy decode worker is available" if not exclude else
@@ -91,15 +119,16 @@ class Dispatcher:
         handles = [self.registry.get(w.id) for w in [chosen, *prefill[:self.config.max_prefill_candidates]]]
         if any(h is None for h in handles):
             raise NoHealthyWorkers("the worker set changed while routing; retry")
-        return Plan(handles[0], handles[1:], route)
+        return Plan(handles[0], handles[1:], route, self.plan_encoders(num_images))
 
     async def stream(self, request: GenerationRequest, active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
         """The decode worker's responses for one request, retrying elsewhere while no
         token has arrived and the worker was unreachable."""
-        route = RouteRequest(request.prompt_token_ids)
+        keys = cache_keys(request.prompt_token_ids, request.images) if request.images else None
+        route = RouteRequest(request.prompt_token_ids, keys)
         tried: set[str] = set()
         for attempt in range(self.config.max_retries + 1):
-            plan = self.plan(route, tried)
+            plan = self.plan(route, tried, len(request.images))
             tried.add(plan.decode_id)
             active.plan = plan
             if attempt:
@@ -121,7 +150,12 @@ class Dispatcher:
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=sampling_to_proto(request.params),
             prefill=[epd_pb2.PrefillCandidate(id=h.state.id, address=h.state.address) for h in plan.prefill],
-            force_remote_prefill=self.config.force_remote_prefill)
+            force_remote_prefill=self.config.force_remote_prefill,
+            images=[epd_pb2.ImageData(data=image.data, hash=image.hash, offset=image.offset,
+                                      num_tokens=image.num_tokens,
+                                      encoders=[epd_pb2.WorkerCandidate(id=h.state.id, address=h.state.address)
+                                                for h in encoders])
+                    for image, encoders in zip(request.images, plan.encoders)])
 
     async def _attempt(self, plan: Plan, request: GenerationRequest,
                        active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:

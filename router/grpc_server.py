@@ -73,13 +73,16 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
             prompt = list(request.token_ids.ids)
         else:
             raise InvalidRequest("the request has no prompt: set `text` or `token_ids`", param="prompt")
+        datas = service.images.load(list(request.images), param="images")
+        prompt, images = service.images.expand(prompt, datas, param="images")
         request_id = request.request_id or service.new_request_id()
-        return service.prepare(request_id, prompt, sampling_options(request.sampling))
+        return service.prepare(request_id, prompt, sampling_options(request.sampling), images)
 
     async def Generate(self, request: epd_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[epd_pb2.GenerateResponse]:
         try:
             size = len(request.text) if request.WhichOneof("prompt") == "text" else 0
+            size += sum(len(image) for image in request.images)
             prepared = await self._service.off_loop(size, self._prepare, request)
         except RouterError as exc:
             self._service.record_error(exc)
@@ -103,7 +106,8 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
     async def Health(self, request: epd_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> epd_pb2.HealthResponse:
         registry = self._service.registry
         return epd_pb2.HealthResponse(ready=registry.ready(), healthy_prefill=len(registry.healthy("prefill")),
-                                      healthy_decode=len(registry.healthy("decode")))
+                                      healthy_decode=len(registry.healthy("decode")),
+                                      healthy_encode=len(registry.healthy("encode")))
 
     async def ListModels(self, request: epd_pb2.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> epd_pb2.ListModelsResponse:

@@ -14,12 +14,13 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from engine.multimodal import ImageInput
 from router.admission import Slot
 from router.errors import RouterError, WorkerFailed
 from router.grpc_server import cluster_status
@@ -28,14 +29,17 @@ from router.openai_format import Choice, ResponseFormatter, error_body, usage_bo
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, chat_logprobs,
                                     chat_max_tokens, chat_messages, check_body_size, completion_prompts,
                                     parse_body, sampling_options, validate_model)
-from router.service import Finish, GenerationRequest, RouterService, TokenDelta
+from router.service import OFF_LOOP_BYTES, Finish, GenerationRequest, RouterService, TokenDelta
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
                    "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total",
-                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens")
+                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens",
+                   "images_encoded_total", "embedding_cache_hits_total", "queued_images",
+                   "embedding_bytes_sent_total", "embedding_bytes_received_total",
+                   "embedding_slots_free", "embedding_slots_total")
 
 
 def error_response(exc: RouterError) -> JSONResponse:
@@ -165,14 +169,14 @@ class OpenAIServer:
                                  self.service.tokenizer, logprobs)
 
     def _requests(self, formatter: ResponseFormatter, prompts: list[list[int]], n: int, seed: int | None,
-                  options: dict[str, Any]) -> tuple[list[GenerationRequest], list[bool]]:
+                  options: dict[str, Any], images: Sequence[ImageInput] = ()) -> tuple[list[GenerationRequest], list[bool]]:
         requests, first = [], []
         for p, prompt in enumerate(prompts):
             for j in range(n):
                 choice_seed = None if seed is None else seed + j
                 index = p * n + j
                 requests.append(self.service.prepare(f"{formatter.response_id}-{index}", prompt,
-                                                     {**options, "seed": choice_seed}))
+                                                     {**options, "seed": choice_seed}, images))
                 first.append(j == 0)
         return requests, first
 
@@ -181,16 +185,20 @@ class OpenAIServer:
         self.service.check_model(req.model)
         logprobs = chat_logprobs(req)
         options = sampling_options(req, chat_max_tokens(req), logprobs)
-        prompt = self.service.encode_chat(chat_messages(req), req.add_generation_prompt, req.chat_template_kwargs)
+        messages, image_urls = chat_messages(req)
+        datas = self.service.images.load(image_urls)  # checked before the template runs
+        prompt = self.service.encode_chat(messages, req.add_generation_prompt, req.chat_template_kwargs)
+        prompt, images = self.service.images.expand(prompt, datas)
         formatter = self._formatter("chat", logprobs is not None)
-        requests, first = self._requests(formatter, [prompt], req.n, req.seed, options)
+        requests, first = self._requests(formatter, [prompt], req.n, req.seed, options, images)
         return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
 
     def completion_job(self, body: dict[str, Any]) -> Job:
         req = validate_model(CompletionRequest, body)
         self.service.check_model(req.model)
         options = sampling_options(req, req.max_tokens, req.logprobs)
-        prompts = [self._tokens(spec) for spec in completion_prompts(req)]
+        prompts = [self.service.images.expand(self._tokens(spec), [], "prompt")[0]
+                   for spec in completion_prompts(req)]  # refuses image placeholders: no images here
         formatter = self._formatter("completion", req.logprobs is not None)
         requests, first = self._requests(formatter, prompts, req.n, req.seed, options)
         return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
@@ -201,7 +209,9 @@ class OpenAIServer:
     async def handle(self, request: Request, build: Callable[[dict[str, Any]], Job]) -> Response:
         try:
             body = await self.read_body(request)
-            job = await self.service.off_loop(len(body), lambda: build(parse_body(body)))
+            # Image URLs may be fetched (blocking, bounded by a timeout): never on the loop.
+            size = len(body) if b"image_url" not in body else OFF_LOOP_BYTES + 1
+            job = await self.service.off_loop(size, lambda: build(parse_body(body)))
         except RouterError as exc:
             self.service.record_error(exc)
             return error_response(exc)
@@ -291,7 +301,7 @@ def create_app(service: RouterService) -> FastAPI:
         registry = service.registry
         ready = registry.ready()
         body = {"status": "ready" if ready else "not ready", "healthy_prefill": len(registry.healthy("prefill")),
-                "healthy_decode": len(registry.healthy("decode"))}
+                "healthy_decode": len(registry.healthy("decode")), "healthy_encode": len(registry.healthy("encode"))}
         return JSONResponse(body, status_code=200 if ready else 503)
 
     @app.get("/cluster")

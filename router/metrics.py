@@ -22,9 +22,13 @@ _WORKER_COUNTERS = (
     ("prefix_cache_hit_tokens", "prefix_hit_tokens_total", "prompt tokens served from the worker's prefix cache"),
     ("prefill_tokens", "prefill_tokens_total", "prompt tokens the worker computed"),
     ("requests", "requests_total", "requests the worker handled"),
+    ("images_encoded", "images_encoded_total", "images the worker's vision tower encoded"),
+    ("embedding_cache_hits", "embedding_cache_hits_total", "images served from the worker's embedding cache"),
+    ("embedding_bytes_sent", "embedding_bytes_sent_total", "image embedding bytes the worker sent"),
+    ("embedding_bytes_received", "embedding_bytes_received_total", "image embedding bytes the worker received"),
 )
 _WORKER_GAUGES = ("kv_pages_total", "kv_pages_free", "kv_pages_cached", "running", "waiting",
-                  "queued_prefill_tokens")
+                  "queued_prefill_tokens", "queued_images", "embedding_slots_free", "embedding_slots_total")
 
 
 class WorkerCollector(Collector):

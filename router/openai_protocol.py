@@ -19,7 +19,8 @@ MAX_N = 128
 _UNION_HINTS = {
     "prompt": "must be a string, a list of strings, a list of token ids, or a list of token id lists",
     "stop": "must be a string or a list of strings",
-    "messages": "must be a list of messages, each with a `role` and a string or text-part `content`",
+    "messages": "must be a list of messages, each with a `role` and a string or a list of text and "
+                "image_url parts as `content`",
 }
 
 
@@ -31,9 +32,15 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
+class ImageURL(_Strict):
+    url: str
+    detail: str | None = None  # accepted, not used: every image takes the model's fixed token count
+
+
 class ContentPart(_Strict):
     type: str
     text: str | None = None
+    image_url: ImageURL | None = None
 
 
 class ChatMessage(_Strict):
@@ -150,21 +157,33 @@ def chat_max_tokens(req: ChatCompletionRequest) -> int | None:
     return req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
-    """Messages as the chat template wants them: string content (text parts joined)."""
-    out = []
+def chat_messages(req: ChatCompletionRequest) -> tuple[list[dict[str, Any]], list[str]]:
+    """(messages as the chat template wants them, each image's URL in prompt order).
+    Content without images becomes one string (text parts joined); content with images
+    keeps its parts, each image as `{"type": "image"}` (the template's placeholder)."""
+    out, urls = [], []
     for index, message in enumerate(req.messages):
         content = message.content
         if isinstance(content, list):
-            if any(part.type != "text" or part.text is None for part in content):
-                raise InvalidRequest(f"messages[{index}]: only text content parts are supported",
-                                     param="messages")
-            content = "".join(part.text or "" for part in content)
+            parts: list[dict[str, Any]] = []
+            for part in content:
+                if part.type == "text" and part.text is not None:
+                    parts.append({"type": "text", "text": part.text})
+                elif part.type == "image_url" and part.image_url is not None:
+                    urls.append(part.image_url.url)
+                    parts.append({"type": "image"})
+                else:
+                    raise InvalidRequest(f"messages[{index}]: content parts must be text (with `text`) "
+                                         "or image_url (with `image_url.url`)", param="messages")
+            if any(p["type"] == "image" for p in parts):
+                content = parts
+            else:
+                content = "".join(p["text"] for p in parts)
         entry: dict[str, Any] = {"role": message.role, "content": content or ""}
         if message.name is not None:
             entry["name"] = message.name
         out.append(entry)
-    return out
+    return out, urls
 
 
 def completion_prompts(req: CompletionRequest) -> list[PromptSpec]:

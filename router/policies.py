@@ -27,8 +27,11 @@ OWNER_TABLE_SIZE = 4096
 class RouteRequest:
     """A prompt being routed, with its chained page hashes computed once per page size."""
 
-    def __init__(self, prompt_token_ids: Sequence[int]) -> None:
+    def __init__(self, prompt_token_ids: Sequence[int], cache_keys: Sequence[int] | None = None) -> None:
         self.prompt_token_ids = list(prompt_token_ids)
+        # What the workers' prefix caches key on: the prompt, with image positions keyed
+        # by image hash (engine.multimodal.cache_keys) when it has images.
+        self.cache_keys = list(cache_keys) if cache_keys is not None else self.prompt_token_ids
         self._hashes: dict[int, list[int]] = {}
 
     @property
@@ -37,7 +40,7 @@ class RouteRequest:
 
     def page_hashes(self, page_size: int) -> list[int]:
         if page_size not in self._hashes:
-            self._hashes[page_size] = page_hashes(self.prompt_token_ids, page_size)
+            self._hashes[page_size] = page_hashes(self.cache_keys, page_size)
         return self._hashes[page_size]
 
     def cached_tokens(self, worker: WorkerState) -> int:

@@ -28,11 +28,13 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 256 * 1024 * 1024),  # prompts with images
+    ("grpc.max_receive_message_length", 256 * 1024 * 1024),
 ]
 
-WorkerStub = Union[epd_pb2_grpc.DecodeWorkerStub, epd_pb2_grpc.PrefillWorkerStub]
+WorkerStub = Union[epd_pb2_grpc.DecodeWorkerStub, epd_pb2_grpc.PrefillWorkerStub, epd_pb2_grpc.EncodeWorkerStub]
+_STUBS = {"decode": epd_pb2_grpc.DecodeWorkerStub, "prefill": epd_pb2_grpc.PrefillWorkerStub,
+          "encode": epd_pb2_grpc.EncodeWorkerStub}
 
 
 @dataclass
@@ -66,7 +68,7 @@ class WorkerRegistry:
         if old is not None:
             self._drop(worker_id)
         channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-        stub_class = epd_pb2_grpc.DecodeWorkerStub if role == "decode" else epd_pb2_grpc.PrefillWorkerStub
+        stub_class = _STUBS[role]
         state = WorkerState(role, worker_id, address, static=static)
         handle = WorkerHandle(state, channel, stub_class(channel), self._clock())
         self._workers[worker_id] = handle
@@ -102,7 +104,8 @@ class WorkerRegistry:
         if any(not h.state.healthy for h in self._workers.values() if h.state.static):
             return False
         return (len(self.healthy("prefill")) >= self._config.expect_prefill
-                and len(self.healthy("decode")) >= self._config.expect_decode)
+                and len(self.healthy("decode")) >= self._config.expect_decode
+                and len(self.healthy("encode")) >= self._config.expect_encode)
 
     def mark_failed(self, worker_id: str, reason: str) -> None:
         """A request found the worker unreachable: out of rotation until Status succeeds."""
@@ -136,7 +139,8 @@ def load_from_status(status: epd_pb2.WorkerStatus) -> WorkerLoad:
     return WorkerLoad(kv_pages_total=status.kv_pages_total, kv_pages_free=status.kv_pages_free,
                       running=status.running, waiting=status.waiting,
                       queued_prefill_tokens=status.queued_prefill_tokens,
-                      page_size=status.page_size, max_model_len=status.max_model_len)
+                      page_size=status.page_size, max_model_len=status.max_model_len,
+                      queued_images=status.queued_images)
 
 
 class HealthMonitor:

@@ -17,6 +17,7 @@ import uvicorn
 
 from engine.config import ModelConfig
 from engine.engine import resolve_model_path
+from engine.multimodal import MultimodalInfo, read_multimodal_info
 from engine.tokenizer import Tokenizer
 from router.config import RouterConfig, validate_config
 from router.grpc_server import add_services
@@ -28,7 +29,7 @@ from router.service import ModelInfo, RouterService
 log = logging.getLogger("router")
 
 
-def load_model_info(config: RouterConfig) -> tuple[Tokenizer, ModelInfo]:
+def load_model_info(config: RouterConfig) -> tuple[Tokenizer, ModelInfo, MultimodalInfo | None]:
     path = resolve_model_path(config.model)
     model_config = ModelConfig.from_pretrained(path)
     tokenizer = Tokenizer.from_pretrained(path)
@@ -37,7 +38,7 @@ def load_model_info(config: RouterConfig) -> tuple[Tokenizer, ModelInfo]:
         context = min(context, config.max_model_len)
     name = config.served_model_name or (config.model if config.model not in (None, "") else Path(path).name)
     vocab = max(model_config.vocab_size, tokenizer.vocab_size)
-    return tokenizer, ModelInfo(name=str(name), max_model_len=context, vocab_size=vocab)
+    return tokenizer, ModelInfo(name=str(name), max_model_len=context, vocab_size=vocab), read_multimodal_info(path)
 
 
 class _EmbeddedUvicorn(uvicorn.Server):
@@ -61,10 +62,10 @@ class RouterApp:
     def __init__(self, config: RouterConfig) -> None:
         validate_config(config)
         self.config = config
-        tokenizer, model = load_model_info(config)
+        tokenizer, model, multimodal = load_model_info(config)
         self.registry = WorkerRegistry(config)
         self.metrics = RouterMetrics(self.registry.handles)
-        self.service = RouterService(config, self.registry, tokenizer, model, self.metrics)
+        self.service = RouterService(config, self.registry, tokenizer, model, self.metrics, multimodal)
         self.monitor = HealthMonitor(self.registry, config)
         self.http_port = 0
         self.grpc_port = 0

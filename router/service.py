@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from engine.errors import EngineError
+from engine.multimodal import ImageInput, MultimodalInfo
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
 from proto import epd_pb2
@@ -24,6 +25,7 @@ from router.admission import Admission, Slot
 from router.config import RouterConfig
 from router.detokenize import TextStream
 from router.dispatch import Dispatcher, Plan
+from router.images import ImageLoader
 from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RouterError, WorkerFailed
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
@@ -56,6 +58,7 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
+    images: tuple[ImageInput, ...] = ()  # with their bytes, over expanded placeholders
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,9 @@ class _Active:
 
 class RouterService:
     def __init__(self, config: RouterConfig, registry: WorkerRegistry, tokenizer: Tokenizer,
-                 model: ModelInfo, metrics: RouterMetrics) -> None:
+                 model: ModelInfo, metrics: RouterMetrics, multimodal: MultimodalInfo | None = None) -> None:
         self.config = config
+        self.images = ImageLoader(config, multimodal)
         self.registry = registry
         self.tokenizer = tokenizer
         self.model = model
@@ -149,9 +153,11 @@ class RouterService:
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:16]}-{next(self._ids)}"
 
-    def prepare(self, request_id: str, prompt_token_ids: Sequence[int], sampling: dict[str, Any]) -> GenerationRequest:
+    def prepare(self, request_id: str, prompt_token_ids: Sequence[int], sampling: dict[str, Any],
+                images: Sequence[ImageInput] = ()) -> GenerationRequest:
         """Validate a prompt and sampling options (SamplingParams' fields; `max_tokens`
-        None means the rest of the context) into a GenerationRequest."""
+        None means the rest of the context) into a GenerationRequest. `images`: from
+        `self.images.expand`, over the prompt's expanded placeholders."""
         prompt = list(prompt_token_ids)
         self._check_prompt(prompt)
         options = dict(sampling)
@@ -162,7 +168,7 @@ class RouterService:
             raise InvalidRequest(str(exc), param=_param_of(str(exc), options)) from exc
         except TypeError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-        return GenerationRequest(request_id, prompt, params)
+        return GenerationRequest(request_id, prompt, params, images=tuple(images))
 
     def _check_prompt(self, prompt: list[int]) -> None:
         if not prompt:

@@ -111,11 +111,12 @@ class WorkerLoad:
     queued_prefill_tokens: int = 0
     page_size: int = 0
     max_model_len: int = 0
+    queued_images: int = 0  # encode workers: accepted, not yet encoded
 
 
 @dataclass
 class WorkerState:
-    role: str  # "prefill" or "decode"
+    role: str  # "encode", "prefill" or "decode"
     id: str
     address: str
     static: bool = False  # named on the command line (never forgotten)
@@ -129,12 +130,16 @@ class WorkerState:
     # tokens routed to a prefill worker whose first token has not come back yet.
     inflight_requests: int = 0
     inflight_prefill_tokens: int = 0
+    inflight_images: int = 0  # encode workers: images routed here whose prefill is not done
     routed_total: int = 0
 
     def effective_requests(self) -> int:
         """Requests on the worker: its own count, or the router's when that is higher
         (requests just sent, not yet in the worker's last Status)."""
         return max(self.load.running + self.load.waiting, self.inflight_requests)
+
+    def effective_queued_images(self) -> int:
+        return max(self.load.queued_images, self.inflight_images)
 
     def effective_queued_tokens(self) -> int:
         return max(self.load.queued_prefill_tokens, self.inflight_prefill_tokens)
