@@ -1,6 +1,7 @@
 """The `epd` command line.
 
     epd model create-tiny DIR           write the built-in tiny checkpoint
+    epd model create-tiny-vlm DIR       write the built-in tiny vision-language checkpoint
     epd generate --prompt TEXT          quick offline generation
     epd up                              local cluster: router + prefill + decode workers
     epd router | epd worker ROLE        one component each
@@ -22,6 +23,10 @@ def _add_model_command(sub: argparse._SubParsersAction) -> None:
     tiny = model_sub.add_parser("create-tiny", help="write the built-in tiny model into DIR")
     tiny.add_argument("directory")
     tiny.set_defaults(handler=_create_tiny)
+    vlm = model_sub.add_parser("create-tiny-vlm", help="write the built-in tiny LLaVA-format model into DIR")
+    vlm.add_argument("directory")
+    vlm.add_argument("--vision", choices=["clip", "siglip"], default="clip", help="vision tower")
+    vlm.set_defaults(handler=_create_tiny_vlm)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,6 +75,13 @@ def _create_tiny(args: argparse.Namespace) -> int:
     from engine.tiny import create_tiny_model
     path = create_tiny_model(args.directory)
     print(f"wrote the tiny model to {path}")
+    return 0
+
+
+def _create_tiny_vlm(args: argparse.Namespace) -> int:
+    from engine.tiny_vlm import create_tiny_vlm
+    path = create_tiny_vlm(args.directory, args.vision)
+    print(f"wrote the tiny {args.vision} vision-language model to {path}")
     return 0
 
 

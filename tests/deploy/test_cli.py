@@ -34,3 +34,22 @@ def test_create_tiny_and_generate_from_outside_the_checkout(tmp_path: Path) -> N
     bad = subprocess.run([str(EPD), "generate", "--model", str(tmp_path / "nope"), "--prompt", "x"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "model directory not found" in bad.stderr
+
+
+@pytest.mark.skipif(not EPD.exists(), reason="epd console script not installed in this environment")
+def test_create_tiny_vlm_is_byte_identical_and_loads(tmp_path: Path) -> None:
+    import hashlib
+    digests = []
+    for name in ("a", "b"):
+        made = subprocess.run([str(EPD), "model", "create-tiny-vlm", str(tmp_path / name), "--vision", "siglip"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert made.returncode == 0, made.stderr
+        digests.append({p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                        for p in sorted((tmp_path / name).iterdir())})
+    assert digests[0] == digests[1] and "preprocessor_config.json" in digests[0]
+    from engine.multimodal import read_multimodal_info
+    info = read_multimodal_info(tmp_path / "a")
+    assert info is not None and info.image_token == "<image>" and info.num_image_tokens == 16
+    bad = subprocess.run([str(EPD), "model", "create-tiny-vlm", str(tmp_path / "c"), "--vision", "vit"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -64,7 +64,7 @@ async def served(url: str, requests: list[list[bytes]], concurrency: int = 16) -
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
         async def one(index: int, images: list[bytes]) -> str:
             async with gate:
-                body = {"model": "m", "messages": messages(f"Describe image set {index}.", images),
+                body = {"model": model_name(url), "messages": messages(f"Describe image set {index}.", images),
                         "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
                 response = await client.post("/v1/chat/completions", json=body)
                 assert response.status_code == 200, response.text

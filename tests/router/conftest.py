@@ -106,5 +106,5 @@ async def make_cluster(tokenizer: Tokenizer, script: list[int]) -> AsyncIterator
     yield make
     for cluster in started:
         await cluster.app.stop(grace=0)
-        for worker in [*cluster.decodes, *cluster.prefills]:
+        for worker in [*cluster.decodes, *cluster.prefills, *cluster.extra.get("encoders", [])]:
             await worker.stop()

@@ -196,3 +196,21 @@ class FakePrefillWorker(_FakeWorker, epd_pb2_grpc.PrefillWorkerServicer):
 
     async def Prefill(self, request: epd_pb2.PrefillRequest, context: grpc.aio.ServicerContext) -> epd_pb2.PrefillResponse:
         return epd_pb2.PrefillResponse(first_token=1)
+
+
+class FakeEncodeWorker(_FakeWorker, epd_pb2_grpc.EncodeWorkerServicer):
+    """Answers Status only (the router never calls Encode: prefill does)."""
+
+    role = "encode"
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(worker_id)
+        self.queued_images = 0
+
+    def _add_to(self, server: grpc.aio.Server) -> None:
+        epd_pb2_grpc.add_EncodeWorkerServicer_to_server(self, server)
+
+    def status_message(self, after_event: int) -> epd_pb2.WorkerStatus:
+        message = super().status_message(after_event)
+        message.queued_images = self.queued_images
+        return message
