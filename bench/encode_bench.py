@@ -32,7 +32,9 @@ from engine.vision_encoder import VisionEncoder
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 
 
-def llava_15_7b_config() -> dict:
+def llava_15_7b_config(text_preset: str | None = None) -> dict:
+    """llava-1.5-7b's vision side; the language model cut to one small layer, or the
+    `text_preset` architecture of bench.presets (with the tiny tokenizer's vocabulary)."""
     config = vlm_config("clip")
     config["vision_config"] = {"model_type": "clip_vision_model", "hidden_size": 1024, "intermediate_size": 4096,
                                "num_hidden_layers": 24, "num_attention_heads": 16, "image_size": 336,
@@ -40,19 +42,27 @@ def llava_15_7b_config() -> dict:
                                "layer_norm_eps": 1e-5, "attention_dropout": 0.0, "projection_dim": 768}
     text = dict(config["text_config"], hidden_size=4096, intermediate_size=256, num_hidden_layers=1,
                 num_attention_heads=32, num_key_value_heads=32, head_dim=128)
+    if text_preset is not None:
+        from bench.presets import PRESETS
+        keep = ("vocab_size", "bos_token_id", "eos_token_id", "model_type")
+        text = {**{k: v for k, v in PRESETS[text_preset].items() if k not in ("architectures", "dtype")},
+                **{k: config["text_config"][k] for k in keep}}
+        config["dtype"] = "bfloat16"
     config.update(text_config=text, image_seq_length=576, vision_feature_select_strategy="default",
                   vision_feature_layer=-2)
     return config
 
 
-def write_checkpoint(preset: str, directory: Path) -> Path:
+def write_checkpoint(preset: str, directory: Path, text_preset: str | None = None) -> Path:
     extras = create_tiny_vlm(directory / "tiny", "clip")
     if preset == "tiny":
         return extras
     from transformers import LlavaConfig, LlavaForConditionalGeneration
-    path = directory / preset
+    path = directory / (preset if text_preset is None else f"{preset}-{text_preset}")
     torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(**llava_15_7b_config()))
+    model = LlavaForConditionalGeneration(LlavaConfig(**llava_15_7b_config(text_preset)))
+    if text_preset is not None:
+        model = model.to(torch.bfloat16)
     model.save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(extras / name, path / name)
@@ -98,7 +108,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=256, help="height of the PNGs (width is 4/3 of it)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", help="write the rows as JSON here")
+    parser.add_argument("--save-checkpoint", metavar="DIR",
+                        help="only write the checkpoint under DIR (for serving runs) and exit")
+    parser.add_argument("--text", default=None, help="with --save-checkpoint: the language model's "
+                        "bench.presets architecture (default: one small layer)")
     args = parser.parse_args(argv)
+    if args.save_checkpoint:
+        print(write_checkpoint(args.preset, Path(args.save_checkpoint), args.text))
+        return 0
     from transformers import AutoImageProcessor, LlavaForConditionalGeneration
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)

@@ -205,7 +205,8 @@ def _launched(args: argparse.Namespace, extra: list[str], model: str | None, enc
 
 def _image_token_id(model: str | None) -> int:
     from engine.multimodal import read_multimodal_info
-    info = read_multimodal_info(model) if model else None
+    from engine.engine import resolve_model_path
+    info = read_multimodal_info(resolve_model_path(model)) if model else None
     if info is None:
         raise SystemExit("--images needs --model DIR of a vision-language (LLaVA-format) checkpoint after --")
     return info.image_token_id
