@@ -146,9 +146,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"preset": args.preset, "device": str(device), "dtype": args.dtype, "batch": batch,
                          "ours_images_per_s": batch / t_ours, "transformers_images_per_s": batch / t_hf,
                          "speedup": t_hf / t_ours, "max_abs_diff": diff,
-                         "tokens_per_image": ours.info.num_image_tokens})
+                         "tokens_per_image": ours.info.num_image_tokens,
+                         "transformers_processor": type(processor).__name__})
             print(f"{args.preset} {device} {args.dtype} batch {batch:3d}: ours {batch / t_ours:9.1f} images/s, "
-                  f"transformers {batch / t_hf:9.1f} images/s (x{t_hf / t_ours:.2f}); max |diff| {diff:.2e}",
+                  f"transformers {batch / t_hf:9.1f} images/s (x{t_hf / t_ours:.2f}); max |diff| {diff:.2e} "
+                  f"({type(processor).__name__})",
                   flush=True)
     print("command: python -m bench.encode_bench " + " ".join(sys.argv[1:] if argv is None else argv))
     if args.out:

@@ -21,8 +21,8 @@ python3 -m bench.encode_bench --preset tiny --device cuda --dtype float32 --batc
   --out "$out/encode-tiny.json" 2>&1 | grep -v "Loading weights" | tee "$out/encode-tiny.log"
 ck=$(python3 -m bench.encode_bench --preset llava-1.5-7b --text llama-3.2-1b --save-checkpoint /tmp/vlm 2>/dev/null | tail -1)
 echo "checkpoint: $ck" | tee "$out/serving.log"
-timeout 420 python3 -m bench.serving_bench --launch --encode 1 --prefill 1 --decode 1 --images 2 --image-size 336 \
-  --distinct-images 96 --num-requests 96 --concurrency 16 --input-len 256 --output-len 32 \
+timeout 420 python3 -m bench.serving_bench --launch --encode 1 --prefill 1 --decode 1 --images 4 --image-size 336 \
+  --num-requests 128 --warmup 32 --concurrency 16 --input-len 256 --output-len 32 \
   --compare-encode-on-prefill --log-dir "$out/logs" -- --model "$ck" --device cuda --dtype bfloat16 \
   --attention-backend triton --transfer "$transfer" --num-pages 4000 --max-model-len 4096 \
   --max-num-batched-tokens 8192 2>&1 | tee -a "$out/serving.log"

@@ -104,6 +104,8 @@ def workload(args: argparse.Namespace, image_token_id: int | None) -> list[tuple
 async def run_load(address: str, args: argparse.Namespace,
                    image_token_id: int | None = None) -> tuple[list[RequestTiming], float]:
     requests = workload(args, image_token_id)
+    warmup = workload(argparse.Namespace(**{**vars(args), "num_requests": args.warmup, "seed": args.seed + 7919}),
+                      image_token_id) if args.warmup else []
     limit = asyncio.Semaphore(args.concurrency)
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -113,6 +115,8 @@ async def run_load(address: str, args: argparse.Namespace,
             async with limit:
                 return await _one(stub, prompt, args.output_len, args.timeout, images)
 
+        if warmup:  # first uses compile kernels and load the vision tower: not measured
+            await asyncio.gather(*(bounded(p, i) for p, i in warmup))
         start = time.perf_counter()
         timings = await asyncio.gather(*(bounded(p, i) for p, i in requests))
         return list(timings), time.perf_counter() - start
@@ -166,6 +170,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--slo-itl", type=float, default=0.05, help="seconds")
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--encode", type=int, default=0, help="encode workers (with --launch)")
+    parser.add_argument("--encode-args", default="", help="extra flags of the encode workers only (one string)")
+    parser.add_argument("--warmup", type=int, default=0, help="requests sent (other prompts and images) "
+                        "before the measured ones, on each cluster")
     parser.add_argument("--images", type=int, default=0, help="images per request (a vision-language model)")
     parser.add_argument("--image-size", type=int, default=336, help="pixels per side of each random image")
     parser.add_argument("--distinct-images", type=int, default=0, help="different images in the workload (0: all)")
@@ -198,6 +205,7 @@ def _launched(args: argparse.Namespace, extra: list[str], model: str | None, enc
     from worker.config import free_port
     spec = ClusterSpec(num_encode=encoders, num_prefill=args.prefill, num_decode=args.decode, port=free_port(),
                        grpc_port=free_port(), model=model, worker_args=tuple(_without(extra, "--model")),
+                       encode_args=tuple(shlex.split(args.encode_args)),
                        log_dir=args.log_dir)
     with LocalCluster(spec) as cluster:
         return asyncio.run(run_load(cluster.grpc_address, args, image_token_id))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from engine.multimodal import DEFAULT_MAX_IMAGE_PIXELS, InvalidImageError, decode_image
+from engine.multimodal import DEFAULT_MAX_IMAGE_PIXELS, InvalidImageError
 
 if TYPE_CHECKING:
     from engine.vision_encoder import VisionEncoder
@@ -105,15 +105,15 @@ class EncodeBatcher:
         """Encoder thread: decode each image (a bad one fails alone), one forward for the rest."""
         results: list[torch.Tensor | BaseException] = []
         images = []
-        for data in datas:
-            try:
-                images.append(decode_image(data, self.max_pixels))
+        for image in self.encoder.decode(datas, self.max_pixels):
+            if isinstance(image, InvalidImageError):
+                results.append(image)
+            else:
+                images.append(image)
                 results.append(torch.empty(0))  # filled below
-            except InvalidImageError as exc:
-                results.append(exc)
         if images:
             with torch.inference_mode():
-                pixels = self.encoder.preprocess(images).to(self.encoder.device)
+                pixels = self.encoder.preprocess(images)
                 embeddings = self.encoder.encode(pixels)  # [N, num_image_tokens, hidden]
             good = iter(embeddings.unbind(0))
             results = [r if isinstance(r, BaseException) else next(good).clone() for r in results]

@@ -85,27 +85,39 @@ class ImageProcessor:
 
     def __call__(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """float32 pixel values [N, 3, H, W]."""
-        return torch.from_numpy(np.stack([self.one(image) for image in images]))
+        return self.normalize(torch.from_numpy(np.stack([self.geometry(image) for image in images])))
 
     def one(self, image: Image.Image) -> np.ndarray:
+        """One image's float32 pixel values [3, H, W]."""
+        return self.normalize(torch.from_numpy(self.geometry(image))[None])[0].numpy()
+
+    def geometry(self, image: Image.Image) -> np.ndarray:
+        """RGB conversion, resize and center crop: uint8 [3, H, W]. Everything after this
+        is arithmetic (`normalize`), which can run batched on the encoder's device."""
         c = self.config
         if c.convert_rgb and image.mode != "RGB":
             image = image.convert("RGB")
         size = self._output_size(image.width, image.height)
         if size is not None:
             image = image.resize((size[1], size[0]), resample=c.resample)
-        pixels = np.array(image)  # [H, W, 3] uint8
+        pixels = np.asarray(image)  # [H, W, 3] uint8
         if c.crop is not None:
             pixels = _center_crop(pixels, *c.crop)
-        array = pixels.transpose(2, 0, 1)  # [3, H, W]
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, 3, H, W] (any device) to float32 pixel values: rescaled in float64
+        then rounded to float32, normalized in float32, as transformers' processor does
+        in numpy (so the result is the same to the bit)."""
+        c = self.config
         if c.rescale_factor is not None:
-            array = (array.astype(np.float64) * c.rescale_factor).astype(np.float32)
+            array = (pixels.to(torch.float64) * c.rescale_factor).to(torch.float32)
         else:
-            array = array.astype(np.float32)
+            array = pixels.to(torch.float32)
         if c.mean is not None and c.std is not None:
-            mean = np.asarray(c.mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(c.std, dtype=np.float32)[:, None, None]
-            array = ((array - mean) / std).astype(np.float32)
+            mean = torch.tensor(c.mean, dtype=torch.float32, device=array.device)[:, None, None]
+            std = torch.tensor(c.std, dtype=torch.float32, device=array.device)[:, None, None]
+            array = (array - mean) / std
         return array
 
     def _output_size(self, width: int, height: int) -> tuple[int, int] | None:

@@ -4,9 +4,12 @@ projector. The encode worker runs one; so does an engine that encodes its own im
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -54,14 +57,32 @@ class VisionEncoder:
     def embedding_bytes(self) -> int:
         return self.info.num_image_tokens * self.info.hidden_size * self.dtype.itemsize
 
+    def decode(self, datas: Sequence[bytes],
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[Image.Image | InvalidImageError]:
+        """Each image decoded, or the InvalidImageError saying why not; in parallel
+        (Pillow releases the GIL while it decodes)."""
+        def one(data: bytes) -> Image.Image | InvalidImageError:
+            try:
+                return decode_image(data, max_pixels)
+            except InvalidImageError as exc:
+                return exc
+        return list(_map(one, datas))
+
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """float32 pixels [N, 3, H, W] on the CPU."""
-        return self.processor(images)
+        """uint8 pixels [N, 3, H, W] on the CPU (resized and cropped, in parallel);
+        `encode` normalizes them on the device."""
+        arrays = list(_map(self.processor.geometry, images))
+        pixels = torch.from_numpy(np.stack(arrays))
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, num_image_tokens, hidden] in the language model's dtype, on the device."""
-        pixels = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
+        """[N, num_image_tokens, hidden] in the language model's dtype, on the device,
+        from `preprocess`'s uint8 pixels (or already normalized float pixels)."""
+        pixels = pixel_values.to(self.device, non_blocking=True)
+        if pixels.dtype == torch.uint8:
+            pixels = self.processor.normalize(pixels)
+        pixels = pixels.to(self.dtype)
         chunks = [self.model(part) for part in pixels.split(self.max_batch)]
         return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
@@ -69,15 +90,26 @@ class VisionEncoder:
                       max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> list[torch.Tensor]:
         """Each image's embeddings [num_image_tokens, hidden]; InvalidImageError names
         the first bad image by its index."""
-        images = []
-        for index, data in enumerate(datas):
-            try:
-                images.append(decode_image(data, max_pixels))
-            except InvalidImageError as exc:
-                raise InvalidImageError(f"image {index}: {exc}") from None
+        images = self.decode(datas, max_pixels)
+        for index, image in enumerate(images):
+            if isinstance(image, InvalidImageError):
+                raise InvalidImageError(f"image {index}: {image}") from None
         if not images:
             return []
-        return list(self.encode(self.preprocess(images)).unbind(0))
+        return list(self.encode(self.preprocess(images)).unbind(0))  # type: ignore[arg-type]
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _map(fn, items: Sequence):  # noqa: ANN001, ANN202 - a typed map over a shared pool
+    """`map(fn, items)` on a process-wide pool of image threads (inline for one item)."""
+    global _POOL
+    if len(items) <= 1:
+        return [fn(item) for item in items]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="epd-image")
+    return _POOL.map(fn, items)
 
 
 def _resolve_dtype(dtype: str | torch.dtype | None, raw: dict) -> torch.dtype:
