@@ -146,3 +146,22 @@ def test_killed_encode_workers_fall_back_without_failures(tmp_path: Path, vlm_pa
         assert asyncio.run(served(url, more)) == offline(vlm_path, more)
         assert by_role(cluster_status(cluster), "prefill")[0]["images_encoded_total"] > 0
         assert_nothing_held(url)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+def test_transformers_saved_llava_through_one_encode_prefill_decode(tmp_path: Path, vision: str) -> None:
+    """Acceptance 1's cluster half: a checkpoint written by transformers' save_pretrained
+    (its logits match transformers in tests/engine/test_vlm_vs_transformers.py) served
+    through 1 encode / 1 prefill / 1 decode, greedy, token for token as offline."""
+    from tests.engine.hf_models import save_hf_llava
+    path = save_hf_llava(vision, tmp_path / "model", seed=11)
+    requests = workload(12, distinct=8, seed=4)
+    expected = offline(path, requests)
+    cluster = make_cluster(tmp_path, model=str(path), num_encode=1, num_prefill=1, num_decode=1)
+    with cluster:
+        assert asyncio.run(served(cluster.http_url, requests, concurrency=4)) == expected
+        assert_nothing_held(cluster.http_url)
+        distinct = len({image for r in requests for image in r})
+        # /cluster shows each worker's last Status (polled every 0.5 s): wait for it.
+        wait_for(lambda: by_role(cluster_status(cluster), "encode")[0]["images_encoded_total"] >= distinct, 10)
+        assert by_role(cluster_status(cluster), "prefill")[0]["images_encoded_total"] == 0

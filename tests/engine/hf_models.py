@@ -66,3 +66,36 @@ def load_hf(directory: Path):  # noqa: ANN201
     model.generation_config.eos_token_id = None  # generate exactly max_new_tokens
     model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+def _randomize_llava(model: torch.nn.Module, seed: int) -> None:
+    """Fan-in scaled random weights (transformers' init is too flat for greedy checks)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if param.dim() == 1:
+                base = 1.0 if name.endswith(("norm.weight", "layernorm.weight", "layrnorm.weight",
+                                             "layer_norm1.weight", "layer_norm2.weight")) else 0.0
+                param.copy_(base + 0.2 * torch.randn(param.shape, generator=gen))
+            elif "embed_tokens" in name or "position_embedding" in name:
+                param.copy_(torch.randn(param.shape, generator=gen))
+            else:
+                fan_in = param[0].numel()
+                gain = 4.0 if "lm_head" in name else 2.0 if "projector" in name else 1.5
+                param.copy_(gain * torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
+
+
+def save_hf_llava(vision: str, directory: Path, seed: int = 0) -> Path:
+    """A LLaVA checkpoint (`vision`: clip or siglip tower) written by save_pretrained,
+    with the tiny VLM's tokenizer and preprocessor config beside it."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    from engine.tiny_vlm import create_tiny_vlm, vlm_config
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(LlavaConfig(**vlm_config(vision))).to(torch.float32)
+    _randomize_llava(model, seed)
+    model.save_pretrained(directory)
+    extras = create_tiny_vlm(directory.parent / f"_extras_{vision}", vision)
+    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        shutil.copy(extras / name, directory / name)
+    return directory

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,8 +14,9 @@ from PIL import Image
 from engine import LLM, Engine, SamplingParams
 from engine.image_processor import ImageProcessor, ImageProcessorConfig
 from engine.multimodal import build_image_inputs, read_multimodal_info
-from engine.tiny_vlm import create_tiny_vlm, vlm_config
+from engine.tiny_vlm import create_tiny_vlm
 from engine.vision_encoder import VisionEncoder
+from tests.engine.hf_models import save_hf_llava
 
 VISIONS = ["clip", "siglip"]
 
@@ -35,36 +35,10 @@ IMAGES = [_image(40, 30, 1), _image(100, 64, 2, fmt="JPEG"), _image(64, 200, 3, 
           _image(64, 64, 4, "L", "JPEG"), _image(17, 90, 5, fmt="WEBP")]
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Fan-in scaled random weights (transformers' init is too flat for greedy checks)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if param.dim() == 1:
-                base = 1.0 if name.endswith(("norm.weight", "layernorm.weight", "layrnorm.weight",
-                                             "layer_norm1.weight", "layer_norm2.weight")) else 0.0
-                param.copy_(base + 0.2 * torch.randn(param.shape, generator=gen))
-            elif "embed_tokens" in name or "position_embedding" in name:
-                param.copy_(torch.randn(param.shape, generator=gen))
-            else:
-                fan_in = param[0].numel()
-                gain = 4.0 if "lm_head" in name else 2.0 if "projector" in name else 1.5
-                param.copy_(gain * torch.randn(param.shape, generator=gen) / fan_in ** 0.5)
-
-
 @pytest.fixture(scope="module", params=VISIONS)
 def checkpoint(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import LlavaConfig, LlavaForConditionalGeneration
     vision = request.param
-    directory = tmp_path_factory.mktemp(vision) / "model"
-    torch.manual_seed(0)
-    model = LlavaForConditionalGeneration(LlavaConfig(**vlm_config(vision))).to(torch.float32)
-    _randomize(model, VISIONS.index(vision) + 7)
-    model.save_pretrained(directory)
-    extras = create_tiny_vlm(directory.parent / "extras", vision)
-    for name in ("tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        shutil.copy(extras / name, directory / name)
-    return directory
+    return save_hf_llava(vision, tmp_path_factory.mktemp(vision) / "model", seed=VISIONS.index(vision) + 7)
 
 
 @pytest.fixture(scope="module")
