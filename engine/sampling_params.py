@@ -1,6 +1,8 @@
 """Sampling parameters of one request, validated on construction."""
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
@@ -37,7 +39,10 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        """Temperatures below GREEDY_BELOW are greedy: dividing logits by a subnormal
+        temperature overflows to inf and NaN probabilities (one request must not be
+        able to fail a step its batch shares)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def plain_greedy(self) -> bool:
@@ -78,6 +83,9 @@ class SamplingParams:
             _check_int("stop_token_ids entry", token, minimum=0)
 
 
+GREEDY_BELOW = 1e-5
+
+
 def _check_int(name: str, value: object, minimum: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidRequestError(f"{name} must be an integer, got {value!r}")
@@ -86,5 +94,5 @@ def _check_int(name: str, value: object, minimum: int | None) -> None:
 
 
 def _check_number(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise InvalidRequestError(f"{name} must be a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise InvalidRequestError(f"{name} must be a finite number, got {value!r}")

@@ -97,3 +97,19 @@ def test_dummy_load_format_needs_no_weights(tmp_path, tiny_model_path) -> None: 
         shutil.copy(tiny_model_path / name, tmp_path / name)
     llm = LLM(tmp_path, load_format="dummy")
     assert len(llm.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+
+
+def test_subnormal_temperature_is_greedy_and_infinities_are_refused() -> None:
+    """A temperature of 5e-324 once overflowed the logits to NaN and failed the whole
+    step; it now samples greedily, beside another request that really samples."""
+    from engine import LLM
+    llm = LLM()
+    tiny, sampled = llm.generate(["hello there", "x y"], [SamplingParams(temperature=5e-324, max_tokens=8, seed=1),
+                                                          SamplingParams(temperature=0.9, max_tokens=8, seed=2)])
+    greedy, = llm.generate(["hello there"], SamplingParams(temperature=0, max_tokens=8))
+    assert tiny.outputs[0].token_ids == greedy.outputs[0].token_ids
+    assert len(sampled.outputs[0].token_ids) == 8
+    for name in ("temperature", "top_p", "repetition_penalty", "presence_penalty"):
+        for value in (float("inf"), float("-inf")):
+            with pytest.raises(InvalidRequestError, match=f"{name} must be a finite number"):
+                SamplingParams(**{name: value})
