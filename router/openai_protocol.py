@@ -95,12 +95,35 @@ def parse_body(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    # A \ud800-\udfff escape decodes to a lone surrogate, which no later step can encode.
+    if "\\ud" in text.lower():
+        _check_strings(body)
     return body
+
+
+def _no_constant(name: str) -> Any:
+    raise InvalidRequest(f"the request body holds {name}, which JSON does not allow (numbers must be finite)")
+
+
+def _check_strings(value: Any) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequest("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff) "
+                                 "that is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_strings(key)
+            _check_strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check_strings(item)
 
 
 def validate_model(cls: type[SamplingFields], body: dict[str, Any]) -> Any:
