@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,18 +80,37 @@ def model_name(url: str) -> str:
 def assert_nothing_held(url: str) -> None:
     """No KV page held by a request anywhere, every embedding slot free, no image queued."""
     def idle() -> bool:
-        workers = cluster_status_url(url)
+        workers = [w for w in cluster_status_url(url) if w["healthy"]]  # a dead one holds nothing
         pages = all(w["kv_pages_free"] + w["kv_pages_cached"] == w["kv_pages_total"] and w["running"] == 0
                     for w in workers if w["role"] in ("prefill", "decode"))
         slots = all(w.get("embedding_slots_free", 0) == w.get("embedding_slots_total", 0)
                     for w in workers if w["role"] in ("encode", "prefill"))
         return pages and slots and all(w.get("queued_images", 0) == 0 for w in workers)
-    wait_for(idle, timeout_s=10)
+    try:
+        wait_for(idle, timeout_s=10)
+    except TimeoutError:
+        raise AssertionError(f"still held: {cluster_status_url(url)}") from None
 
 
 def cluster_status_url(url: str) -> list[dict[str, Any]]:
     body = httpx.get(f"{url}/cluster", timeout=5).json()
     return body["workers"] if isinstance(body, dict) else body
+
+
+def settled_status(cluster: Any, timeout_s: float = 20.0) -> list[dict[str, Any]]:
+    """/cluster shows each worker's last Status poll (every 0.5 s): wait until two reads
+    1.2 s apart agree, so counters reflect every request already answered."""
+    counters = ("images_encoded_total", "embedding_cache_hits_total", "requests_total")
+    key = lambda entries: sorted((e["id"], *(e.get(c) for c in counters)) for e in entries)  # noqa: E731
+    deadline = time.monotonic() + timeout_s
+    last = cluster_status(cluster)
+    while time.monotonic() < deadline:
+        time.sleep(1.2)
+        now = cluster_status(cluster)
+        if key(now) == key(last):
+            return now
+        last = now
+    raise TimeoutError(f"/cluster counters still changing after {timeout_s} s")
 
 
 def test_hundred_image_requests_match_offline(tmp_path: Path, vlm_path: Path) -> None:
@@ -105,7 +125,7 @@ def test_hundred_image_requests_match_offline(tmp_path: Path, vlm_path: Path) ->
         mismatched = [i for i, (a, b) in enumerate(zip(got, expected)) if a != b]
         assert not mismatched, f"{len(mismatched)} outputs differ from the offline engine, e.g. #{mismatched[:5]}"
         assert_nothing_held(url)
-        encoders = by_role(cluster_status(cluster), "encode")
+        encoders = by_role(settled_status(cluster), "encode")
         assert len(encoders) == 2 and all(e["images_encoded_total"] > 0 for e in encoders), encoders
         assert sum(e["embedding_cache_hits_total"] for e in encoders) > 0
         distinct = len({image for r in requests for image in r})
@@ -144,7 +164,8 @@ def test_killed_encode_workers_fall_back_without_failures(tmp_path: Path, vlm_pa
         wait_for(lambda: not [e for e in by_role(cluster_status(cluster), "encode") if e["healthy"]], 15)
         more = workload(6, distinct=6, seed=3)
         assert asyncio.run(served(url, more)) == offline(vlm_path, more)
-        assert by_role(cluster_status(cluster), "prefill")[0]["images_encoded_total"] > 0
+        # /cluster shows the last Status poll (every 0.5 s), so wait for the prefill's count to arrive.
+        wait_for(lambda: by_role(cluster_status(cluster), "prefill")[0]["images_encoded_total"] > 0, 15)
         assert_nothing_held(url)
 
 
