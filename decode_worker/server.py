@@ -25,6 +25,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import TransferError
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto.auth import cluster_channel
 from proto.convert import FINISH_REASONS, images_from_proto, logprob_from_proto, logprob_to_proto, params_from_proto
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.runtime import KV_REGION, WorkerRuntime
@@ -159,7 +160,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
+            self._channels[address] = cluster_channel(address, GRPC_MESSAGE_OPTIONS, self.runtime.config.cluster_token)
         return self._channels[address]
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from deploy.cli import add_engine_arguments, engine_options
+from worker.auth import cluster_token_from
 from worker.config import WorkerConfig, add_worker_arguments, transfer_options
 
 
@@ -26,7 +27,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         transfer_timeout_s=args.transfer_timeout_s,
         prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
         encode_max_batch=args.encode_max_batch, embedding_slots=args.embedding_slots,
-        embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args))
+        embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args),
+        cluster_token=cluster_token_from(args.cluster_token), router_ca=args.router_ca)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -34,7 +36,7 @@ def _worker(args: argparse.Namespace) -> int:
     from deploy.worker_main import main
     try:
         config = worker_config(args)
-    except TransferOptionError as exc:
+    except (TransferOptionError, ValueError) as exc:
         args.usage_error(str(exc))  # exits 2 with the usage line, like any bad flag
     return main(config)
 

@@ -41,6 +41,11 @@ class ClusterSpec:
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None  # None: children print to this terminal
     env: dict[str, str] = field(default_factory=dict)
+    # Secrets reach the children through their environment, never their command line
+    # (visible in `ps`): the cluster token to every process, the keys to the router.
+    cluster_token: str | None = field(default=None, repr=False)
+    api_keys: tuple[str, ...] = field(default=(), repr=False)
+    admin_key: str | None = field(default=None, repr=False)
 
 
 class LocalCluster:
@@ -102,9 +107,19 @@ class LocalCluster:
         if self.spec.log_dir:
             Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
             output = open(Path(self.spec.log_dir) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env, **self._secrets(name)}
         self.processes[name] = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env,
                                                 stdout=output, stderr=subprocess.STDOUT if output else None)
+
+    def _secrets(self, name: str) -> dict[str, str]:
+        spec, out = self.spec, {}
+        if spec.cluster_token:
+            out["EPD_CLUSTER_TOKEN"] = spec.cluster_token
+        if name == "router" and spec.api_keys:
+            out["EPD_API_KEY"] = ",".join(spec.api_keys)
+        if name == "router" and spec.admin_key:
+            out["EPD_ADMIN_KEY"] = spec.admin_key
+        return out
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s

@@ -26,6 +26,7 @@ from engine.multimodal import InvalidImageError, image_hash
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.metrics import Sample, families
@@ -67,7 +68,8 @@ class EncodeRuntime:
         self.transfer: TransferBackend = create_backend(
             config.transfer, compat_hash=embedding_compat_hash(self.model_path, self.info, dtype),
             host=config.host, advertise_host=config.public_host, **config.transfer_options)
-        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS,
+                                      interceptors=server_interceptors(config.cluster_token))
         self.port = 0
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []
@@ -92,7 +94,8 @@ class EncodeRuntime:
             start_http_server(self.config.metrics_port, addr=self.config.host, registry=registry)
         if self.config.router:
             self._tasks.append(asyncio.create_task(register_loop(
-                self.config.router, "encode", self.worker_id, self.address, self.config.heartbeat_interval_s)))
+                self.config.router, "encode", self.worker_id, self.address, self.config.heartbeat_interval_s,
+                self.config)))
         logger.info("encode worker %s listening on %s (%d image tokens per image)", self.worker_id,
                     self.address, self.info.num_image_tokens)
 

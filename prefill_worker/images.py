@@ -25,6 +25,7 @@ from engine.multimodal import ImageInput
 from kv_transfer import TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto.auth import cluster_channel
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.runtime import _maybe_await
@@ -129,7 +130,7 @@ class ImageFetcher:
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.aio.insecure_channel(address, options=GRPC_MESSAGE_OPTIONS)
+            self._channels[address] = cluster_channel(address, GRPC_MESSAGE_OPTIONS, self.config.cluster_token)
         return self._channels[address]
 
 

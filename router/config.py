@@ -3,10 +3,14 @@ fill it. `epd router` and `python -m router` share `add_router_arguments`."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 from typing import Sequence
 
 ROLES = ("encode", "prefill", "decode")
+METRICS_AUTH = ("open", "user", "admin")  # who may read /metrics
+# Secrets from the environment (comma-separated keys): unlike flags, not visible in `ps`.
+API_KEY_ENV, ADMIN_KEY_ENV, CLUSTER_TOKEN_ENV = "EPD_API_KEY", "EPD_ADMIN_KEY", "EPD_CLUSTER_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,13 @@ class RouterConfig:
     allow_image_urls: bool = False         # fetch http(s) image URLs (off: data: URLs only)
     image_fetch_timeout: float = 10.0      # of one http(s) image fetch
     log_level: str = "info"
+    # Security (router/auth.py). No keys: the API is open, as on a trusted network.
+    api_keys: tuple[str, ...] = field(default=(), repr=False)  # user keys for /v1/* and gRPC Router
+    admin_key: str | None = field(default=None, repr=False)    # admin routes (see router/auth.py)
+    cluster_token: str | None = field(default=None, repr=False)  # Registry calls and calls to workers
+    metrics_auth: str = "open"             # /metrics: open (scrapers), user or admin key
+    tls_cert: str | None = None            # PEM certificate (chain) for HTTPS and gRPC TLS
+    tls_key: str | None = None             # its PEM private key
 
     def static_workers(self) -> list[WorkerAddress]:
         out = []
@@ -114,6 +125,29 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="fetch http(s) image URLs (default: only data: URLs are accepted)")
     add("--image-fetch-timeout", type=float, default=d.image_fetch_timeout)
     add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    _add_security_arguments(parser)
+
+
+def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    add("--api-key", action="append", default=[], dest="api_keys", metavar="KEY",
+        help=f"accept this user API key (repeatable; also env {API_KEY_ENV}, comma-separated)")
+    add("--admin-key", default=None, help=f"key for admin endpoints (also env {ADMIN_KEY_ENV})")
+    add("--cluster-token", default=None,
+        help=f"shared secret of router and workers (also env {CLUSTER_TOKEN_ENV}, which keeps it out of `ps`)")
+    add("--metrics-auth", default="open", choices=METRICS_AUTH, help="who may read /metrics")
+    add("--tls-cert", default=None, metavar="PEM", help="serve HTTPS and gRPC over TLS with this certificate")
+    add("--tls-key", default=None, metavar="PEM", help="the TLS certificate's private key")
+
+
+def secrets_from_env(values: dict[str, object]) -> dict[str, object]:
+    """Add the environment's keys to the flags' (keys) or fill what no flag set."""
+    env_keys = tuple(k.strip() for k in os.environ.get(API_KEY_ENV, "").split(",") if k.strip())
+    out = dict(values, api_keys=tuple(values.get("api_keys") or ()) + env_keys)
+    for name, env in (("admin_key", ADMIN_KEY_ENV), ("cluster_token", CLUSTER_TOKEN_ENV)):
+        if out.get(name) is None:
+            out[name] = os.environ.get(env) or None
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
@@ -122,7 +156,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     for key in ("encode", "prefill", "decode"):
         values[key] = tuple(values.get(key) or ())
-    config = RouterConfig(**values)
+    config = RouterConfig(**secrets_from_env(values))
     validate_config(config)
     return config
 
@@ -142,6 +176,23 @@ def validate_config(config: RouterConfig) -> None:
     if config.image_fetch_timeout <= 0:
         raise ValueError("image_fetch_timeout must be > 0")
     config.static_workers()  # raises on a malformed worker spec
+    _validate_security(config)
+
+
+def _validate_security(config: RouterConfig) -> None:
+    from proto.auth import check_secret
+    for key in config.api_keys:
+        check_secret(key, "an API key")
+    for name in ("admin_key", "cluster_token"):
+        value = getattr(config, name)
+        if value is not None:
+            check_secret(value, name.replace("_", " "))
+    if config.admin_key is not None and config.admin_key in config.api_keys:
+        raise ValueError("the admin key must differ from every user API key")
+    if config.metrics_auth not in METRICS_AUTH:
+        raise ValueError(f"metrics_auth must be one of {METRICS_AUTH}")
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> RouterConfig:

@@ -76,3 +76,23 @@ class WorkerFailed(RouterError):
         self.grpc_code = grpc_code
         if grpc_code == grpc.StatusCode.DEADLINE_EXCEEDED:
             self.http_status, self.code = 504, "worker_timeout"
+
+
+class Unauthenticated(RouterError):
+    """No API key, or one the router does not accept (router/auth.py)."""
+
+    http_status = 401
+    grpc_code = grpc.StatusCode.UNAUTHENTICATED
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+    metric_label = "unauthenticated"
+
+
+class PermissionDenied(RouterError):
+    """A valid key without the right to this endpoint (a user key on an admin route)."""
+
+    http_status = 403
+    grpc_code = grpc.StatusCode.PERMISSION_DENIED
+    error_type = "permission_error"
+    code = "permission_denied"
+    metric_label = "unauthenticated"

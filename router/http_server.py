@@ -16,15 +16,17 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.multimodal import ImageInput
 from router.admission import Slot
+from router.auth import AccessPolicy, install, require_metrics, require_user
 from router.errors import RouterError, WorkerFailed
 from router.grpc_server import cluster_status
 from router.metrics import CONTENT_TYPE
+from router.openapi import ERROR_RESPONSES, describe_bodies
 from router.openai_format import Choice, ResponseFormatter, error_body, usage_body
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, chat_logprobs,
                                     chat_max_tokens, chat_messages, check_body_size, completion_prompts,
@@ -280,18 +282,21 @@ def _sse(body: dict[str, Any]) -> str:
 
 
 def create_app(service: RouterService) -> FastAPI:
-    app = FastAPI(title="epd-serve router", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="epd-serve router", docs_url=None, redoc_url=None)
+    install(app, AccessPolicy.from_config(service.config))
+    describe_bodies(app)
     server = OpenAIServer(service)
+    user = [Depends(require_user)]
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=user, responses=ERROR_RESPONSES)
     async def chat_completions(request: Request) -> Response:
         return await server.handle(request, server.chat_job)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=user, responses=ERROR_RESPONSES)
     async def completions(request: Request) -> Response:
         return await server.handle(request, server.completion_job)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=user)
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": service.model.name, "object": "model", "created": 0,
                                             "owned_by": "epd-serve", "max_model_len": service.max_model_len}]}
@@ -304,12 +309,12 @@ def create_app(service: RouterService) -> FastAPI:
                 "healthy_decode": len(registry.healthy("decode")), "healthy_encode": len(registry.healthy("encode"))}
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/cluster")
+    @app.get("/cluster", dependencies=user)
     async def cluster() -> list[dict[str, Any]]:
         return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy,
                  **{f: getattr(s, f) for f in _CLUSTER_FIELDS}} for s in cluster_status(service.registry)]
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(require_metrics)])
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE)
 

@@ -17,6 +17,7 @@ from typing import Union
 import grpc
 
 from proto import epd_pb2, epd_pb2_grpc
+from proto.auth import cluster_channel
 from router.config import ROLES, RouterConfig
 from router.worker_state import Clock, WorkerLoad, WorkerState
 
@@ -67,7 +68,7 @@ class WorkerRegistry:
             return old
         if old is not None:
             self._drop(worker_id)
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = cluster_channel(address, CHANNEL_OPTIONS, self._config.cluster_token)
         stub_class = _STUBS[role]
         state = WorkerState(role, worker_id, address, static=static)
         handle = WorkerHandle(state, channel, stub_class(channel), self._clock())

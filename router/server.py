@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 from engine.engine import resolve_model_path
 from engine.multimodal import MultimodalInfo, read_multimodal_info
 from engine.tokenizer import Tokenizer
+from router.auth import router_interceptors
 from router.config import RouterConfig, validate_config
 from router.grpc_server import add_services
 from router.http_server import create_app
@@ -75,16 +76,17 @@ class RouterApp:
 
     async def start(self) -> None:
         self.monitor.start()
-        self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
+        self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=router_interceptors(self.config))
         add_services(self._grpc, self.service)
-        self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
+        self.grpc_port = self._add_grpc_port(f"{self.config.host}:{self.config.grpc_port}")
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {self.config.host}:{self.config.grpc_port}")
         await self._grpc.start()
         sock = _bind(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
         uv_config = uvicorn.Config(create_app(self.service), log_level=self.config.log_level,
-                                   access_log=False, lifespan="off", timeout_graceful_shutdown=5)
+                                   access_log=False, lifespan="off", timeout_graceful_shutdown=5,
+                                   ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key)
         self._http = _EmbeddedUvicorn(uv_config)
         self._http_task = asyncio.create_task(self._http.serve(sockets=[sock]), name="router-http")
         while not self._http.started:
@@ -92,8 +94,16 @@ class RouterApp:
                 await self._http_task  # raises the startup error
                 raise OSError("the HTTP server stopped during startup")
             await asyncio.sleep(0.01)
-        log.info("router serving %s: HTTP on %s:%d, gRPC on %s:%d, policy %s", self.service.model.name,
-                 self.config.host, self.http_port, self.config.host, self.grpc_port, self.config.policy)
+        log.info("router serving %s: HTTP%s on %s:%d, gRPC on %s:%d, policy %s", self.service.model.name,
+                 "S" if self.config.tls_cert else "", self.config.host, self.http_port, self.config.host,
+                 self.grpc_port, self.config.policy)
+
+    def _add_grpc_port(self, address: str) -> int:
+        assert self._grpc is not None
+        if self.config.tls_cert is None or self.config.tls_key is None:
+            return self._grpc.add_insecure_port(address)
+        key, cert = Path(self.config.tls_key).read_bytes(), Path(self.config.tls_cert).read_bytes()
+        return self._grpc.add_secure_port(address, grpc.ssl_server_credentials([(key, cert)]))
 
     async def stop(self, grace: float = 2.0) -> None:
         if self._http is not None and self._http_task is not None:

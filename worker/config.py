@@ -40,6 +40,10 @@ class WorkerConfig:
     embedding_slots: int = 32
     embedding_cache_mb: float = 256.0
     engine_options: dict[str, Any] = field(default_factory=dict)
+    # Shared secret of the cluster (worker/auth.py): required on every call this worker
+    # serves, attached to every call it makes. None: no token (a trusted network).
+    cluster_token: str | None = field(default=None, repr=False)
+    router_ca: str | None = None  # PEM file: register with a TLS router, verified against it
 
     @property
     def public_host(self) -> str:
@@ -53,6 +57,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker-id", default="")
     parser.add_argument("--advertise-host", default=None, help="host peers should dial")
     parser.add_argument("--router", default=None, help="router gRPC address to register with")
+    parser.add_argument("--router-ca", default=None, metavar="PEM",
+                        help="the router's gRPC uses TLS: verify it against this CA certificate")
+    parser.add_argument("--cluster-token", default=None,
+                        help="shared cluster secret (default: env EPD_CLUSTER_TOKEN, which keeps it out of `ps`)")
     parser.add_argument("--transfer", default="tcp",
                         help="KV transfer backend; 'none' for an aggregated decode worker that prefills itself")
     parser.add_argument("--transfer-option", action="append", default=[], metavar="KEY=VALUE",

@@ -19,6 +19,8 @@ from engine.engine import Engine
 from kv_transfer import TransferBackend, compat_hash, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto.auth import cluster_channel
+from worker.auth import router_credentials, server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.events import KVEventLog
 from worker.metrics import MetricSource, Sample, families
@@ -46,7 +48,8 @@ class WorkerRuntime:
         elif config.role == "prefill":
             raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
-        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS)
+        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS,
+                                      interceptors=server_interceptors(config.cluster_token))
         self.port = 0
         self.snapshot: dict[str, float] = {}
         self.metric_sources: list[MetricSource] = []  # the role service's own /metrics samples
@@ -157,13 +160,16 @@ class WorkerRuntime:
     async def _register_loop(self) -> None:
         assert self.config.router is not None
         await register_loop(self.config.router, self.config.role, self.worker_id, self.address,
-                            self.config.heartbeat_interval_s)
+                            self.config.heartbeat_interval_s, self.config)
 
 
-async def register_loop(router: str, role: str, worker_id: str, address: str, interval_s: float) -> None:
+async def register_loop(router: str, role: str, worker_id: str, address: str, interval_s: float,
+                        config: WorkerConfig | None = None) -> None:
     """Register with the router and keep heartbeating; registers again whenever the
-    router no longer knows this worker (it restarted or forgot it). Runs until cancelled."""
-    async with grpc.aio.insecure_channel(router) as channel:
+    router no longer knows this worker (it restarted or forgot it). Runs until cancelled.
+    `config` gives the cluster token and the router's CA, when there are."""
+    token, credentials = (config.cluster_token, router_credentials(config.router_ca)) if config else (None, None)
+    async with cluster_channel(router, (), token, credentials) as channel:
         registry = pb_grpc.RegistryStub(channel)
         known = False
         while True:
