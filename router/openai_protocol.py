@@ -96,7 +96,9 @@ def parse_body(raw: bytes) -> dict[str, Any]:
         raise InvalidRequest(f"the request body is not valid UTF-8 (byte {exc.start})") from None
     try:
         body = json.loads(text, parse_constant=_no_constant)
-    except json.JSONDecodeError as exc:
+    except RecursionError:  # nesting deeper than the decoder's stack allows
+        raise InvalidRequest("the request body nests arrays or objects too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer past int()'s digit limit
         raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -110,20 +112,22 @@ def _no_constant(name: str) -> Any:
     raise InvalidRequest(f"the request body holds {name}, which JSON does not allow (numbers must be finite)")
 
 
-def _check_strings(value: Any) -> None:
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise InvalidRequest("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff) "
-                                 "that is not valid Unicode") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            _check_strings(key)
-            _check_strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            _check_strings(item)
+def _check_strings(body: Any) -> None:
+    """Iterative: a body nested as deep as the decoder allows must not overflow the stack here."""
+    pending = [body]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest("the request body holds a lone UTF-16 surrogate escape (\\ud800-\\udfff) "
+                                     "that is not valid Unicode") from None
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
 
 
 def validate_model(cls: type[SamplingFields], body: dict[str, Any]) -> Any:

@@ -1,4 +1,5 @@
-"""Bodies that once got a bare 500: a lone surrogate in a string, non-finite numbers."""
+"""Bodies that once got a bare 500: a lone surrogate in a string, non-finite numbers,
+nesting deeper than the JSON decoder's stack, an integer past int()'s digit limit."""
 from __future__ import annotations
 
 import pytest
@@ -13,6 +14,10 @@ BODIES = [
     b'{"prompt": "x", "max_tokens": 2, "temperature": Infinity}',
     b'{"prompt": "x", "max_tokens": 2, "top_p": NaN}',
     b'{"messages": [{"role": "user", "content": "\\ud83d"}], "max_tokens": 2}',
+    b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b', "max_tokens": 2}',
+    b'{"prompt": "x", "user": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5000 + b"}",
+    b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}",
+    b'{"prompt": "\\ud800", "user": ' + b"[" * 900 + b"]" * 900 + b"}",
 ]
 
 
