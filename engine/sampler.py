@@ -13,7 +13,8 @@ from engine.sampling_params import SamplingParams
 
 def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
     """Repetition (over prompt and output, as transformers does) then OpenAI-style
-    frequency/presence penalties (over the output)."""
+    frequency/presence penalties (over the output). A repetition penalty near 0 may
+    overflow seen tokens to +inf; `finite_logits` bounds that."""
     p = request.params
     if p.repetition_penalty != 1.0:
         seen = torch.tensor(sorted(set(request.all_token_ids)), dtype=torch.long, device=logits.device)
@@ -24,6 +25,12 @@ def apply_penalties(logits: torch.Tensor, request: Request) -> torch.Tensor:
         counts = torch.bincount(out, minlength=logits.shape[-1]).to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
+
+
+def finite_logits(logits: torch.Tensor) -> torch.Tensor:
+    """+inf (a penalty that overflowed) becomes the dtype's largest value, NaN -inf:
+    softmax over the row stays a distribution."""
+    return torch.nan_to_num(logits, nan=float("-inf"), posinf=torch.finfo(logits.dtype).max)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -70,10 +77,12 @@ class Sampler:
         return results
 
     def _sample_row(self, row: torch.Tensor, request: Request) -> int:
-        row = apply_penalties(row, request)
+        row = finite_logits(apply_penalties(row, request))
         if request.params.greedy:
             return int(torch.argmax(row))
         probs = torch.softmax(filter_logits(row, request.params), dim=-1).cpu()
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+            return int(torch.argmax(row))  # nothing left to draw from: the best remaining token
         generator = self._generator
         if request.params.seed is not None:
             generator = torch.Generator().manual_seed(

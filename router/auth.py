@@ -166,7 +166,10 @@ class RouterAuthInterceptor(grpc.aio.ServerInterceptor):
 
 
 def router_interceptors(config: RouterConfig) -> list[grpc.aio.ServerInterceptor]:
+    """Credentials first (a refused call is never parsed), then parsing that answers a
+    corrupt body with INVALID_ARGUMENT."""
+    from proto.decoding import DecodeErrorInterceptor
     policy = AccessPolicy.from_config(config)
-    if not policy.api_keys and config.cluster_token is None:
-        return []
-    return [RouterAuthInterceptor(policy, config.cluster_token)]
+    checks = [] if not policy.api_keys and config.cluster_token is None else [
+        RouterAuthInterceptor(policy, config.cluster_token)]
+    return [*checks, DecodeErrorInterceptor()]

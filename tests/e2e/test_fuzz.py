@@ -43,6 +43,7 @@ CLIENT_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.Statu
                 grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
                 grpc.StatusCode.PERMISSION_DENIED}
 SENT: Counter[str] = Counter()  # requests sent, by fuzzer
+SERVED: Counter[str] = Counter()  # of those, successes: the fuzzers reach past validation too
 
 
 def fuzz_settings(examples: int) -> settings:
@@ -93,6 +94,7 @@ def test_http_schema_fuzz(cluster: LocalCluster) -> None:
         SENT["schemathesis"] += 1
         response = case.call(base_url=cluster.http_url, headers=AUTH, timeout=60)
         assert response.status_code < 500, (case.as_curl_command(), response.status_code, response.text[:500])
+        SERVED["schemathesis"] += response.status_code == 200 and case.method == "POST"
 
     fuzz()
 
@@ -164,19 +166,19 @@ def broken_bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     return path, body
 
 
+header_values = st.text(st.characters(max_codepoint=255, blacklist_categories=("Cc",)), max_size=40).map(
+    lambda s: s.strip().encode("latin-1"))
 CONTENT_TYPES = ["application/json", "text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
                  "application/json; charset=latin-1", "", "*/*", "application/octet-stream"]
 
 
 @st.composite
-def http_requests(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, str]]:
+def http_requests(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, Any]]:
     path, body = draw(st.one_of(json_bodies(), broken_bodies()))
-    headers = dict(AUTH, **{"content-type": draw(st.sampled_from(CONTENT_TYPES))})
+    headers: dict[str, Any] = dict(AUTH, **{"content-type": draw(st.sampled_from(CONTENT_TYPES))})
     if draw(st.integers(0, 9)) == 0:
         headers.update(draw(st.sampled_from([{"content-encoding": "gzip"}, {"transfer-encoding": "chunked"},
-                                             {"authorization": draw(st.text(st.characters(max_codepoint=255,
-                                                                                          blacklist_categories=("Cc",)),
-                                                                            max_size=40).map(str.strip))}])))
+                                             {"authorization": draw(header_values)}])))
     method = draw(st.sampled_from(["POST"] * 8 + ["GET", "PUT"]))
     return method, path, body, headers
 
@@ -184,7 +186,7 @@ def http_requests(draw: st.DrawFn) -> tuple[str, str, bytes, dict[str, str]]:
 def test_http_malformed_bodies(http: httpx.Client) -> None:
     @fuzz_settings(900)
     @given(request=http_requests())
-    def fuzz(request: tuple[str, str, bytes, dict[str, str]]) -> None:
+    def fuzz(request: tuple[str, str, bytes, dict[str, Any]]) -> None:
         method, path, body, headers = request
         SENT["http-malformed"] += 1
         try:
@@ -192,6 +194,7 @@ def test_http_malformed_bodies(http: httpx.Client) -> None:
         except httpx.RemoteProtocolError:  # e.g. a chunked header over a plain body: the connection is dropped
             return
         check_http(response)
+        SERVED["http-malformed"] += response.status_code == 200
 
     fuzz()
 
@@ -199,6 +202,9 @@ def test_http_malformed_bodies(http: httpx.Client) -> None:
 # -- gRPC: GenerateRequest messages with out-of-range values -----------------------------
 
 any_float = st.floats(width=64)
+# A valid 1x1 PNG (the text model has no image placeholder: the router must refuse it cleanly).
+TINY_PNG = bytes.fromhex("89504e470d0a1a0a0000000d49484452000000010000000108060000001f15c489"
+                         "0000000d49444154789c63f8cfc0f01f0005000201e2b1d8c70000000049454e44ae426082")
 uint32 = st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 80))
 
 
@@ -229,8 +235,7 @@ def generate_requests(draw: st.DrawFn) -> pb.GenerateRequest:
         request.text = draw(utf8_text)
     elif kind == "token_ids":
         request.token_ids.ids.extend(draw(st.lists(st.one_of(st.integers(0, 600), uint32), max_size=80)))
-    for data in draw(st.lists(st.binary(max_size=64), max_size=2)):
-        request.images.add(data=data, hash=draw(utf8_text), offset=draw(uint32), num_tokens=draw(uint32))
+    request.images.extend(draw(st.lists(st.one_of(st.binary(max_size=64), st.just(TINY_PNG)), max_size=2)))
     return request
 
 
@@ -254,6 +259,7 @@ def test_grpc_generate_fuzz(cluster: LocalCluster) -> None:
         SENT["grpc-generate"] += 1
         code = loop.run_until_complete(generate_code(channel, request))
         assert code in CLIENT_CODES, (code, request)
+        SERVED["grpc-generate"] += code == grpc.StatusCode.OK
 
     try:
         fuzz()
@@ -298,6 +304,7 @@ def test_grpc_raw_bytes_fuzz(cluster: LocalCluster) -> None:
         SENT["grpc-raw"] += 1
         code = loop.run_until_complete(raw_code(channel, method, body))
         assert code in CLIENT_CODES, (code, method, body)
+        SERVED["grpc-raw"] += code == grpc.StatusCode.OK
 
     try:
         fuzz()
@@ -312,6 +319,8 @@ def test_grpc_raw_bytes_fuzz(cluster: LocalCluster) -> None:
 def test_cluster_serves_correctly_after_fuzzing(cluster: LocalCluster, http: httpx.Client,
                                                 tiny_model_path: Path) -> None:
     assert sum(SENT.values()) >= 2000, SENT
+    assert all(SERVED[name] > 0 for name in SENT), (SENT, SERVED)
+    print(f"fuzzed: sent {dict(SENT)}, served {dict(SERVED)}")
     assert all(proc.poll() is None for proc in cluster.processes.values()), "a process died"
     prompts = [[5, 17, 99, 3, 250, 41, 7, 8], list(range(20, 50))]
     llm = LLM(tiny_model_path)

@@ -118,3 +118,17 @@ def test_logprobs_equal_log_softmax_of_reference(tmp_path) -> None:  # noqa: ANN
         assert [t for t, _ in entry.top] == ids.tolist()
         assert all(math.isclose(lp, float(v), abs_tol=1e-4) for (_, lp), v in zip(entry.top, values))
         sequence.append(token)
+
+
+@pytest.mark.parametrize("kwargs", [dict(repetition_penalty=6.34e-274), dict(repetition_penalty=1e300),
+                                    dict(repetition_penalty=5e-324, frequency_penalty=-2.0, presence_penalty=-2.0),
+                                    dict(repetition_penalty=1e-300, top_p=0.5, min_p=0.9, top_k=2)])
+@pytest.mark.parametrize("temperature", [0.0, 1.0, 1e-5])
+def test_extreme_penalties_never_make_a_bad_distribution(kwargs: dict, temperature: float) -> None:
+    """Once a repetition penalty of 6e-274 overflowed the seen tokens' logits to inf and
+    softmax made NaN of the row: the engine step failed for every request in the batch."""
+    logits = torch.tensor([2.0, -2.0, 1.0, 0.5, 30.0, -30.0])
+    request = Request("r", [0, 1, 4, 5], SamplingParams(temperature=temperature, seed=3, **kwargs))
+    request.output_token_ids = [4, 4, 2]
+    token, _ = Sampler(0).sample(logits[None].clone(), [request])[0]
+    assert 0 <= token < 6
