@@ -116,3 +116,40 @@ async def test_register_region_rejects_unusable_tensors() -> None:
         await backend.register_region("kv", kv)
     with pytest.raises(ValueError, match="contiguous"):
         await backend.register_region("t", torch.zeros(4, 16).t())
+
+
+async def _ack(reader: asyncio.StreamReader) -> tuple[int, Status]:
+    ftype, req_id, length = HEADER.unpack(await asyncio.wait_for(reader.readexactly(HEADER.size), 5))
+    assert ftype == FrameType.ACK
+    status, _ = decode_status(await reader.readexactly(length))
+    return req_id, status
+
+
+@pytest.mark.parametrize("begin", [
+    Begin("kv", (PageRun(0, 3, 1),), Notification("r", 1, 0, b"", True)),  # another room's page
+    Begin("kv", (PageRun(0, 2, 2),), Notification("r", 1, 0, b"", True)),  # runs past the room
+    Begin("kv", (PageRun(0, 5, 1),), Notification("r", 1, 0, b"", True)),  # a page nobody reserved
+    Begin("kv", (PageRun(0, 2, 1),), Notification("r", 0, 0, b"", True)),  # a stale generation
+    Begin("kv", (PageRun(0, 2, 1),), Notification("nobody", 1, 0, b"", True)),  # no such room
+    Begin("kv", (PageRun(0, 2**63, 1),), Notification("r", 1, 0, b"", True)),  # far past the region
+    Begin("other", (PageRun(0, 2, 1),), Notification("r", 1, 0, b"", True)),  # no such region
+])
+async def test_hostile_begin_outside_the_reservation_lands_nothing(
+        receiver: tuple[TransferBackend, torch.Tensor], begin: Begin) -> None:
+    """A client that skips the sender's own checks: the receiver refuses the write
+    before any byte lands, and the bytes it sends anyway are drained, not written."""
+    backend, kv = receiver
+    backend.reserve_room("r", 1, "kv", [2])
+    backend.reserve_room("q", 1, "kv", [3])
+    reader, writer, status = await raw_client(backend)
+    assert status is Status.OK
+    body = begin.encode()
+    writer.write(HEADER.pack(FrameType.BEGIN, 1, len(body)) + body)
+    assert await _ack(reader) == (1, Status.FENCED)
+    writer.write(HEADER.pack(FrameType.DATA, 1, 2048) + b"\x01" * 2048)
+    # Frames are served in order: once request 2's refusal is back, the DATA was drained.
+    writer.write(HEADER.pack(FrameType.BEGIN, 2, len(body)) + body)
+    assert await _ack(reader) == (2, Status.FENCED)
+    writer.close()
+    assert int(kv.count_nonzero()) == 0
+    await assert_still_serves(backend, kv)
