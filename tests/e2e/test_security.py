@@ -62,9 +62,14 @@ def test_keys_over_http(cluster: LocalCluster, tiny_model_path: Path) -> None:
         outputs.append(response.json()["choices"][0]["text"])
     tokenizer = LLM(tiny_model_path).get_tokenizer()
     assert outputs == [tokenizer.decode(ids) for ids in offline(tiny_model_path)]
-    status = httpx.get(f"{cluster.http_url}/cluster", headers=bearer(USER), timeout=10.0).json()
     # decode handed the prompts to prefill (local threshold 1): decode → prefill carried the token.
-    assert by_role(status, "prefill")[0]["prefill_tokens_total"] >= sum(map(len, PROMPTS)) - 1
+    # (/cluster shows each worker's last Status poll, every 0.5 s.)
+    wait_for(lambda: _prefilled(cluster) >= sum(map(len, PROMPTS)) - 1, timeout_s=10.0, interval_s=0.2)
+
+
+def _prefilled(cluster: LocalCluster) -> int:
+    status = httpx.get(f"{cluster.http_url}/cluster", headers=bearer(USER), timeout=10.0).json()
+    return int(by_role(status, "prefill")[0]["prefill_tokens_total"])
 
 
 def test_admin_endpoint_refuses_a_user_key(cluster: LocalCluster) -> None:
