@@ -45,6 +45,15 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def Generate(self, request: pb.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        async with self.runtime.life.gate.admit(context):
+            async for response in self._generate(request, context):
+                yield response
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        return await self.runtime.life.drain_call(request)
+
+    async def _generate(self, request: pb.DecodeRequest,
+                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         async_engine = self.runtime.async_engine
         try:

@@ -24,7 +24,7 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         role=args.role, model=args.model, host=args.host, port=args.port, metrics_port=args.metrics_port,
         worker_id=args.worker_id, advertise_host=args.advertise_host, router=args.router,
         transfer=args.transfer, transfer_options=transfer_options(args.transfer, args.transfer_option),
-        transfer_timeout_s=args.transfer_timeout_s,
+        transfer_timeout_s=args.transfer_timeout_s, drain_timeout_s=args.drain_timeout_s,
         prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
         encode_max_batch=args.encode_max_batch, embedding_slots=args.embedding_slots,
         embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args),

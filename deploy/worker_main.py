@@ -5,11 +5,13 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from worker.config import WorkerConfig
 
 
-async def run_worker(config: WorkerConfig, ready_file: str | None = None) -> None:
+async def start_worker(config: WorkerConfig):  # noqa: ANN201 - WorkerRuntime or EncodeRuntime
     if config.role == "encode":
         from encode_worker.server import serve_encode as serve
     elif config.role == "prefill":
@@ -18,16 +20,37 @@ async def run_worker(config: WorkerConfig, ready_file: str | None = None) -> Non
         from decode_worker.server import serve_decode as serve
     else:
         raise ValueError(f"unknown worker role {config.role!r}")
-    runtime = await serve(config)
+    return await serve(config)
+
+
+async def run_worker(config: WorkerConfig, ready_file: str | None = None,
+                     drain: asyncio.Event | None = None, stop: asyncio.Event | None = None,
+                     started: Callable[[Any], None] | None = None) -> None:
+    """Serve until told to go. SIGTERM (or `terminate`) drains first: no new requests,
+    the running ones finish (up to --drain-timeout), then the worker deregisters and
+    exits; SIGINT, or a second SIGTERM, stops at once. A Drain call with exit=True ends it
+    too. `drain` / `stop` replace the signals for callers off the main thread (a Ray
+    actor), where no signal handler can be installed; `started` gets the runtime."""
+    runtime = await start_worker(config)
     print(f"{config.role} worker {runtime.worker_id} ready on {runtime.address}", flush=True)
     if ready_file:
         with open(ready_file, "w") as handle:
             handle.write(runtime.address)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    if started is not None:
+        started(runtime)
+    signals = drain is None and stop is None
+    drain, now = drain or asyncio.Event(), stop or asyncio.Event()
+    if signals:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGINT, now.set)
+        loop.add_signal_handler(signal.SIGTERM, lambda: (now if drain.is_set() else drain).set())
+    waits = {asyncio.ensure_future(e.wait()): e for e in (drain, now, runtime.life.exit_requested)}
+    done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if any(waits[task] is drain for task in done) and not now.is_set():
+        drained = asyncio.ensure_future(runtime.life.drain(config.drain_timeout_s))
+        await asyncio.wait([drained, asyncio.ensure_future(now.wait())], return_when=asyncio.FIRST_COMPLETED)
+    for task in waits:
+        task.cancel()
     await runtime.stop()
 
 

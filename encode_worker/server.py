@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import torch
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from encode_worker.batcher import EncodeBatcher
 from engine.errors import ConfigError, InvalidRequestError
@@ -29,8 +29,10 @@ from proto import epd_pb2_grpc as pb_grpc
 from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
+from worker.drain import Lifecycle
+from worker.http import WorkerHTTPServer
 from worker.metrics import Sample, families
-from worker.runtime import _maybe_await, register_loop
+from worker.runtime import _maybe_await, deregister, register_loop
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class EncodeRuntime:
         self.port = 0
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self.life = Lifecycle(config.drain_timeout_s)  # readiness, drain gate, exit on request
+        self._http: WorkerHTTPServer | None = None
 
     @property
     def worker_id(self) -> str:
@@ -88,10 +92,12 @@ class EncodeRuntime:
         self.batcher.start()
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
+        self.life.gate.worker_id = self.worker_id
         if self.config.metrics_port is not None:
             registry = CollectorRegistry()
             registry.register(_EncodeCollector(self))
-            start_http_server(self.config.metrics_port, addr=self.config.host, registry=registry)
+            self._http = WorkerHTTPServer(self.config.host, self.config.metrics_port, registry, self.life.health)
+        self.life.ready = True
         if self.config.router:
             self._tasks.append(asyncio.create_task(register_loop(
                 self.config.router, "encode", self.worker_id, self.address, self.config.heartbeat_interval_s,
@@ -100,11 +106,16 @@ class EncodeRuntime:
                     self.address, self.info.num_image_tokens)
 
     async def stop(self) -> None:
+        self.life.ready = False
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.config.router:
+            await deregister(self.config.router, self.worker_id, self.config)
         await self.server.stop(grace=1.0)
+        if self._http is not None:
+            self._http.close()
         await self.batcher.stop()
         await _maybe_await(self.transfer.close())
 
@@ -122,7 +133,7 @@ class EncodeRuntime:
             role="encode", id=self.worker_id, address=self.address, healthy=True, model=str(self.model_path),
             metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
             transfer=self.config.transfer, transfer_address=self.transfer.descriptor().address,
-            **self.counts())
+            draining=self.life.gate.draining, **self.counts())
 
 
 class EncodeService(pb_grpc.EncodeWorkerServicer):
@@ -130,6 +141,13 @@ class EncodeService(pb_grpc.EncodeWorkerServicer):
         self.runtime = runtime
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
+        async with self.runtime.life.gate.admit(context):
+            return await self._encode(request, context)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        return await self.runtime.life.drain_call(request)
+
+    async def _encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         runtime = self.runtime
         runtime.requests_total += 1
         try:

@@ -67,6 +67,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             runtime.closers.append(self.images.close)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+        async with self.runtime.life.gate.admit(context):
+            return await self._prefill(request, context)
+
+    async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
+        return await self.runtime.life.drain_call(request)
+
+    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
         try:
             params = params_from_proto(request.sampling)

@@ -67,6 +67,20 @@ class RouterConfig:
     metrics_auth: str = "open"             # /metrics: open (scrapers), user or admin key
     tls_cert: str | None = None            # PEM certificate (chain) for HTTPS and gRPC TLS
     tls_key: str | None = None             # its PEM private key
+    # Pools at run time (router/pools.py, router/autoscaler.py).
+    launcher: str | None = None            # URL of the launcher that starts workers (epd up)
+    drain_timeout: float = 600.0           # a worker leaving a pool: how long its requests may run
+    autoscale: tuple[str, ...] = ()        # POOL=MIN:MAX, each pool scaled on its own load
+    autoscale_interval: float = 2.0        # between two autoscaler decisions
+    autoscale_window: float = 30.0         # latencies of the last this-many seconds count
+    autoscale_up_cooldown: float = 10.0    # after a change, no growth of that pool this long
+    autoscale_down_cooldown: float = 30.0  # ... and no shrinking this long
+    autoscale_ttft: float = 2.0            # prefill target: TTFT p90 (s)
+    autoscale_itl: float = 0.1             # decode target: ITL p90 (s)
+    autoscale_prefill_tokens: int = 4096   # prefill target: queued prompt tokens per worker
+    autoscale_decode_kv: float = 0.8       # decode target: fraction of KV pages in use
+    autoscale_decode_running: int = 0      # decode target: running requests per worker (0: unused)
+    autoscale_encode_images: int = 16      # encode target: queued images per worker
 
     def static_workers(self) -> list[WorkerAddress]:
         out = []
@@ -126,6 +140,28 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--image-fetch-timeout", type=float, default=d.image_fetch_timeout)
     add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     _add_security_arguments(parser)
+    _add_pool_arguments(parser)
+
+
+def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
+    d, add = RouterConfig(), parser.add_argument
+    add("--launcher", default=None, metavar="URL", help="launcher that starts workers when a pool grows "
+        "(epd up passes its own); without one, pools can only shrink")
+    add("--drain-timeout", type=float, default=d.drain_timeout,
+        help="seconds a leaving worker's running requests may take")
+    add("--autoscale", action="append", default=[], metavar="POOL=MIN:MAX",
+        help="scale POOL (encode, prefill, decode) between MIN and MAX on its load (repeatable)")
+    for name, kind, text in (
+            ("interval", float, "seconds between decisions"), ("window", float, "latency window (s)"),
+            ("up-cooldown", float, "seconds after a change before a pool grows again"),
+            ("down-cooldown", float, "seconds after a change before a pool shrinks"),
+            ("ttft", float, "prefill target TTFT p90 (s)"), ("itl", float, "decode target ITL p90 (s)"),
+            ("prefill-tokens", int, "prefill target queued prompt tokens per worker"),
+            ("decode-kv", float, "decode target fraction of KV pages in use"),
+            ("decode-running", int, "decode target running requests per worker (0: unused)"),
+            ("encode-images", int, "encode target queued images per worker")):
+        attr = "autoscale_" + name.replace("-", "_")
+        add(f"--autoscale-{name}", type=kind, default=getattr(d, attr), dest=attr, help=text)
 
 
 def _add_security_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,7 +190,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """Build a RouterConfig from parsed options; unknown attributes are ignored."""
     names = {f.name for f in fields(RouterConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    for key in ("encode", "prefill", "decode"):
+    for key in ("encode", "prefill", "decode", "autoscale"):
         values[key] = tuple(values.get(key) or ())
     config = RouterConfig(**secrets_from_env(values))
     validate_config(config)
@@ -177,6 +213,23 @@ def validate_config(config: RouterConfig) -> None:
         raise ValueError("image_fetch_timeout must be > 0")
     config.static_workers()  # raises on a malformed worker spec
     _validate_security(config)
+    autoscale_bounds(config)  # raises on a malformed --autoscale
+    if config.drain_timeout <= 0 or config.autoscale_interval <= 0:
+        raise ValueError("drain_timeout and autoscale_interval must be > 0")
+
+
+def autoscale_bounds(config: RouterConfig) -> dict[str, tuple[int, int]]:
+    """`--autoscale POOL=MIN:MAX` as {pool: (min, max)}."""
+    out: dict[str, tuple[int, int]] = {}
+    for spec in config.autoscale:
+        pool, _, bounds = spec.partition("=")
+        low, sep, high = bounds.partition(":")
+        if pool not in ROLES or not sep or not low.isdigit() or not high.isdigit():
+            raise ValueError(f"--autoscale {spec!r}: expected POOL=MIN:MAX with POOL one of {ROLES}")
+        if int(low) > int(high) or (pool == "decode" and int(low) < 1):
+            raise ValueError(f"--autoscale {spec!r}: need MIN <= MAX (and MIN >= 1 for decode)")
+        out[pool] = (int(low), int(high))
+    return out
 
 
 def _validate_security(config: RouterConfig) -> None:

@@ -138,6 +138,7 @@ def cluster_status(registry: WorkerRegistry) -> list[epd_pb2.WorkerStatus]:
         status.ClearField("stored")
         status.ClearField("removed")
         status.role, status.id, status.address, status.healthy = state.role, state.id, state.address, state.healthy
+        status.draining = state.draining
         out.append(status)
     return out
 
@@ -159,6 +160,10 @@ class RegistryServicer(epd_pb2_grpc.RegistryServicer):
     async def Heartbeat(self, request: epd_pb2.HeartbeatRequest,
                         context: grpc.aio.ServicerContext) -> epd_pb2.HeartbeatResponse:
         return epd_pb2.HeartbeatResponse(known=self._registry.get(request.id) is not None)
+
+    async def Deregister(self, request: epd_pb2.DeregisterRequest,
+                         context: grpc.aio.ServicerContext) -> epd_pb2.DeregisterResponse:
+        return epd_pb2.DeregisterResponse(known=self._registry.remove(request.id))
 
 
 def add_services(server: grpc.aio.Server, service: RouterService) -> None:

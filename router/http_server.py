@@ -22,6 +22,7 @@ from starlette.types import Receive, Scope, Send
 
 from engine.multimodal import ImageInput
 from router.admission import Slot
+from router.admin import add_admin_routes
 from router.auth import AccessPolicy, install, require_metrics, require_user
 from router.errors import RouterError, WorkerFailed
 from router.grpc_server import cluster_status
@@ -311,8 +312,10 @@ def create_app(service: RouterService) -> FastAPI:
 
     @app.get("/cluster", dependencies=user)
     async def cluster() -> list[dict[str, Any]]:
-        return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy,
+        return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy, "draining": s.draining,
                  **{f: getattr(s, f) for f in _CLUSTER_FIELDS}} for s in cluster_status(service.registry)]
+
+    add_admin_routes(app, service)
 
     @app.get("/metrics", dependencies=[Depends(require_metrics)])
     async def metrics() -> Response:

@@ -97,7 +97,8 @@ class WorkerRegistry:
         return [h for h in self._workers.values() if role is None or h.state.role == role]
 
     def healthy(self, role: str) -> list[WorkerState]:
-        return [h.state for h in self.handles(role) if h.state.healthy]
+        """The workers new requests may go to: healthy and not draining."""
+        return [h.state for h in self.handles(role) if h.state.healthy and not h.state.draining]
 
     def ready(self) -> bool:
         """Every worker named on the command line is healthy, and at least the expected
@@ -197,6 +198,7 @@ class HealthMonitor:
         state.healthy, state.last_ok, state.down_since = True, self._clock(), None
         state.load = load_from_status(status)
         state.status = status
+        state.draining = state.draining or status.draining  # drained on its own (SIGTERM)
         if status.event_seq < state.prefix.cursor and not status.events_reset:
             state.prefix.reset()  # the worker restarted; the next poll gets a snapshot
         else:

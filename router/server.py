@@ -20,10 +20,12 @@ from engine.engine import resolve_model_path
 from engine.multimodal import MultimodalInfo, read_multimodal_info
 from engine.tokenizer import Tokenizer
 from router.auth import router_interceptors
+from router.autoscaler import Autoscaler
 from router.config import RouterConfig, validate_config
 from router.grpc_server import add_services
 from router.http_server import create_app
 from router.metrics import RouterMetrics
+from router.pools import PoolManager
 from router.registry import CHANNEL_OPTIONS, HealthMonitor, WorkerRegistry
 from router.service import ModelInfo, RouterService
 
@@ -68,6 +70,9 @@ class RouterApp:
         self.metrics = RouterMetrics(self.registry.handles)
         self.service = RouterService(config, self.registry, tokenizer, model, self.metrics, multimodal)
         self.monitor = HealthMonitor(self.registry, config)
+        self.service.pools = PoolManager(config, self.registry)
+        self.autoscaler = Autoscaler(config, self.registry, self.service.pools, self.service.latency,
+                                     self.metrics.registry)
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -76,6 +81,7 @@ class RouterApp:
 
     async def start(self) -> None:
         self.monitor.start()
+        self.autoscaler.start()
         self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=router_interceptors(self.config))
         add_services(self._grpc, self.service)
         self.grpc_port = self._add_grpc_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -111,6 +117,8 @@ class RouterApp:
             await asyncio.gather(self._http_task, return_exceptions=True)
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        await self.autoscaler.stop()
+        await self.service.pools.close()
         await self.monitor.stop()
         await self.service.dispatcher.close()
         await self.registry.close()

@@ -14,7 +14,7 @@ import time
 import uuid
 from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Sequence, TypeVar
 
 from engine.errors import EngineError
 from engine.multimodal import ImageInput, MultimodalInfo
@@ -29,6 +29,10 @@ from router.images import ImageLoader
 from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RouterError, WorkerFailed
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
+from router.autoscaler import RecentLatency
+
+if TYPE_CHECKING:
+    from router.pools import PoolManager
 
 log = logging.getLogger("router.service")
 
@@ -106,6 +110,8 @@ class RouterService:
         self.config = config
         self.images = ImageLoader(config, multimodal)
         self.registry = registry
+        self.pools: PoolManager | None = None  # set by RouterApp (router/pools.py)
+        self.latency = RecentLatency(config.autoscale_window)  # what the autoscaler reads
         self.tokenizer = tokenizer
         self.model = model
         self.metrics = metrics
@@ -300,8 +306,10 @@ class _Run:
         metrics = self.service.metrics
         if self.last_token_at is None:
             metrics.ttft.observe(now - self.request.arrival)
+            self.service.latency.ttft.add(now - self.request.arrival, now)
         else:
             metrics.itl.observe(now - self.last_token_at)
+            self.service.latency.itl.add(now - self.last_token_at, now)
         self.last_token_at = now
         self.tokens.extend(ids)
         return TokenDelta(ids, self.text.push(ids), list(chunk.logprobs)[:len(ids)])

@@ -121,6 +121,7 @@ class WorkerState:
     address: str
     static: bool = False  # named on the command line (never forgotten)
     healthy: bool = False  # in rotation; false until the first Status succeeds
+    draining: bool = False  # leaving its pool: no new requests (router/pools.py, or its own Status)
     load: WorkerLoad = field(default_factory=WorkerLoad)
     prefix: PrefixIndex = field(default_factory=PrefixIndex)
     last_ok: float | None = None  # monotonic time of the last successful Status

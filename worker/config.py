@@ -33,6 +33,7 @@ class WorkerConfig:
     prefill_timeout_s: float = 60.0
     local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
     heartbeat_interval_s: float = 1.0
+    drain_timeout_s: float = 600.0  # SIGTERM or Drain: how long running requests may take to finish
     # Images (vision-language models): encode batches up to encode_max_batch images per
     # forward; encode (staging) and prefill (receiving) keep embedding_slots slots of
     # embeddings for transfer and an embedding cache of embedding_cache_mb.
@@ -68,6 +69,8 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="backend config field, repeatable; e.g. port=P (any backend), "
                              "protocol=rdma device_name=mlx5_0 (mooncake), slice_bytes=N (one-sided "
                              "backends); an unknown key lists the valid ones")
+    parser.add_argument("--drain-timeout", type=float, default=600.0, dest="drain_timeout_s",
+                        help="on SIGTERM (or a Drain call) wait this long for running requests, then exit")
     parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,

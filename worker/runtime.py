@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from engine.async_engine import AsyncEngine, StepHook
 from engine.config import EngineConfig
@@ -22,7 +22,9 @@ from proto import epd_pb2_grpc as pb_grpc
 from proto.auth import cluster_channel
 from worker.auth import router_credentials, server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
+from worker.drain import Lifecycle
 from worker.events import KVEventLog
+from worker.http import WorkerHTTPServer
 from worker.metrics import MetricSource, Sample, families
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ class WorkerRuntime:
         self.starters: list[Callable[[], Awaitable[None]]] = []
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Readiness, the drain gate every admission call runs inside, exit on request.
+        self.life = Lifecycle(config.drain_timeout_s)
+        self._http: WorkerHTTPServer | None = None
 
     @property
     def worker_id(self) -> str:
@@ -86,21 +91,28 @@ class WorkerRuntime:
         await self.async_engine.start()
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
         await self.server.start()
+        self.life.gate.worker_id = self.worker_id
         if self.config.metrics_port is not None:
             registry = CollectorRegistry()
             registry.register(_WorkerCollector(self))
-            start_http_server(self.config.metrics_port, addr=self.config.host, registry=registry)
+            self._http = WorkerHTTPServer(self.config.host, self.config.metrics_port, registry, self.life.health)
+        self.life.ready = True
         self._tasks.append(asyncio.create_task(self._refresh_snapshot()))
         if self.config.router:
             self._tasks.append(asyncio.create_task(self._register_loop()))
         logger.info("%s worker %s listening on %s", self.config.role, self.worker_id, self.address)
 
     async def stop(self) -> None:
+        self.life.ready = False
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if self.config.router:
+            await deregister(self.config.router, self.worker_id, self.config)
         await self.server.stop(grace=1.0)
+        if self._http is not None:
+            self._http.close()
         await self.async_engine.stop()
         for close in self.closers:
             await close()
@@ -142,7 +154,8 @@ class WorkerRuntime:
             events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
             metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
             transfer=self.config.transfer,
-            transfer_address=self.transfer.descriptor().address if self.transfer else "", **counts)
+            transfer_address=self.transfer.descriptor().address if self.transfer else "",
+            draining=self.life.gate.draining, **counts)
 
     async def status(self, request: pb.StatusRequest) -> pb.WorkerStatus:
         return await self.async_engine.run(self._status_on_engine, request.after_event)
@@ -179,6 +192,16 @@ async def register_loop(router: str, role: str, worker_id: str, address: str, in
                                             timeout=2.0)
                 known = (await registry.Heartbeat(pb.HeartbeatRequest(id=worker_id), timeout=2.0)).known
             await asyncio.sleep(interval_s)
+
+
+async def deregister(router: str, worker_id: str, config: WorkerConfig) -> None:
+    """Tell the router this worker is leaving (best effort: the router also notices)."""
+    credentials = router_credentials(config.router_ca)
+    try:
+        async with cluster_channel(router, (), config.cluster_token, credentials) as channel:
+            await pb_grpc.RegistryStub(channel).Deregister(pb.DeregisterRequest(id=worker_id), timeout=2.0)
+    except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
+        logger.info("worker %s: deregistering failed (%s); the router will notice", worker_id, exc)
 
 
 _COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "kv_bytes_received_total",
