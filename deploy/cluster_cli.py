@@ -17,6 +17,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     add_router_command(sub)
     from deploy.local import add_up_command
     add_up_command(sub)
+    from deploy import scale_cli
+    scale_cli.add_commands(sub)
 
 
 def worker_config(args: argparse.Namespace) -> WorkerConfig:

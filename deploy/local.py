@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import httpx
 
 from deploy.cli import add_engine_arguments
+from deploy.launcher import LaunchError, LauncherServer
 from worker.config import free_port, transfer_options
 
 
@@ -49,10 +51,17 @@ class ClusterSpec:
 
 
 class LocalCluster:
+    """Owns every process it starts. It is also the router's launcher (deploy/launcher.py):
+    when a pool grows the router asks it for a worker, which registers with the router
+    itself; a worker let go exits after its drain and is `retired` here."""
+
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.worker_addresses: dict[str, str] = {}
+        self.retired: set[str] = set()  # workers let go on purpose (their exit is no failure)
+        self.launcher: LauncherServer | None = None
+        self._lock = threading.RLock()  # launcher calls come from its threads
 
     @property
     def http_url(self) -> str:
@@ -68,6 +77,7 @@ class LocalCluster:
                                 ("decode", self.spec.num_decode)):
                 for index in range(count):
                     self._start_worker(role, index)
+            self.launcher = LauncherServer(self, self.spec.host, 0, self.spec.cluster_token)
             self._start_router()
             self.wait_ready(timeout_s)
         except BaseException:
@@ -77,7 +87,38 @@ class LocalCluster:
     def _common(self) -> list[str]:
         return ["--model", self.spec.model] if self.spec.model else []
 
-    def _start_worker(self, role: str, index: int) -> None:
+    # -- the launcher backend (called from the launcher's threads) ----------------------
+
+    def add_worker(self, role: str) -> str:
+        """Start one more worker of `role`; it registers with the router on its own."""
+        with self._lock:
+            index = next(i for i in range(len(self.processes) + 1) if f"{role}-{i}" not in self.processes)
+            self._start_worker(role, index, register=True)
+            return f"{role}-{index}"
+
+    def remove_worker(self, name: str) -> None:
+        """Stop a worker the router has drained (it is exiting already): SIGTERM, and a
+        kill should it still run after the drain timeout."""
+        with self._lock:
+            proc = self.processes.get(name)
+            if proc is None or name == "router":
+                raise LaunchError(f"no worker {name!r} was started here", 404)
+            self.retired.add(name)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        threading.Thread(target=_reap, args=(proc, 60.0), daemon=True).start()
+
+    def worker_list(self) -> list[dict[str, object]]:
+        with self._lock:
+            return [{"id": name, "role": name.split("-")[0], "alive": proc.poll() is None,
+                     "exit_code": proc.returncode} for name, proc in self.processes.items() if name != "router"]
+
+    def live_processes(self) -> list[tuple[str, subprocess.Popen[bytes]]]:
+        """Processes that should be running (not let go by a scale-down)."""
+        with self._lock:
+            return [(n, p) for n, p in self.processes.items() if n not in self.retired]
+
+    def _start_worker(self, role: str, index: int, register: bool = False) -> None:
         name, port = f"{role}-{index}", free_port(self.spec.host)
         args = ["worker", role, "--host", self.spec.host, "--port", str(port), "--worker-id", name,
                 "--transfer", self.spec.transfer, "--metrics-port", str(free_port(self.spec.host)),
@@ -86,6 +127,8 @@ class LocalCluster:
                 *self._role_args(role)]
         if role == "decode" and self.spec.local_prefill_threshold is not None:
             args += ["--local-prefill-threshold", str(self.spec.local_prefill_threshold)]
+        if register:  # not on the router's command line: it registers itself
+            args += ["--router", self.grpc_address]
         self.worker_addresses[name] = f"{self.spec.host}:{port}"
         self._spawn(name, args)
 
@@ -100,6 +143,8 @@ class LocalCluster:
             args += [f"--{name.split('-')[0]}", f"{name}={address}"]
         if self.spec.policy:
             args += ["--policy", self.spec.policy]
+        if self.launcher is not None:
+            args += ["--launcher", self.launcher.url]
         self._spawn("router", args)
 
     def _spawn(self, name: str, args: list[str]) -> None:
@@ -108,8 +153,9 @@ class LocalCluster:
             Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
             output = open(Path(self.spec.log_dir) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env, **self._secrets(name)}
-        self.processes[name] = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env,
-                                                stdout=output, stderr=subprocess.STDOUT if output else None)
+        with self._lock:
+            self.processes[name] = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env,
+                                                    stdout=output, stderr=subprocess.STDOUT if output else None)
 
     def _secrets(self, name: str) -> dict[str, str]:
         spec, out = self.spec, {}
@@ -134,7 +180,7 @@ class LocalCluster:
         raise TimeoutError(f"cluster not ready after {timeout_s:.0f} s")
 
     def check_alive(self) -> None:
-        for name, proc in self.processes.items():
+        for name, proc in self.live_processes():
             if proc.poll() is not None:
                 raise RuntimeError(f"{name} exited with code {proc.returncode} during start-up")
 
@@ -144,11 +190,16 @@ class LocalCluster:
         self.processes[name].wait(timeout=10)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        for proc in self.processes.values():
+        if self.launcher is not None:
+            self.launcher.close()
+            self.launcher = None
+        with self._lock:
+            procs = list(self.processes.values())
+        for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        for proc in self.processes.values():
+        for proc in procs:
             try:
                 proc.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -178,6 +229,14 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
     up.add_argument("--policy", default=None, help="router policy")
     up.add_argument("--local-prefill-threshold", type=int, default=None)
     up.add_argument("--log-dir", default=None, help="write each process's log here")
+    up.add_argument("--autoscale", action="append", default=[], metavar="POOL=MIN:MAX",
+                    help="let the router scale POOL between MIN and MAX workers (repeatable)")
+    up.add_argument("--router-arg", action="append", default=[], metavar="ARG",
+                    help="one more `epd router` argument, e.g. --router-arg=--autoscale-ttft=1 (repeatable)")
+    up.add_argument("--ray", default=None, metavar="ADDRESS|local",
+                    help="run the router and workers as Ray actors on this Ray cluster ('local': start one)")
+    up.add_argument("--placement-strategy", choices=["spread", "pack"], default="spread",
+                    help="with --ray: spread each pool's workers over nodes, or pack them")
     add_engine_arguments(up)
     up.set_defaults(handler=_up, usage_error=up.error)
 
@@ -214,8 +273,13 @@ def _up(args: argparse.Namespace) -> int:
                        port=args.port, grpc_port=args.grpc_port, model=model, transfer=args.transfer,
                        transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
-                       log_dir=args.log_dir)
-    cluster = LocalCluster(spec)
+                       log_dir=args.log_dir, router_args=_router_flags(args), **_secrets_from_env())
+    _check_autoscale(args)
+    if args.ray:
+        from deploy.ray_launcher import RayCluster
+        cluster: LocalCluster = RayCluster(spec, args.ray, args.placement_strategy)
+    else:
+        cluster = LocalCluster(spec)
     stopping = False
 
     def _terminate(signum: int, frame: object) -> None:
@@ -225,18 +289,54 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     cluster.start()
+    from deploy.scale_cli import write_state
+    state = write_state(args.port, {"ray": args.ray})
     print(f"epd-serve is up: {args.encode} encode, {args.prefill} prefill, {args.decode} decode worker(s)\n"
           f"  OpenAI HTTP: {cluster.http_url}/v1   (health {cluster.http_url}/health, "
           f"cluster {cluster.http_url}/cluster, metrics {cluster.http_url}/metrics)\n"
           f"  gRPC:        {cluster.grpc_address}\nPress Ctrl-C to stop.", flush=True)
     try:
         while not stopping:
-            for name, proc in cluster.processes.items():
+            for name, proc in cluster.live_processes():
                 if proc.poll() is not None:
                     print(f"epd up: {name} exited with code {proc.returncode}; stopping", file=sys.stderr)
                     stopping = True
             time.sleep(0.5)
     finally:
         cluster.stop()
+        state.unlink(missing_ok=True)
     print("epd-serve stopped", flush=True)
     return 0
+
+
+def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _router_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    flags = [arg for spec in args.autoscale for arg in ("--autoscale", spec)]
+    return (*flags, *args.router_arg)
+
+
+def _check_autoscale(args: argparse.Namespace) -> None:
+    """A bad --autoscale is a usage error before anything starts."""
+    from router.config import RouterConfig, autoscale_bounds
+    try:
+        bounds = autoscale_bounds(RouterConfig(autoscale=tuple(args.autoscale)))
+    except ValueError as exc:
+        args.usage_error(str(exc))
+    for pool, (low, high) in bounds.items():
+        start = getattr(args, pool)
+        if not low <= start <= high:
+            args.usage_error(f"--{pool} {start} is outside --autoscale {pool}={low}:{high}")
+
+
+def _secrets_from_env() -> dict[str, object]:
+    env = os.environ
+    keys = tuple(k for k in env.get("EPD_API_KEY", "").split(",") if k)
+    return {"cluster_token": env.get("EPD_CLUSTER_TOKEN") or None, "api_keys": keys,
+            "admin_key": env.get("EPD_ADMIN_KEY") or None}
