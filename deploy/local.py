@@ -60,6 +60,7 @@ class LocalCluster:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self.worker_addresses: dict[str, str] = {}
         self.retired: set[str] = set()  # workers let go on purpose (their exit is no failure)
+        self.extra_router_args: list[str] = []  # a launcher's own additions (deploy/ray_launcher.py)
         self.launcher: LauncherServer | None = None
         self._lock = threading.RLock()  # launcher calls come from its threads
 
@@ -138,7 +139,8 @@ class LocalCluster:
 
     def _start_router(self) -> None:
         args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
-                "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args]
+                "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args,
+                *self.extra_router_args]
         for name, address in self.worker_addresses.items():
             args += [f"--{name.split('-')[0]}", f"{name}={address}"]
         if self.spec.policy:
@@ -276,8 +278,15 @@ def _up(args: argparse.Namespace) -> int:
                        log_dir=args.log_dir, router_args=_router_flags(args), **_secrets_from_env())
     _check_autoscale(args)
     if args.ray:
-        from deploy.ray_launcher import RayCluster
-        cluster: LocalCluster = RayCluster(spec, args.ray, args.placement_strategy)
+        try:
+            from deploy.ray_launcher import RayAddressError, RayCluster
+            import ray  # noqa: F401 - the `ray` extra
+        except ImportError:
+            args.usage_error("--ray needs Ray: pip install 'epd-serve[ray]'")
+        try:
+            cluster: LocalCluster = RayCluster(spec, args.ray, args.placement_strategy)
+        except RayAddressError as exc:
+            args.usage_error(str(exc))
     else:
         cluster = LocalCluster(spec)
     stopping = False

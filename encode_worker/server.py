@@ -131,7 +131,7 @@ class EncodeRuntime:
     def status(self) -> pb.WorkerStatus:
         return pb.WorkerStatus(
             role="encode", id=self.worker_id, address=self.address, healthy=True, model=str(self.model_path),
-            metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
+            metrics_address=f"{self.config.public_host}:{self._http.port if self._http else 0}",
             transfer=self.config.transfer, transfer_address=self.transfer.descriptor().address,
             draining=self.life.gate.draining, **self.counts())
 

@@ -45,6 +45,12 @@ _CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "pre
                    "embedding_slots_free", "embedding_slots_total")
 
 
+def _routed(service: RouterService, worker_id: str) -> int:
+    """Requests this router sent the worker (at its current address)."""
+    handle = service.registry.get(worker_id)
+    return handle.state.routed_total if handle is not None else 0
+
+
 def error_response(exc: RouterError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status)
 
@@ -313,6 +319,7 @@ def create_app(service: RouterService) -> FastAPI:
     @app.get("/cluster", dependencies=user)
     async def cluster() -> list[dict[str, Any]]:
         return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy, "draining": s.draining,
+                 "routed_total": _routed(service, s.id),
                  **{f: getattr(s, f) for f in _CLUSTER_FIELDS}} for s in cluster_status(service.registry)]
 
     add_admin_routes(app, service)

@@ -152,7 +152,7 @@ class WorkerRuntime:
             page_size=self.engine.config.page_size, model=str(self.engine.model_path),
             max_model_len=self.engine.max_model_len, event_seq=batch.seq,
             events_reset=batch.reset, stored=batch.stored, removed=batch.removed,
-            metrics_address=f"{self.config.public_host}:{self.config.metrics_port or 0}",
+            metrics_address=f"{self.config.public_host}:{self._http.port if self._http else 0}",
             transfer=self.config.transfer,
             transfer_address=self.transfer.descriptor().address if self.transfer else "",
             draining=self.life.gate.draining, **counts)
