@@ -298,6 +298,8 @@ def _up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     signal.signal(signal.SIGINT, _terminate)
     cluster.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # again: ray.init installs handlers of its own
+        signal.signal(sig, _terminate)
     from deploy.scale_cli import write_state
     state = write_state(args.port, {"ray": args.ray})
     print(f"epd-serve is up: {args.encode} encode, {args.prefill} prefill, {args.decode} decode worker(s)\n"

@@ -169,6 +169,15 @@ class RayCluster(LocalCluster):
             if actor is None or name == "router":
                 raise LaunchError(f"no worker {name!r} was started here", 404)
             self.retired.add(name)
+        threading.Thread(target=self._retire, args=(actor,), daemon=True).start()
+
+    def _retire(self, actor: _Actor) -> None:
+        """The worker drained and is stopping itself: let it finish, then end the actor."""
+        import ray
+        try:
+            ray.get(actor.handle.stopped.remote(30.0), timeout=40)
+        except Exception as exc:  # noqa: BLE001 - the kill below ends it either way
+            log.info("actor did not stop by itself: %r", exc)
         _kill(actor)
 
     def node_of(self, name: str) -> str:
@@ -244,6 +253,11 @@ class _ServeInThread:
 
     def ready(self) -> bool:
         return True
+
+    def stopped(self, timeout_s: float) -> bool:
+        """Wait until the service has ended (e.g. a worker after Drain with exit)."""
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
 
 class _WorkerActor(_ServeInThread):

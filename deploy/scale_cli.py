@@ -109,11 +109,21 @@ def _down(args: argparse.Namespace) -> int:
         return 0
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _running(pid):
             print(f"epd down: stopped the cluster of `epd up` (pid {pid})")
             return 0
         time.sleep(0.2)
     print(f"epd down: `epd up` (pid {pid}) still running after {args.timeout:.0f} s", file=sys.stderr)
     return 1
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (exited, waiting for its parent to reap it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

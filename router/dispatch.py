@@ -196,9 +196,15 @@ class Dispatcher:
             raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
                                grpc.StatusCode.DEADLINE_EXCEEDED) from None
         except asyncio.CancelledError:
-            if active.aborted and not _task_cancelling():
+            if _task_cancelling():
+                raise  # this request's task is being cancelled (client gone)
+            if active.aborted:
                 return None  # Abort cancelled the call, not this task
-            raise
+            # Nobody cancelled this task: the call was (its channel closed under it).
+            message = f"decode worker {worker}: the stream was cancelled (its channel closed)"
+            if not got_token:
+                raise _Unreachable(message) from None
+            raise WorkerFailed(message, grpc.StatusCode.UNAVAILABLE) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and active.aborted:
                 return None

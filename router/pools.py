@@ -195,12 +195,23 @@ class PoolManager:
                          "nothing left" if reply.drained else f"{reply.inflight} still running")
             except grpc.aio.AioRpcError as exc:
                 log.warning("worker %s: Drain failed (%s); stopping it anyway", state.id, exc.code().name)
-        self.registry.remove(state.id)
+        await self._streams_done(state)
+        self.registry.remove(state.id)  # closes the channel: only once nothing of ours is on it
         if self.launcher is not None:
             try:
                 await self.launcher.stop(state.id)
             except PoolError as exc:  # not one the launcher started (e.g. `epd worker` by hand)
                 log.info("worker %s: %s", state.id, exc.message)
+
+    async def _streams_done(self, state: WorkerState) -> None:
+        """The worker has answered its last call; wait until this router has read it
+        (the last message of a decode stream may still be on its way)."""
+        deadline = time.monotonic() + min(30.0, self.config.drain_timeout)
+        while state.inflight_requests > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if state.inflight_requests > 0:
+            log.warning("worker %s: %d request(s) of this router still open after its drain",
+                        state.id, state.inflight_requests)
 
     async def close(self) -> None:
         for task in list(self._drains.values()):

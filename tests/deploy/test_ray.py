@@ -38,12 +38,12 @@ def test_epd_up_ray_local_scales_both_pools_then_epd_down(tmp_path: Path, expect
     env = {**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)}
     up = subprocess.Popen([sys.executable, "-m", "deploy.cli", "up", "--ray", "local", "--prefill", "1",
                            "--decode", "1", "--port", str(port), "--grpc-port", str(grpc_port),
-                           "--log-dir", str(tmp_path / "logs")], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                           "--log-dir", str(tmp_path / "logs")], env=env,
+                          stdout=(tmp_path / "up.log").open("w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_for(lambda: _ready(url) or up.poll() is not None, 180, 0.5)
-        assert up.poll() is None, up.stdout.read() if up.stdout else ""
+        assert up.poll() is None, (tmp_path / "up.log").read_text()
         grow_then_shrink(url, f"127.0.0.1:{grpc_port}", "decode", expected)
         grow_then_shrink(url, f"127.0.0.1:{grpc_port}", "prefill", expected)
         down = subprocess.run([sys.executable, "-m", "deploy.cli", "down", "--port", str(port)], env=env,
