@@ -56,6 +56,13 @@ class RouterConfig:
     allow_image_urls: bool = False         # fetch http(s) image URLs (off: data: URLs only)
     image_fetch_timeout: float = 10.0      # of one http(s) image fetch
     log_level: str = "info"
+    # Kubernetes discovery (router/k8s_discovery.py): pools whose pods are watched.
+    k8s_selector: tuple[str, ...] = ()     # `ROLE=LABEL_SELECTOR`, repeatable; none: discovery off
+    k8s_namespace: str | None = None       # None: the service account's namespace
+    k8s_api_server: str | None = None      # None: in-cluster (KUBERNETES_SERVICE_HOST/PORT)
+    k8s_port_name: str = "grpc"            # the container port that is the worker's gRPC port
+    k8s_watch_timeout: float = 60.0        # of one watch call (the server ends it)
+    k8s_removal_grace: float = 30.0        # calls running on a pod that left may finish this long
 
     def static_workers(self) -> list[WorkerAddress]:
         out = []
@@ -114,13 +121,29 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="fetch http(s) image URLs (default: only data: URLs are accepted)")
     add("--image-fetch-timeout", type=float, default=d.image_fetch_timeout)
     add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
+    add_k8s_arguments(parser)
+
+
+def add_k8s_arguments(parser: argparse.ArgumentParser) -> None:
+    """Worker discovery through the Kubernetes API (off unless --k8s-selector is given)."""
+    d = RouterConfig()
+    add = parser.add_argument
+    add("--k8s-selector", action="append", default=[], metavar="ROLE=SELECTOR",
+        help="discover ROLE's workers as the Ready pods matching this label selector (repeatable)")
+    add("--k8s-namespace", default=d.k8s_namespace, help="namespace of the pods (default: the pod's own)")
+    add("--k8s-api-server", default=d.k8s_api_server, metavar="URL",
+        help="Kubernetes API server (default: in-cluster, with the service account)")
+    add("--k8s-port-name", default=d.k8s_port_name, help="name of the worker container's gRPC port")
+    add("--k8s-watch-timeout", type=float, default=d.k8s_watch_timeout)
+    add("--k8s-removal-grace", type=float, default=d.k8s_removal_grace,
+        help="seconds that running calls to a pod that left (unready or deleted) may take to finish")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """Build a RouterConfig from parsed options; unknown attributes are ignored."""
     names = {f.name for f in fields(RouterConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    for key in ("encode", "prefill", "decode"):
+    for key in ("encode", "prefill", "decode", "k8s_selector"):
         values[key] = tuple(values.get(key) or ())
     config = RouterConfig(**values)
     validate_config(config)
@@ -142,6 +165,11 @@ def validate_config(config: RouterConfig) -> None:
     if config.image_fetch_timeout <= 0:
         raise ValueError("image_fetch_timeout must be > 0")
     config.static_workers()  # raises on a malformed worker spec
+    from router.k8s_discovery import parse_pool_selector
+    for spec in config.k8s_selector:
+        parse_pool_selector(spec)
+    if config.k8s_watch_timeout < 1 or config.k8s_removal_grace < 0:
+        raise ValueError("k8s_watch_timeout must be >= 1 and k8s_removal_grace >= 0")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> RouterConfig:

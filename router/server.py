@@ -22,6 +22,7 @@ from engine.tokenizer import Tokenizer
 from router.config import RouterConfig, validate_config
 from router.grpc_server import add_services
 from router.http_server import create_app
+from router.k8s_discovery import discovery_from_config
 from router.metrics import RouterMetrics
 from router.registry import CHANNEL_OPTIONS, HealthMonitor, WorkerRegistry
 from router.service import ModelInfo, RouterService
@@ -67,6 +68,7 @@ class RouterApp:
         self.metrics = RouterMetrics(self.registry.handles)
         self.service = RouterService(config, self.registry, tokenizer, model, self.metrics, multimodal)
         self.monitor = HealthMonitor(self.registry, config)
+        self.discovery = discovery_from_config(config, self.registry)  # None without --k8s-selector
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -75,6 +77,8 @@ class RouterApp:
 
     async def start(self) -> None:
         self.monitor.start()
+        if self.discovery is not None:
+            self.discovery.start()
         self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS)
         add_services(self._grpc, self.service)
         self.grpc_port = self._grpc.add_insecure_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -101,6 +105,8 @@ class RouterApp:
             await asyncio.gather(self._http_task, return_exceptions=True)
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.monitor.stop()
         await self.service.dispatcher.close()
         await self.registry.close()
