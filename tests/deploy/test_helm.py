@@ -268,3 +268,25 @@ def test_dashboard_ships_the_repository_json_with_real_metric_names() -> None:
     unknown = {name for name in used  # a gauge may end in _total (kv_pages_total); a family's samples do
                if name not in exported and re.sub(r"_(total|bucket|sum|count)$", "", name) not in exported}
     assert len(used) >= 20 and unknown == set(), unknown
+
+
+def leaf_keys(values: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys down to scalars, lists and the pass-through objects (empty dicts)."""
+    keys = []
+    for key, value in values.items():
+        if isinstance(value, dict) and value and key not in ("resources", "podSecurityContext", "securityContext", "labels"):
+            keys += leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(prefix + key)
+    return keys
+
+
+def test_chart_readme_documents_every_value() -> None:
+    readme = (CHART / "README.md").read_text()
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    missing = []
+    for key in leaf_keys(values):
+        documented = re.sub(r"^pools\.(encode|prefill|decode)\.", "", key)  # the pool table's keys
+        if f"`{documented}`" not in readme:
+            missing.append(key)
+    assert missing == []
