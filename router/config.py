@@ -81,6 +81,13 @@ class RouterConfig:
     autoscale_decode_kv: float = 0.8       # decode target: fraction of KV pages in use
     autoscale_decode_running: int = 0      # decode target: running requests per worker (0: unused)
     autoscale_encode_images: int = 16      # encode target: queued images per worker
+    # Kubernetes discovery (router/k8s_discovery.py): pools whose pods are watched.
+    k8s_selector: tuple[str, ...] = ()     # `ROLE=LABEL_SELECTOR`, repeatable; none: discovery off
+    k8s_namespace: str | None = None       # None: the service account's namespace
+    k8s_api_server: str | None = None      # None: in-cluster (KUBERNETES_SERVICE_HOST/PORT)
+    k8s_port_name: str = "grpc"            # the container port that is the worker's gRPC port
+    k8s_watch_timeout: float = 60.0        # of one watch call (the server ends it)
+    k8s_removal_grace: float = 30.0        # calls running on a pod that left may finish this long
 
     def static_workers(self) -> list[WorkerAddress]:
         out = []
@@ -184,13 +191,29 @@ def secrets_from_env(values: dict[str, object]) -> dict[str, object]:
         if out.get(name) is None:
             out[name] = os.environ.get(env) or None
     return out
+    add_k8s_arguments(parser)
+
+
+def add_k8s_arguments(parser: argparse.ArgumentParser) -> None:
+    """Worker discovery through the Kubernetes API (off unless --k8s-selector is given)."""
+    d = RouterConfig()
+    add = parser.add_argument
+    add("--k8s-selector", action="append", default=[], metavar="ROLE=SELECTOR",
+        help="discover ROLE's workers as the Ready pods matching this label selector (repeatable)")
+    add("--k8s-namespace", default=d.k8s_namespace, help="namespace of the pods (default: the pod's own)")
+    add("--k8s-api-server", default=d.k8s_api_server, metavar="URL",
+        help="Kubernetes API server (default: in-cluster, with the service account)")
+    add("--k8s-port-name", default=d.k8s_port_name, help="name of the worker container's gRPC port")
+    add("--k8s-watch-timeout", type=float, default=d.k8s_watch_timeout)
+    add("--k8s-removal-grace", type=float, default=d.k8s_removal_grace,
+        help="seconds that running calls to a pod that left (unready or deleted) may take to finish")
 
 
 def config_from_args(args: argparse.Namespace) -> RouterConfig:
     """Build a RouterConfig from parsed options; unknown attributes are ignored."""
     names = {f.name for f in fields(RouterConfig)}
     values = {name: getattr(args, name) for name in names if hasattr(args, name)}
-    for key in ("encode", "prefill", "decode", "autoscale"):
+    for key in ("encode", "prefill", "decode", "autoscale", "k8s_selector"):
         values[key] = tuple(values.get(key) or ())
     config = RouterConfig(**secrets_from_env(values))
     validate_config(config)
@@ -246,6 +269,11 @@ def _validate_security(config: RouterConfig) -> None:
         raise ValueError(f"metrics_auth must be one of {METRICS_AUTH}")
     if (config.tls_cert is None) != (config.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
+    from router.k8s_discovery import parse_pool_selector
+    for spec in config.k8s_selector:
+        parse_pool_selector(spec)
+    if config.k8s_watch_timeout < 1 or config.k8s_removal_grace < 0:
+        raise ValueError("k8s_watch_timeout must be >= 1 and k8s_removal_grace >= 0")
 
 
 def parse_config(argv: Sequence[str] | None = None) -> RouterConfig:

@@ -76,18 +76,20 @@ class WorkerRegistry:
         log.info("added %s worker %s at %s", role, worker_id, address)
         return handle
 
-    def _drop(self, worker_id: str) -> None:
+    def _drop(self, worker_id: str, grace: float = 0.0) -> None:
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             handle.state.healthy = False
-            closing = asyncio.ensure_future(handle.channel.close())
+            closing = asyncio.ensure_future(_close_channel(handle.channel, grace))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
             log.info("removed %s worker %s", handle.state.role, worker_id)
 
-    def remove(self, worker_id: str) -> bool:
+    def remove(self, worker_id: str, grace: float = 0.0) -> bool:
+        """Forget a worker: no new calls go to it; calls already running on its channel
+        may finish for `grace` seconds before they are cancelled."""
         found = worker_id in self._workers
-        self._drop(worker_id)
+        self._drop(worker_id, grace)
         return found
 
     def get(self, worker_id: str) -> WorkerHandle | None:
@@ -128,7 +130,18 @@ class WorkerRegistry:
 
     async def close(self) -> None:
         handles, self._workers = list(self._workers.values()), {}
+        for closing in list(self._closing):
+            closing.cancel()  # the router stops: no more grace for removed workers' calls
         await asyncio.gather(*(h.channel.close() for h in handles), *self._closing, return_exceptions=True)
+
+
+async def _close_channel(channel: grpc.aio.Channel, grace: float) -> None:
+    """Close after running calls finish (at most `grace` s); cancelled, close at once."""
+    try:
+        await channel.close(grace or None)
+    except asyncio.CancelledError:
+        await channel.close()
+        raise
 
 
 def _take_down(state: WorkerState, now: float) -> None:

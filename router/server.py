@@ -24,6 +24,7 @@ from router.autoscaler import Autoscaler
 from router.config import RouterConfig, validate_config
 from router.grpc_server import add_services
 from router.http_server import create_app
+from router.k8s_discovery import discovery_from_config
 from router.metrics import RouterMetrics
 from router.pools import PoolManager
 from router.registry import CHANNEL_OPTIONS, HealthMonitor, WorkerRegistry
@@ -73,6 +74,7 @@ class RouterApp:
         self.service.pools = PoolManager(config, self.registry)
         self.autoscaler = Autoscaler(config, self.registry, self.service.pools, self.service.latency,
                                      self.metrics.registry)
+        self.discovery = discovery_from_config(config, self.registry)  # None without --k8s-selector
         self.http_port = 0
         self.grpc_port = 0
         self._grpc: grpc.aio.Server | None = None
@@ -82,6 +84,8 @@ class RouterApp:
     async def start(self) -> None:
         self.monitor.start()
         self.autoscaler.start()
+        if self.discovery is not None:
+            self.discovery.start()
         self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=router_interceptors(self.config))
         add_services(self._grpc, self.service)
         self.grpc_port = self._add_grpc_port(f"{self.config.host}:{self.config.grpc_port}")
@@ -119,6 +123,8 @@ class RouterApp:
             await self._grpc.stop(grace)
         await self.autoscaler.stop()
         await self.service.pools.close()
+        if self.discovery is not None:
+            await self.discovery.stop()
         await self.monitor.stop()
         await self.service.dispatcher.close()
         await self.registry.close()

