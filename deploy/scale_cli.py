@@ -27,6 +27,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     scale.add_argument("--no-wait", action="store_true", help="return once the change is accepted")
     scale.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the pool")
     scale.set_defaults(handler=_scale)
+    drain = sub.add_parser("drain", help="drain one worker: no new requests, wait for the running ones")
+    drain.add_argument("--worker", required=True, metavar="HOST:PORT", help="the worker's gRPC address")
+    drain.add_argument("--timeout", type=float, default=600.0, help="seconds its running requests may take")
+    drain.add_argument("--exit", action="store_true", help="and have the worker exit afterwards")
+    drain.set_defaults(handler=_drain)
     down = sub.add_parser("down", help="stop the cluster `epd up` started")
     down.add_argument("--port", type=int, default=8000, help="the router HTTP port it was started with")
     down.add_argument("--timeout", type=float, default=60.0)
@@ -127,3 +132,32 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
         return True
+
+
+def _drain(args: argparse.Namespace) -> int:
+    """A preStop hook's drain: ask the worker (any role) and wait for its answer."""
+    import asyncio
+    import grpc
+    from proto import epd_pb2 as pb
+    from proto import epd_pb2_grpc as pb_grpc
+    token = os.environ.get("EPD_CLUSTER_TOKEN")
+    metadata = (("x-epd-cluster-token", token),) if token else ()
+    request = pb.DrainRequest(timeout_s=args.timeout, exit=args.exit)
+
+    async def ask() -> pb.DrainResponse:
+        async with grpc.aio.insecure_channel(args.worker) as channel:
+            for stub in (pb_grpc.DecodeWorkerStub, pb_grpc.PrefillWorkerStub, pb_grpc.EncodeWorkerStub):
+                try:
+                    return await stub(channel).Drain(request, timeout=args.timeout + 10, metadata=metadata)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                        raise
+            raise RuntimeError("the worker has no Drain call")
+
+    try:
+        reply = asyncio.run(ask())
+    except (grpc.aio.AioRpcError, RuntimeError) as exc:
+        print(f"epd drain: error: {args.worker}: {exc}", file=sys.stderr)
+        return 2
+    print(f"epd drain: {args.worker} " + ("drained" if reply.drained else f"still has {reply.inflight} running"))
+    return 0 if reply.drained else 1

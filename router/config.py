@@ -148,6 +148,7 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--log-level", default=d.log_level, choices=["debug", "info", "warning", "error"])
     _add_security_arguments(parser)
     _add_pool_arguments(parser)
+    add_k8s_arguments(parser)
 
 
 def _add_pool_arguments(parser: argparse.ArgumentParser) -> None:
@@ -191,7 +192,6 @@ def secrets_from_env(values: dict[str, object]) -> dict[str, object]:
         if out.get(name) is None:
             out[name] = os.environ.get(env) or None
     return out
-    add_k8s_arguments(parser)
 
 
 def add_k8s_arguments(parser: argparse.ArgumentParser) -> None:

@@ -191,10 +191,11 @@ def test_workers_probe_health_and_drain_before_stopping(values: Path | None) -> 
             assert container[probe]["httpGet"] == {"path": "/health", "port": "metrics"}
         assert container["livenessProbe"]["httpGet"] == {"path": "/metrics", "port": "metrics"}
         grace = spec["terminationGracePeriodSeconds"]
-        # `epd drain` is not in deploy.cli's parser yet (the lead adds it at merge time), so
-        # this command line is checked for its shape only, not parsed.
-        assert container["lifecycle"]["preStop"]["exec"]["command"] == [
-            "epd", "drain", "--worker", f"127.0.0.1:{ports['grpc']}", "--timeout", str(grace - 5)]
+        pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+        assert pre_stop == ["epd", "drain", "--worker", f"127.0.0.1:{ports['grpc']}", "--timeout", str(grace - 5)]
+        from deploy.cli import build_parser
+        parsed = build_parser().parse_args(pre_stop[1:])  # a flag `epd drain` lacks fails here
+        assert parsed.timeout == grace - 5
 
 
 def test_gpus_rdma_and_scheduling_reach_the_pods() -> None:
