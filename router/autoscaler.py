@@ -106,7 +106,8 @@ class Autoscaler:
                     "u_tokens": queued / c.autoscale_prefill_tokens, "u_ttft": ttft / c.autoscale_ttft}
         if pool == "decode":
             sized = [s for s in ready if s.load.kv_pages_total]
-            kv = sum(1 - s.load.kv_pages_free / s.load.kv_pages_total for s in sized) / max(1, len(sized))
+            # Pages held by requests; cached prefix pages are evictable, so they are not load.
+            kv = sum(1 - (s.load.kv_pages_free + _cached(s)) / s.load.kv_pages_total for s in sized) / max(1, len(sized))
             running = sum(s.effective_requests() for s in ready) / n
             itl = self.latency.itl.p90()
             out = {"kv_used": kv, "running_per_worker": running, "itl_p90_s": itl,
@@ -143,3 +144,8 @@ class Autoscaler:
         self.last_change[pool] = now
         self.decisions.labels(pool, "up" if want > current else "down").inc()
         return want
+
+
+def _cached(state: object) -> int:
+    status = getattr(state, "status", None)
+    return int(getattr(status, "kv_pages_cached", 0)) if status is not None else 0
