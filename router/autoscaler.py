@@ -108,7 +108,7 @@ class Autoscaler:
             sized = [s for s in ready if s.load.kv_pages_total]
             # Pages held by requests; cached prefix pages are evictable, so they are not load.
             kv = sum(1 - (s.load.kv_pages_free + _cached(s)) / s.load.kv_pages_total for s in sized) / max(1, len(sized))
-            running = sum(s.effective_requests() for s in ready) / n
+            running = sum(s.load.running for s in ready) / n  # generating now (not parked for a prefill)
             itl = self.latency.itl.p90()
             out = {"kv_used": kv, "running_per_worker": running, "itl_p90_s": itl,
                    "u_kv": kv / c.autoscale_decode_kv, "u_itl": itl / c.autoscale_itl}
