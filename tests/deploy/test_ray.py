@@ -127,3 +127,14 @@ def test_killed_worker_actor_is_restarted_and_not_routed_to_before_ready(tmp_pat
 
 def _entry(url: str, worker_id: str) -> dict:
     return next(e for e in httpx.get(f"{url}/cluster", timeout=5).json() if e["id"] == worker_id)
+
+
+def test_unreachable_ray_address_is_a_usage_error_and_starts_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    result = subprocess.run([sys.executable, "-m", "deploy.cli", "up", "--ray", f"127.0.0.1:{free_port()}",
+                             "--port", str(port)], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)})
+    assert result.returncode == 2 and "cannot reach the Ray cluster" in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())  # no state file: nothing was started
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
