@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -191,12 +192,16 @@ class LocalCluster:
         self.processes[name].kill()
         self.processes[name].wait(timeout=10)
 
-    def stop(self, timeout_s: float = 10.0) -> None:
+    def _stop_launcher(self) -> list[Any]:
+        """Stop taking launcher calls; what was started, to stop next."""
         if self.launcher is not None:
             self.launcher.close()
             self.launcher = None
         with self._lock:
-            procs = list(self.processes.values())
+            return list(self.processes.values())
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        procs = self._stop_launcher()
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -347,7 +352,6 @@ def _check_autoscale(args: argparse.Namespace) -> None:
 
 
 def _secrets_from_env() -> dict[str, object]:
-    env = os.environ
-    keys = tuple(k for k in env.get("EPD_API_KEY", "").split(",") if k)
-    return {"cluster_token": env.get("EPD_CLUSTER_TOKEN") or None, "api_keys": keys,
-            "admin_key": env.get("EPD_ADMIN_KEY") or None}
+    from router.config import secrets_from_env
+    found = secrets_from_env({})
+    return {name: found[name] for name in ("cluster_token", "api_keys", "admin_key")}

@@ -182,8 +182,7 @@ class RayCluster(LocalCluster):
 
     def node_of(self, name: str) -> str:
         """The node the worker's actor runs on (asked from the actor itself)."""
-        import ray
-        return str(ray.get(self.processes[name].handle.info.remote(), timeout=60)["node_id"])
+        return str(self.info(name)["node_id"])
 
     def info(self, name: str) -> dict[str, Any]:
         import ray
@@ -195,12 +194,7 @@ class RayCluster(LocalCluster):
 
     def stop(self, timeout_s: float = 10.0) -> None:
         import ray
-        if self.launcher is not None:
-            self.launcher.close()
-            self.launcher = None
-        with self._lock:
-            actors = list(self.processes.values())
-        for actor in actors:
+        for actor in self._stop_launcher():
             _kill(actor)
         if ray.is_initialized():
             ray.shutdown()

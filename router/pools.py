@@ -58,9 +58,6 @@ class LauncherClient:
     async def stop(self, worker_id: str) -> None:
         await self._call("DELETE", f"/workers/{worker_id}", None)
 
-    async def workers(self) -> list[dict[str, Any]]:
-        return list((await self._call("GET", "/workers", None))["workers"])
-
     async def _call(self, method: str, path: str, body: dict[str, Any] | None) -> dict[str, Any]:
         try:
             async with httpx.AsyncClient(timeout=LAUNCHER_TIMEOUT_S) as client:
