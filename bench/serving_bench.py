@@ -129,7 +129,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace, title: str = "") -> None:
+def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace, title: str = "") -> dict[str, float]:
+    """Print the figures; returns the ones the offline baseline is compared with."""
     if title:
         print(f"--- {title}")
     ok = [t for t in timings if t.error is None and t.token_times]
@@ -147,6 +148,38 @@ def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace, 
               f"p99 {_pct(values, 99) * 1e3:9.1f}  mean {statistics.mean(values) * 1e3 if values else float('nan'):9.1f}")
     print(f"goodput (TTFT <= {args.slo_ttft * 1e3:.0f} ms, mean ITL <= {args.slo_itl * 1e3:.0f} ms): "
           f"{len(good) / wall:.2f} requests/s ({len(good)}/{len(timings)})")
+    return {"output_tokens_per_s": out_tokens / wall, "ttft_p50_s": _pct(ttfts, 50), "itl_p50_s": _pct(itls, 50),
+            "itl_p99_s": _pct(itls, 99)}
+
+
+def offline_baseline(args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
+    """The same requests through the engine alone (bench/offline_baseline.py), in a child
+    process that exits before the cluster starts. At concurrency 1 only the single-request
+    figures are taken (LLM.generate of every request at once compares with a loaded run)."""
+    import json
+    import subprocess
+    own = ["--num-requests", str(args.num_requests), "--input-len", str(args.input_len),
+           "--output-len", str(args.output_len), "--vocab", str(args.vocab), "--seed", str(args.seed)]
+    if args.concurrency == 1:
+        own.append("--skip-throughput")
+    done = subprocess.run([sys.executable, "-m", "bench.offline_baseline", *own, "--", *extra],
+                          stdout=subprocess.PIPE, text=True, check=True)
+    lines = done.stdout.strip().splitlines()
+    print(*lines[:-1], sep="\n", flush=True)
+    return json.loads(lines[-1])
+
+
+def compare(served: dict[str, float], offline: dict[str, float]) -> None:
+    print("--- served against the engine alone (same requests, same engine flags, same run)")
+    step, first = offline["step_s"], offline["first_token_s"]
+    print(f"ITL p50 {served['itl_p50_s'] * 1e3:.3f} ms / engine step {step * 1e3:.3f} ms = "
+          f"{served['itl_p50_s'] / step:.3f}")
+    print(f"TTFT p50 {served['ttft_p50_s'] * 1e3:.2f} ms / engine first token {first * 1e3:.2f} ms = "
+          f"{served['ttft_p50_s'] / first:.3f}")
+    if "output_tokens_per_s" in offline:
+        rate = offline["output_tokens_per_s"]
+        print(f"output tokens/s {served['output_tokens_per_s']:.1f} / LLM.generate {rate:.1f} = "
+              f"{served['output_tokens_per_s'] / rate:.3f}; ITL p99 {served['itl_p99_s'] * 1e3:.1f} ms")
 
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -176,6 +209,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--images", type=int, default=0, help="images per request (a vision-language model)")
     parser.add_argument("--image-size", type=int, default=336, help="pixels per side of each random image")
     parser.add_argument("--distinct-images", type=int, default=0, help="different images in the workload (0: all)")
+    parser.add_argument("--offline-baseline", action="store_true",
+                        help="with --launch: first run the same requests through the engine alone "
+                             "(bench/offline_baseline.py, same engine flags) and print the served figures "
+                             "against it")
     parser.add_argument("--compare-encode-on-prefill", action="store_true",
                         help="run the load again without encode workers (the prefill worker encodes)")
     return parser.parse_args(argv), extra
@@ -191,11 +228,14 @@ def main(argv: list[str] | None = None) -> int:
         timings, wall = asyncio.run(run_load(args.address, args, image_token_id))
         report(timings, wall, args)
         return 0
+    offline = offline_baseline(args, extra) if args.offline_baseline else None
     shapes = [args.encode] + ([0] if args.compare_encode_on_prefill else [])
     results = [(encoders, _launched(args, extra, model, encoders, image_token_id)) for encoders in shapes]
     for encoders, (timings, wall) in results:
         where = f"{encoders} encode worker(s)" if encoders else "images encoded on prefill"
-        report(timings, wall, args, f"{args.prefill} prefill, {args.decode} decode, {where}")
+        served = report(timings, wall, args, f"{args.prefill} prefill, {args.decode} decode, {where}")
+        if offline is not None:
+            compare(served, offline)
     return 0
 
 

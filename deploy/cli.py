@@ -45,6 +45,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--attention-backend", default="torch", help="torch (reference) or triton (GPU)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="capture decode batches in CUDA graphs (needs --device cuda --attention-backend triton)")
+    parser.add_argument("--no-triton-kernels", action="store_true",
+                        help="GPU: run torch's norm/rotary/activation/matmul ops instead of the Triton "
+                             "kernels that --attention-backend triton on CUDA turns on (for A/B runs)")
     parser.add_argument("--overlap-schedule", action="store_true",
                         help="prepare step N+1 on the CPU while the GPU runs step N (greedy requests)")
 
@@ -55,7 +58,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
                 attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
-                overlap_schedule=args.overlap_schedule)
+                overlap_schedule=args.overlap_schedule,
+                triton_kernels=False if args.no_triton_kernels else None)
 
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:

@@ -5,13 +5,16 @@ thread, so the engine itself needs no locks; the event loop stays free for gRPC 
 step computes. After each step an optional hook runs before the next step starts (the
 prefill role ships KV there, so pages it reads cannot be rewritten meanwhile). (Running
 several steps per hop to the loop measured slower in the serving bench, 2,511 against
-2,978 output tokens/s on one H200, BENCHMARKS.md, so each step returns to the loop.)
+2,978 output tokens/s on one H200, BENCHMARKS.md, so each step returns to the loop.) One
+executor call per step both checks for work and steps: each hop to the engine thread and
+back costs tens of microseconds, paid on every token at low load.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 
@@ -21,6 +24,40 @@ from engine.sampling_params import SamplingParams
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
 StepHook = Callable[[list[StepOutput]], Awaitable[None]]
+STATS_LOG_INTERVAL_S = 30.0
+
+
+class LoopStats:
+    """Where the engine thread's time goes between steps, logged while steps run: `gap` is
+    the time from one step's end to the next one's start (the event loop's turn: publishing
+    outputs, the servers' per-token work, and the hop back), the serving path's overhead
+    per step on top of the step itself."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.step_s = 0.0
+        self.gap_s = 0.0
+        self._last_end: float | None = None
+        self._logged_at = time.monotonic()
+
+    def record(self, start: float, end: float) -> None:
+        if self._last_end is not None:
+            self.gap_s += start - self._last_end
+        self._last_end = end
+        self.steps += 1
+        self.step_s += end - start
+        if time.monotonic() - self._logged_at >= STATS_LOG_INTERVAL_S:
+            self.log(time.monotonic())
+
+    def idle(self) -> None:
+        """The engine ran out of work: the wait for the next request is no gap."""
+        self._last_end = None
+
+    def log(self, now: float) -> None:
+        if self.steps > 1:
+            logger.info("engine loop: %d steps, step %.3f ms mean, gap between steps %.3f ms mean",
+                        self.steps, self.step_s / self.steps * 1e3, self.gap_s / (self.steps - 1) * 1e3)
+        self.steps, self.step_s, self.gap_s, self._logged_at = 0, 0.0, 0.0, now
 
 
 class AsyncEngine:
@@ -32,11 +69,13 @@ class AsyncEngine:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.step_error: BaseException | None = None
+        self.stats = LoopStats()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="engine-loop")
 
     async def stop(self) -> None:
+        self.stats.log(time.monotonic())
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -92,16 +131,16 @@ class AsyncEngine:
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not await self.run(self.engine.has_unfinished_requests):
-                self._wake.clear()
-                await self._wake.wait()
-                continue
             try:
-                outputs = await loop.run_in_executor(self._executor, self.engine.step)
+                outputs = await loop.run_in_executor(self._executor, self._step_if_work)
             except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
                 logger.exception("engine step failed")
                 self.step_error = exc
                 outputs = await self.run(self._fail_all, f"engine step failed: {exc}")
+            if outputs is None:  # nothing to do: sleep until a caller adds work
+                self._wake.clear()
+                await self._wake.wait()
+                continue
             self.publish(outputs)
             if self._after_step is not None:
                 try:
@@ -109,6 +148,16 @@ class AsyncEngine:
                 except Exception:  # noqa: BLE001 - a failing hook must not stop every later step
                     logger.exception("after-step hook failed")
             await asyncio.sleep(0)  # let callers queue work between steps
+
+    def _step_if_work(self) -> list[StepOutput] | None:
+        """On the engine thread: one step, or None when there is no work."""
+        if not self.engine.has_unfinished_requests():
+            self.stats.idle()
+            return None
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        self.stats.record(start, time.perf_counter())
+        return outputs
 
     def _fail_all(self, message: str) -> list[StepOutput]:
         outputs = []

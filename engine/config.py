@@ -196,10 +196,12 @@ class EngineConfig:
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
     seed: int = 0
     attention_backend: str = "torch"
-    # GPU path (issue 5): Triton norm/rotary/activation kernels, CUDA graphs for decode
-    # batches (padded up to the next captured size), and overlap scheduling (the CPU
-    # prepares step N+1 while the GPU runs step N).
-    triton_kernels: bool = False
+    # GPU path (issue 5): Triton norm/rotary/activation/skinny-matmul kernels, CUDA graphs
+    # for decode batches (padded up to the next captured size), and overlap scheduling
+    # (the CPU prepares step N+1 while the GPU runs step N). triton_kernels None: on
+    # exactly when the device is CUDA and the attention backend is Triton (before, the
+    # served workers never turned them on and ran the torch ops: issue 13).
+    triton_kernels: bool | None = None
     cuda_graphs: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_schedule: bool = False
@@ -207,6 +209,12 @@ class EngineConfig:
 
     def with_overrides(self, **changes: Any) -> EngineConfig:
         return replace(self, **changes)
+
+    @property
+    def uses_triton_kernels(self) -> bool:
+        if self.triton_kernels is not None:
+            return self.triton_kernels
+        return self.device.startswith("cuda") and self.attention_backend == "triton"
 
     def validate(self) -> None:
         for name in ("page_size", "num_pages", "max_num_batched_tokens", "max_num_seqs"):

@@ -95,7 +95,7 @@ class Engine:
         model_module.rotary.build_table(self.config.max_model_len, self.model_config.torch_dtype)
         backend = create_attention_backend(config.attention_backend)
         attention = backend(self.kv_cache, self.model_config.head_dim**-0.5)
-        if config.triton_kernels:
+        if config.uses_triton_kernels:
             from engine.kernels.ops import TRITON_OPS  # needs triton: imported only when asked
             model_module.use_ops(TRITON_OPS)
         graphs = None

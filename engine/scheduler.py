@@ -124,19 +124,25 @@ class Scheduler:
     # -- internals ---------------------------------------------------------------------
 
     def _schedule_running(self, scheduled: list[ScheduledRequest], budget: int) -> _RunningScheduled:
-        """The hot loop of a decode step: pages are asked for only when a request crosses
+        """Decode first: requests that need one token go before those still in prefill, so
+        a long prompt's chunk never takes the budget that running decodes need (a request
+        resumed after a remote prefill joins `running` behind prompts being chunked here).
+        The hot loop of a decode step: pages are asked for only when a request crosses
         into a new page (`_reserve(0)` and `_grow` by 0 pages change nothing)."""
-        preempted, index, page_size, running = False, 0, self.page_size, self.running
-        while index < len(running) and budget > 0:
-            request = running[index]
+        preempted, index, page_size = False, 0, self.page_size
+        pending = self._decode_first()
+        while index < len(pending) and budget > 0:
+            request = pending[index]
             computed = request.num_computed_tokens
             remaining = request.num_tokens - computed
             count = remaining if remaining <= budget else budget
             needed = -(-(computed + count) // page_size) - len(request.pages)  # as _pages_needed
             if needed > 0:
                 if not self._reserve(needed):
+                    # The victim is the last request not scheduled yet: this step never
+                    # holds a request whose pages were just released.
                     preempted = True
-                    victim = running[-1]
+                    victim = pending.pop()
                     self._preempt(victim)
                     if victim is request:
                         break
@@ -146,6 +152,15 @@ class Scheduler:
             budget -= count
             index += 1
         return _RunningScheduled(preempted, budget)
+
+    def _decode_first(self) -> list[Request]:
+        """`running` with requests still in prefill moved behind the decoding ones (each
+        group keeps its order); the list itself when nothing is in prefill."""
+        running = self.running
+        prefilling = [r for r in running if r.num_tokens - r.num_computed_tokens > 1]
+        if not prefilling:
+            return list(running)
+        return [r for r in running if r.num_tokens - r.num_computed_tokens <= 1] + prefilling
 
     def _schedule_waiting(self, scheduled: list[ScheduledRequest], budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:

@@ -32,24 +32,38 @@ INTERPRETER_CONFIG = PrefillConfig(16, 16, 4, 1)
 @triton.jit
 def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start, positions,
                   seq_len, kv_base, stride_kp, stride_kt, dims, dim_mask, scale,
-                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr):
+                  BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
+                  EVEN_D: tl.constexpr):
+    """One key block of online softmax. Unmasked blocks lie wholly below every row's
+    position (so also below seq_len): their loads need no mask at all. No row's maximum
+    is ever -inf: the first block processed holds key 0, which every row sees."""
     tokens = block_start + tl.arange(0, BLOCK_N)
-    token_mask = tokens < seq_len
-    pages = tl.load(page_row_ptr + tokens // PAGE_SIZE, mask=token_mask, other=0)
+    if MASKED:
+        token_mask = tokens < seq_len
+        pages = tl.load(page_row_ptr + tokens // PAGE_SIZE, mask=token_mask, other=0)
+    else:
+        pages = tl.load(page_row_ptr + tokens // PAGE_SIZE)
     offsets = pages.to(tl.int64) * stride_kp + (tokens % PAGE_SIZE) * stride_kt + kv_base
-    tile_mask = token_mask[:, None] & dim_mask[None, :]
-    k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-    scores = tl.dot(q, tl.trans(k)) * scale
+    if MASKED:
+        tile_mask = token_mask[:, None] & dim_mask[None, :]
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+    elif EVEN_D:
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
+    else:
+        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
+        v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
+    scores = tl.dot(q, tl.trans(k))
     if MASKED:
         visible = (tokens[None, :] <= positions[:, None]) & token_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-    # Rows that see nothing yet keep m == -inf; shift by 0 instead to avoid NaN.
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp2(m_i - m_safe)
-    p = tl.exp2(scores - m_safe[:, None])
-    v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    # `scale` carries log2(e): scale and shift fuse into one multiply-add per score.
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1) * scale)
+    p = tl.exp2(scores * scale - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc)  # accumulate inside the matrix op
     return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
@@ -87,12 +101,12 @@ def _prefill_kernel(
         for block_start in range(0, unmasked_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start,
                                           positions, seq_len, kv_base, stride_kp, stride_kt, dims,
-                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, False)
+                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, False, BLOCK_D == HEAD_DIM)
         for block_start in range(unmasked_end, visible_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start,
                                           positions, seq_len, kv_base, stride_kp, stride_kt, dims,
-                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, True)
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, True, BLOCK_D == HEAD_DIM)
+        out = acc / l_i[:, None]
         tl.store(out_ptr + token_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
 

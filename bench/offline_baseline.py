@@ -1,0 +1,100 @@
+"""The engine alone, on the serving benchmark's own requests: the baseline its figures are
+divided by (issue 13). Run by `bench.serving_bench --offline-baseline` in a subprocess
+before the cluster starts (the GPU then holds one engine at a time), or by hand:
+
+    python -m bench.offline_baseline --num-requests 512 --input-len 1024 --output-len 256 -- \\
+        --model DIR --load-format dummy --device cuda --dtype bfloat16 --attention-backend triton \\
+        --cuda-graphs --overlap-schedule
+
+It builds the engine from the same flags the worker gets and measures, in this order:
+- one request of the workload alone, stepping the engine by hand: the time from adding it
+  to its first token (prefill + one step: what TTFT at concurrency 1 is compared with),
+  and the median time between its later tokens (the batch-1 step, with CUDA graphs and
+  overlap if the flags ask: what ITL at concurrency 1 is compared with);
+- `LLM.generate` of every request of the workload at once: output tokens per second.
+The last line printed is one JSON object of these figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+from bench.serving_bench import workload
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
+    if "--" in argv:
+        index = argv.index("--")
+        own, engine_argv = argv[:index], argv[index + 1:]
+    else:
+        own, engine_argv = argv, []
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--num-requests", type=int, default=512)
+    parser.add_argument("--input-len", type=int, default=1024)
+    parser.add_argument("--output-len", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-throughput", action="store_true", help="measure the single request only")
+    args = parser.parse_args(own)
+    args.images, args.distinct_images, args.image_size = 0, 0, 0
+    from deploy.cli import add_engine_arguments
+    engine_parser = argparse.ArgumentParser(prog="engine flags")
+    add_engine_arguments(engine_parser)
+    engine_args, _ = engine_parser.parse_known_args(engine_argv)  # worker-only flags are ignored
+    return args, engine_args
+
+
+def single_request(llm: object, prompt: list[int], output_len: int) -> dict[str, float]:
+    """Step the engine by hand for one request: seconds to the first token, and the median
+    seconds between the tokens after it."""
+    from engine import SamplingParams
+    engine = llm.engine  # type: ignore[attr-defined]
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    rid = engine.add_request(prompt, params)
+    token_times: list[float] = []
+    finished = False
+    while not finished:
+        for out in engine.step():
+            if out.request_id == rid:
+                token_times.extend([time.perf_counter()] * len(out.new_token_ids))
+                finished = out.finished
+    gaps = [b - a for a, b in zip(token_times, token_times[1:])]
+    return {"first_token_s": token_times[0] - start, "step_s": statistics.median(gaps)}
+
+
+def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    from engine import SamplingParams
+    params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    start = time.perf_counter()
+    results = llm.generate(prompts, params)  # type: ignore[attr-defined]
+    wall = time.perf_counter() - start
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    return {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, engine_args = parse(list(sys.argv[1:] if argv is None else argv))
+    from deploy.cli import engine_options
+    from engine import LLM
+    llm = LLM(engine_args.model, **engine_options(engine_args))
+    prompts = [p for p, _ in workload(args, None)]
+    warm = [[(t * 7 + 3) % args.vocab for t in p] for p in prompts[:2]]
+    throughput(llm, warm, 8)  # first uses compile kernels: not measured
+    figures = {"requests": len(prompts), "input_len": args.input_len, "output_len": args.output_len}
+    figures.update(single_request(llm, [(t * 5 + 1) % args.vocab for t in prompts[0]], args.output_len))
+    if not args.skip_throughput:
+        llm.engine.free_cache()  # the warm-up and single request must give the workload no hits
+        figures.update(throughput(llm, prompts, args.output_len))
+    print(f"offline: first token {figures['first_token_s'] * 1e3:.2f} ms, step {figures['step_s'] * 1e3:.3f} ms"
+          + (f", LLM.generate {figures['output_tokens_per_s']:.1f} output tokens/s over "
+             f"{figures['generate_wall_s']:.2f} s" if "output_tokens_per_s" in figures else ""), flush=True)
+    print(json.dumps(figures), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
