@@ -72,7 +72,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 await self._start(request, prompt, params, images)
             except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-            async for out in async_engine.stream(queue):
+            async for out in async_engine.stream_merged(queue):
                 for message in _responses(out):
                     yield message
         finally:

@@ -60,6 +60,13 @@ class LoopStats:
         self.steps, self.step_s, self.gap_s, self._logged_at = 0, 0.0, 0.0, now
 
 
+def merge_outputs(first: StepOutput, then: StepOutput) -> StepOutput:
+    """Two consecutive outputs of one request as one."""
+    return StepOutput(first.request_id, first.new_token_ids + then.new_token_ids,
+                      first.new_logprobs + then.new_logprobs, then.finished, then.finish_reason,
+                      then.request if then.request is not None else first.request)
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, after_step: StepHook | None = None) -> None:
         self.engine = engine
@@ -112,6 +119,19 @@ class AsyncEngine:
     async def stream(self, queue: asyncio.Queue[StepOutput]) -> AsyncIterator[StepOutput]:
         while True:
             out = await queue.get()
+            yield out
+            if out.finished:
+                return
+
+    async def stream_merged(self, queue: asyncio.Queue[StepOutput]) -> AsyncIterator[StepOutput]:
+        """As `stream`, but outputs already queued behind the one taken (a consumer that
+        fell behind the steps) come as one output of all their tokens: one message per
+        turn of the consumer instead of one per token. At low load nothing waits, so
+        every token still goes out alone, as soon as its step ends."""
+        while True:
+            out = await queue.get()
+            while not out.finished and not queue.empty():
+                out = merge_outputs(out, queue.get_nowait())
             yield out
             if out.finished:
                 return

@@ -38,3 +38,24 @@ async def test_engine_keeps_stepping_after_the_hook_raises(tiny_model_path, capl
     assert got == expected
     assert len(calls) > 2
     assert "after-step hook failed" in caplog.text
+
+
+async def test_stream_merged_joins_only_what_already_waits() -> None:
+    """A consumer that fell behind gets the queued outputs as one (tokens in order, the
+    last one's finish); one that keeps up gets each output alone."""
+    engine = AsyncEngine.__new__(AsyncEngine)  # stream_merged reads only the queue
+    queue: asyncio.Queue[StepOutput] = asyncio.Queue()
+    for token in (11, 12, 13):
+        queue.put_nowait(StepOutput("r", [token], [], False, None, None))
+    stream = engine.stream_merged(queue)
+    first = await anext(stream)
+    assert (first.new_token_ids, first.finished) == ([11, 12, 13], False)
+    queue.put_nowait(StepOutput("r", [14], [], False, None, None))
+    assert (await anext(stream)).new_token_ids == [14]
+    queue.put_nowait(StepOutput("r", [15], [], False, None, None))
+    queue.put_nowait(StepOutput("r", [16], [], True, "length", None))
+    queue.put_nowait(StepOutput("r", [99], [], False, None, None))  # never read: the stream ended
+    last = await anext(stream)
+    assert (last.new_token_ids, last.finished, last.finish_reason) == ([15, 16], True, "length")
+    with pytest.raises(StopAsyncIteration):
+        await anext(stream)
