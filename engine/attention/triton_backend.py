@@ -30,10 +30,31 @@ class TritonAttentionMetadata:
     # Lengths of the prompts when the batch is a few whole prompts with nothing cached:
     # their K/V are the step's own k/v, and torch's fused SDPA is faster there (measured).
     whole_prompts: tuple[int, ...] | None = None
+    # A mixed batch (decode rows first, as the scheduler orders them, then prefill chunks):
+    # the decode rows take the decode kernel, the rest the prefill kernel. Through the
+    # prefill kernel a decode row would fill one row of a 128-row tile.
+    split: MixedSplit | None = None
 
     @property
     def is_decode(self) -> bool:
         return self.max_query_len == 1
+
+
+@dataclass(frozen=True)
+class MixedSplit:
+    decode_rows: int  # the batch's first decode_rows sequences have one new token each
+    decode_splits: int
+    prefill_query_start: torch.Tensor  # [B - decode_rows + 1] int32, from 0
+    prefill_max_query_len: int
+
+
+def leading_decode_rows(query_lens: list[int]) -> int:
+    count = 0
+    for length in query_lens:
+        if length != 1:
+            break
+        count += 1
+    return count
 
 
 def pack_int32(arrays: list[np.ndarray], device: torch.device) -> list[torch.Tensor]:
@@ -80,14 +101,20 @@ class TritonAttention(AttentionBackend):
         seq_lens = np.asarray(batch.seq_lens, dtype=np.int32)
         query_start = np.zeros(len(batch.query_lens) + 1, dtype=np.int32)
         np.cumsum(batch.query_lens, out=query_start[1:])
-        page_table_dev, seq_lens_dev, query_start_dev = pack_int32(
-            [page_table, seq_lens, query_start], self.kv_cache.buffer.device)
+        decode_rows = leading_decode_rows(batch.query_lens)
+        mixed = 0 < decode_rows < len(batch.query_lens)
+        arrays = [page_table, seq_lens, query_start] + ([query_start[decode_rows:] - decode_rows] if mixed else [])
+        page_table_dev, seq_lens_dev, query_start_dev, *rest = pack_int32(arrays, self.kv_cache.buffer.device)
         whole = batch.query_lens == batch.seq_lens and 1 < max(batch.query_lens, default=0) and \
             len(batch.query_lens) <= self.sdpa_max_prompts
+        split = None
+        if mixed:
+            split = MixedSplit(decode_rows, self.num_splits(decode_rows, max(batch.seq_lens[:decode_rows])),
+                               rest[0], max(batch.query_lens[decode_rows:]))
         batch.attention_metadata = TritonAttentionMetadata(
             page_table_dev, seq_lens_dev, query_start_dev, max(batch.query_lens, default=0),
             self.num_splits(len(batch.seq_lens), max(batch.seq_lens, default=1)),
-            tuple(batch.query_lens) if whole else None)
+            tuple(batch.query_lens) if whole else None, split)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
@@ -114,8 +141,20 @@ class TritonAttention(AttentionBackend):
                                                  self.scale, meta.num_splits)
         if meta.whole_prompts is not None:
             return self._whole_prompts(q, k, v, meta.whole_prompts)
+        if meta.split is not None:
+            return self._mixed(q, k_pages, v_pages, meta, meta.split)
         return self._prefill.prefill_attention(q, k_pages, v_pages, meta.page_table, meta.query_start,
                                                meta.seq_lens, meta.max_query_len, self.scale)
+
+    def _mixed(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+               meta: TritonAttentionMetadata, split: MixedSplit) -> torch.Tensor:
+        out = torch.empty_like(q)
+        d = split.decode_rows
+        self._decode.decode_attention(q[:d], k_pages, v_pages, meta.page_table[:d], meta.seq_lens[:d],
+                                      self.scale, split.decode_splits, out=out[:d])
+        self._prefill.prefill_attention(q[d:], k_pages, v_pages, meta.page_table[d:], split.prefill_query_start,
+                                        meta.seq_lens[d:], split.prefill_max_query_len, self.scale, out=out[d:])
+        return out
 
     def _whole_prompts(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        lengths: tuple[int, ...]) -> torch.Tensor:

@@ -113,15 +113,17 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                      page_table: torch.Tensor, seq_lens: torch.Tensor, scale: float,
-                     num_splits: int) -> torch.Tensor:
+                     num_splits: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """q [B, H, D] (last dim contiguous); k/v_pages [P, page, KV, D] one layer's views;
-    page_table [B, W] int32; seq_lens [B] int32 (0 for padding rows) -> out [B, H, D]."""
+    page_table [B, W] int32; seq_lens [B] int32 (0 for padding rows) -> out [B, H, D]
+    (written into `out` when given: rows of a larger output, last dim contiguous)."""
     seqs, heads, head_dim = q.shape
     kv_heads, page_size = k_pages.shape[2], k_pages.shape[1]
     group = heads // kv_heads
     on_gpu = q.is_cuda
     block_n = 64 if on_gpu else 16
-    out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((seqs, heads, head_dim), dtype=q.dtype, device=q.device)
     if num_splits > 1:
         partial = torch.empty((seqs, heads, num_splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((seqs, heads, num_splits), dtype=torch.float32, device=q.device)

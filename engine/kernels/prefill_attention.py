@@ -113,14 +113,17 @@ def _prefill_kernel(
 
 def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                       page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
-                      max_query_len: int, scale: float, config: PrefillConfig | None = None) -> torch.Tensor:
+                      max_query_len: int, scale: float, config: PrefillConfig | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """q [T, H, D] of all sequences' new tokens, in order; query_start [B + 1] int32
-    offsets into T; seq_lens [B] int32; page_table [B, W] int32 -> out [T, H, D]."""
+    offsets into T; seq_lens [B] int32; page_table [B, W] int32 -> out [T, H, D]
+    (written into `out` when given: rows of a larger output, last dim contiguous)."""
     tokens, heads, head_dim = q.shape
     seqs = seq_lens.shape[0]
     group = heads // k_pages.shape[2]
     block_m, block_n, warps, stages = config or (GPU_CONFIG if q.is_cuda else INTERPRETER_CONFIG)
-    out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
         return out
     _prefill_kernel[(seqs, heads, triton.cdiv(max_query_len, block_m))](

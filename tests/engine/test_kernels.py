@@ -98,7 +98,8 @@ def test_rotary_fused_with_kv_write(device: str) -> None:
     assert not torch.equal(cache.buffer, before)  # something was stored
 
 
-def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], splits: int | None) -> None:
+def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], splits: int | None,
+                    mixed: bool = False) -> None:
     from engine.attention.triton_backend import TritonAttention
     s = SIZES[device]
     num_pages = sum(-(-n // s.page_size) for n in seq_lens) + 5
@@ -112,6 +113,7 @@ def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], spl
     v = torch.randn_like(k)
     backend = TritonAttention(cache, s.head_dim**-0.5)
     backend.prepare(batch)
+    assert (batch.attention_metadata.split is not None) == mixed
     if splits is not None:
         batch.attention_metadata = batch.attention_metadata.__class__(
             **{**batch.attention_metadata.__dict__, "num_splits": splits})
@@ -136,6 +138,15 @@ def test_prefill_attention_ragged_with_paged_prefix(device: str) -> None:
     # fresh prompt, a decode row, a chunk after a prefix, a chunk ending mid-page
     _attention_case(device, [long // 2, long, long, 2 * s.page_size + 3],
                     [long // 2, 1, long // 3, s.page_size + 2], None)
+
+
+def test_mixed_batch_splits_decode_rows_from_prefill_chunks(device: str) -> None:
+    """Decode rows first (the scheduler's order), then chunks: the decode kernel takes the
+    former, the prefill kernel the rest, each writing its rows of one output."""
+    s = SIZES[device]
+    long = s.long_context
+    _attention_case(device, [5, long, s.page_size + 1, long, 2 * s.page_size + 3],
+                    [1, 1, 1, long // 3, s.page_size + 2], None, mixed=True)
 
 
 @pytest.mark.parametrize("rows", [1, 5, 16])
