@@ -2,14 +2,24 @@
 
 Each node stands for one full page of tokens and owns that page id. A request that
 matched a path holds a reference on every node of it; nodes with no references are
-evictable, least recently used leaves first. Every node carries a chained hash of its
-tokens (parent's hash + this page's tokens) so workers can publish which prefixes they
-hold as KV events without sending tokens.
+evictable. Eviction takes leaves in order of (priority of their last user, last use):
+lower priority first, least recently used first among equals. Every node carries a
+chained hash of its tokens (parent's hash + this page's tokens) so workers can publish
+which prefixes they hold as KV events without sending tokens.
+
+Pinned prefixes (a system prompt, tool definitions) are never evicted: a pin names the
+chained hashes of a prefix's full pages, so pages that land later are pinned as they are
+inserted. Pinned pages are capped (`max_pinned_pages`); a pin over the cap is refused,
+and shrinking the cap unpins the least recently pinned-or-hit prefixes until it holds.
+Invariant: a held node (referenced or pinned) has only held ancestors, because
+references and pins both cover whole paths from the root.
 """
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -41,6 +51,25 @@ class _Node:
     children: dict[PageKey, _Node] = field(default_factory=dict)
     ref_count: int = 0
     last_access: int = 0
+    priority: int = 0  # of the request that used it last: lower evicts first
+    pinned: bool = False
+
+    @property
+    def held(self) -> bool:
+        return self.ref_count > 0 or self.pinned
+
+    def eviction_key(self) -> tuple[int, int]:
+        return (self.priority, self.last_access)
+
+
+class PinError(ValueError):
+    """A pin the cache cannot take (over the cap, or shorter than one page)."""
+
+
+@dataclass
+class _Pin:
+    hashes: tuple[int, ...]
+    last_use: int
 
 
 class PrefixMatch(NamedTuple):
@@ -58,13 +87,17 @@ class KVEvent(NamedTuple):
 
 
 class RadixCache:
-    def __init__(self, page_size: int) -> None:
+    def __init__(self, page_size: int, max_pinned_pages: int = 0) -> None:
         self.page_size = page_size
+        self.max_pinned_pages = max_pinned_pages
         self._root = _Node(key=(), page=-1, parent=None, hash=0)
         self._clock = itertools.count(1)
         self._num_nodes = 0
-        self._num_referenced = 0
+        self._num_held = 0
         self._events: list[KVEvent] = []
+        self._pins: dict[tuple[int, ...], _Pin] = {}
+        self._pinned_hashes: Counter[int] = Counter()  # hash -> pins naming it
+        self._nodes_by_hash: dict[int, _Node] = {}
 
     @property
     def cached_pages(self) -> int:
@@ -72,12 +105,22 @@ class RadixCache:
 
     @property
     def evictable_pages(self) -> int:
-        # A node with no references has no referenced descendants (references cover whole
-        # paths from the root), so every unreferenced node is eventually evictable.
-        return self._num_nodes - self._num_referenced
+        # An unheld node has no held descendants (the invariant above), so every unheld
+        # node is eventually evictable.
+        return self._num_nodes - self._num_held
 
-    def match(self, tokens: list[int]) -> PrefixMatch:
-        """Longest cached prefix of `tokens` in full pages, with a reference on each node."""
+    @property
+    def pinned_pages(self) -> int:
+        """Pages pinned prefixes name (also those not cached yet)."""
+        return len(self._pinned_hashes)
+
+    @property
+    def resident_pinned_pages(self) -> int:
+        return sum(1 for h in self._pinned_hashes if h in self._nodes_by_hash)
+
+    def match(self, tokens: list[int], priority: int | None = None) -> PrefixMatch:
+        """Longest cached prefix of `tokens` in full pages, with a reference on each node.
+        `priority`: the user's (None, e.g. a peek, leaves each node's as it is)."""
         node, nodes = self._root, []
         now = next(self._clock)
         for key in self._page_keys(tokens):
@@ -85,19 +128,23 @@ class RadixCache:
             if child is None:
                 break
             child.last_access = now
+            if priority is not None:
+                child.priority = priority
             nodes.append(child)
             node = child
         for n in nodes:
             self._ref(n)
+        if nodes and self._pins:
+            self._touch_pins(nodes, now)
         return PrefixMatch([n.page for n in nodes], nodes)
 
     def unlock(self, nodes: list[_Node]) -> None:
         for n in nodes:
             n.ref_count -= 1
-            if n.ref_count == 0:
-                self._num_referenced -= 1
+            if n.ref_count == 0 and not n.pinned:
+                self._num_held -= 1
 
-    def insert(self, tokens: list[int], pages: list[int]) -> list[int]:
+    def insert(self, tokens: list[int], pages: list[int], priority: int = 0) -> list[int]:
         """Cache the full pages of `tokens` held in `pages`; return the pages the caller
         must free because the cache already held the same tokens in another page."""
         node, duplicates, stored = self._root, [], []
@@ -108,34 +155,104 @@ class RadixCache:
                 child = _Node(key=key, page=page, parent=node, hash=chain_hash(node.hash, key))
                 node.children[key] = child
                 self._num_nodes += 1
+                self._nodes_by_hash[child.hash] = child
                 stored.append(child.hash)
+                if child.hash in self._pinned_hashes:
+                    self._set_pinned(child, True)
             elif child.page != page:
                 duplicates.append(page)
-            child.last_access = now
+            child.last_access, child.priority = now, priority
             node = child
         if stored:
             self._events.append(KVEvent("stored", stored))
         return duplicates
 
     def evict(self, count: int) -> list[int]:
-        """Free up to `count` unreferenced pages, least recently used leaves first."""
+        """Free up to `count` unheld pages: leaves by (priority, last use), lowest first;
+        a parent becomes a candidate once its last child is gone."""
         freed: list[int] = []
-        leaves = sorted(self._evictable_leaves(), key=lambda n: n.last_access)
+        heap = [(n.eviction_key(), id(n), n) for n in self._evictable_leaves()]
+        heapq.heapify(heap)
         removed: list[int] = []
-        while leaves and len(freed) < count:
-            leaf = leaves.pop(0)
+        while heap and len(freed) < count:
+            leaf = heapq.heappop(heap)[2]
             parent = leaf.parent
             assert parent is not None
             del parent.children[leaf.key]
+            del self._nodes_by_hash[leaf.hash]
             self._num_nodes -= 1
             freed.append(leaf.page)
             removed.append(leaf.hash)
-            if parent is not self._root and not parent.children and parent.ref_count == 0:
-                leaves.append(parent)
-                leaves.sort(key=lambda n: n.last_access)
+            if parent is not self._root and not parent.children and not parent.held:
+                heapq.heappush(heap, (parent.eviction_key(), id(parent), parent))
         if removed:
             self._events.append(KVEvent("removed", removed))
         return freed
+
+    # -- pins --------------------------------------------------------------------------
+
+    def pin(self, tokens: list[int]) -> int:
+        """Pin the full pages of `tokens` (cached now or when they land); returns the pages
+        the pin adds to the pinned count. Raises PinError over the cap."""
+        hashes = tuple(page_hashes(tokens, self.page_size))
+        if not hashes:
+            raise PinError(f"a pinned prefix needs at least one full page ({self.page_size} tokens)")
+        added = [h for h in hashes if h not in self._pinned_hashes]
+        if hashes in self._pins:
+            self._pins[hashes].last_use = next(self._clock)
+            return 0
+        if self.pinned_pages + len(added) > self.max_pinned_pages:
+            raise PinError(f"pinning {len(added)} more page(s) would exceed the cap of "
+                           f"{self.max_pinned_pages} pinned pages ({self.pinned_pages} pinned)")
+        self._pins[hashes] = _Pin(hashes, next(self._clock))
+        for h in hashes:
+            self._pinned_hashes[h] += 1
+            node = self._nodes_by_hash.get(h)
+            if node is not None:
+                self._set_pinned(node, True)
+        return len(added)
+
+    def unpin(self, tokens: list[int]) -> bool:
+        """Drop the pin of exactly this prefix; False if there was none."""
+        pin = self._pins.pop(tuple(page_hashes(tokens, self.page_size)), None)
+        if pin is None:
+            return False
+        self._release_pin(pin)
+        return True
+
+    def set_pin_cap(self, max_pinned_pages: int) -> list[tuple[int, ...]]:
+        """Change the cap; unpins least recently used prefixes until the pinned pages fit.
+        Returns the hash chains of the prefixes unpinned."""
+        self.max_pinned_pages = max_pinned_pages
+        dropped = []
+        for pin in sorted(self._pins.values(), key=lambda p: p.last_use):
+            if self.pinned_pages <= max_pinned_pages:
+                break
+            del self._pins[pin.hashes]
+            self._release_pin(pin)
+            dropped.append(pin.hashes)
+        return dropped
+
+    def _release_pin(self, pin: _Pin) -> None:
+        for h in pin.hashes:
+            self._pinned_hashes[h] -= 1
+            if self._pinned_hashes[h] == 0:
+                del self._pinned_hashes[h]
+                node = self._nodes_by_hash.get(h)
+                if node is not None:
+                    self._set_pinned(node, False)
+
+    def _set_pinned(self, node: _Node, pinned: bool) -> None:
+        was_held = node.held
+        node.pinned = pinned
+        self._num_held += int(node.held) - int(was_held)
+
+    def _touch_pins(self, nodes: list[_Node], now: int) -> None:
+        """A match that covers a pin's prefix, or ends inside it, counts as a use."""
+        matched, last = {n.hash for n in nodes}, nodes[-1].hash
+        for pin in self._pins.values():
+            if pin.hashes[-1] in matched or last in pin.hashes:
+                pin.last_use = now
 
     def drain_events(self) -> list[KVEvent]:
         events, self._events = self._events, []
@@ -150,8 +267,8 @@ class RadixCache:
         return out
 
     def _ref(self, node: _Node) -> None:
-        if node.ref_count == 0:
-            self._num_referenced += 1
+        if not node.held:
+            self._num_held += 1
         node.ref_count += 1
 
     def _page_keys(self, tokens: list[int]) -> list[PageKey]:
@@ -164,6 +281,6 @@ class RadixCache:
             node = stack.pop()
             if node.children:
                 stack.extend(node.children.values())
-            elif node.ref_count == 0:
+            elif not node.held:
                 out.append(node)
         return out

@@ -28,6 +28,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Higher is more important: under memory pressure the prefix cache evicts pages whose
+    # last user had a lower priority first (then least recently used first).
+    priority: int = 0
     extra: dict[str, object] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -81,9 +84,13 @@ class SamplingParams:
             raise InvalidRequestError("stop must be a list of non-empty strings")
         for token in self.stop_token_ids:
             _check_int("stop_token_ids entry", token, minimum=0)
+        _check_int("priority", self.priority, minimum=-PRIORITY_LIMIT)
+        if self.priority > PRIORITY_LIMIT:
+            raise InvalidRequestError(f"priority must be <= {PRIORITY_LIMIT}, got {self.priority}")
 
 
 GREEDY_BELOW = 1e-5
+PRIORITY_LIMIT = 2**31 - 1  # the wire's int32
 
 
 def _check_int(name: str, value: object, minimum: int | None) -> None:

@@ -183,7 +183,7 @@ class Scheduler:
         if self.cache is None or request.pages:
             return
         # At least the last token is recomputed: its logits produce the next token.
-        match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1])
+        match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1], request.params.priority)
         request.pages, request.prefix_nodes = list(match.pages), match.nodes
         request.num_computed_tokens = match.num_pages * self.page_size
         if not request.output_token_ids and request.num_preemptions == 0:
@@ -216,7 +216,7 @@ class Scheduler:
         if self.cache is not None:
             full = request.num_computed_tokens // self.page_size
             tokens = request.cache_token_ids[: full * self.page_size]
-            duplicates = self.cache.insert(tokens, pages[:full])
+            duplicates = self.cache.insert(tokens, pages[:full], request.params.priority)
             self.pool.free(duplicates + pages[full:])
             self.cache.unlock(request.prefix_nodes)
         else:

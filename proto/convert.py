@@ -24,7 +24,8 @@ def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
         min_p=params.min_p, repetition_penalty=params.repetition_penalty,
         frequency_penalty=params.frequency_penalty, presence_penalty=params.presence_penalty,
         stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
-        ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens)
+        ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
+        priority=params.priority)
     if params.top_k is not None:
         msg.top_k = params.top_k
     if params.seed is not None:
@@ -57,6 +58,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         ignore_eos=msg.ignore_eos,
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=get("skip_special_tokens"),
+        priority=msg.priority,
     )
 
 

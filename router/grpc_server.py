@@ -44,7 +44,8 @@ def sampling_options(message: epd_pb2.SamplingParams) -> dict[str, object]:
         ignore_eos=message.ignore_eos,
         logprobs=message.logprobs if message.HasField("logprobs") else None,
         skip_special_tokens=(message.skip_special_tokens if message.HasField("skip_special_tokens")
-                             else defaults.skip_special_tokens))
+                             else defaults.skip_special_tokens),
+        priority=message.priority)
 
 
 def finished_message(finish: Finish) -> epd_pb2.Finished:

@@ -67,6 +67,7 @@ class SamplingFields(_Strict):
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
+    priority: int = 0  # prefix-cache eviction: higher keeps its pages longer
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -166,7 +167,7 @@ def sampling_options(req: SamplingFields, max_tokens: int | None, logprobs: int 
         repetition_penalty=req.repetition_penalty, frequency_penalty=req.frequency_penalty,
         presence_penalty=req.presence_penalty, stop=tuple(stop),
         stop_token_ids=tuple(req.stop_token_ids or ()), ignore_eos=req.ignore_eos,
-        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens)
+        logprobs=logprobs, skip_special_tokens=req.skip_special_tokens, priority=req.priority)
 
 
 def chat_logprobs(req: ChatCompletionRequest) -> int | None:
