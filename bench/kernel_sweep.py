@@ -90,8 +90,18 @@ def sweep_prefill(model: str, prompts: int = 4, length: int = 2048) -> None:
     query_start = torch.arange(0, (prompts + 1) * length, length, device="cuda", dtype=torch.int32)
     q = torch.randn(prompts * length, heads, d, device="cuda", dtype=torch.bfloat16)
     flops = prompts * length * (length + 1) // 2 * 4 * heads * d
-    for config in [PrefillConfig(*v) for v in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3),
-                                                (64, 64, 4, 3), (128, 32, 4, 4), (128, 128, 8, 2), (64, 128, 4, 3))]:
+    import torch.nn.functional as F
+    qs = q.view(prompts, length, heads, d).transpose(1, 2)
+    kv_t = torch.randn(prompts, kv, length, d, device="cuda", dtype=torch.bfloat16)
+    sdpa = graph_time([lambda: [F.scaled_dot_product_attention(qs[i:i + 1], kv_t[i:i + 1], kv_t[i:i + 1], is_causal=True,
+                                                               scale=d**-0.5, enable_gqa=True)
+                                for i in range(prompts)]], repeats=10)
+    print(f"prefill attention: torch SDPA, contiguous K/V, same harness: {sdpa * 1e6:7.0f} us  "
+          f"{flops / sdpa / 1e12:6.1f} TFLOP/s")
+    for config in [PrefillConfig(*v) for v in ((128, 32, 4, 4), (128, 32, 4, 4, True), (128, 64, 4, 3, True),
+                                                (128, 64, 8, 3), (128, 64, 8, 3, True), (128, 128, 8, 3, True),
+                                                (128, 32, 4, 3), (128, 32, 4, 5), (128, 64, 4, 4), (128, 64, 8, 4),
+                                                (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 4))]:
         try:
             seconds = graph_time([lambda: prefill_attention(q, k_pages, v_pages, page_table, query_start,
                                                             seq_lens, length, d**-0.5, config)], repeats=10)

@@ -21,6 +21,7 @@ class PrefillConfig(NamedTuple):
     block_n: int
     num_warps: int
     num_stages: int
+    k_transposed: bool = False  # load K as [D, BLOCK_N] straight from memory
 
 
 # The fastest of bench/kernel_sweep.py's tiles for head_dim 128 on an H200; tiny tiles keep
@@ -33,7 +34,7 @@ INTERPRETER_CONFIG = PrefillConfig(16, 16, 4, 1)
 def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start, positions,
                   seq_len, kv_base, stride_kp, stride_kt, dims, dim_mask, scale,
                   BLOCK_N: tl.constexpr, PAGE_SIZE: tl.constexpr, MASKED: tl.constexpr,
-                  EVEN_D: tl.constexpr):
+                  EVEN_D: tl.constexpr, K_T: tl.constexpr):
     """One key block of online softmax. Unmasked blocks lie wholly below every row's
     position (so also below seq_len): their loads need no mask at all. No row's maximum
     is ever -inf: the first block processed holds key 0, which every row sees."""
@@ -44,17 +45,27 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start, pos
     else:
         pages = tl.load(page_row_ptr + tokens // PAGE_SIZE)
     offsets = pages.to(tl.int64) * stride_kp + (tokens % PAGE_SIZE) * stride_kt + kv_base
+    # K as [D, BLOCK_N] (K_T, read transposed from memory) or [BLOCK_N, D] then a transposed view.
     if MASKED:
         tile_mask = token_mask[:, None] & dim_mask[None, :]
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
+        if K_T:
+            kt = tl.load(k_ptr + offsets[None, :] + dims[:, None], mask=tl.trans(tile_mask), other=0.0)
+        else:
+            kt = tl.trans(tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0))
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=tile_mask, other=0.0)
     elif EVEN_D:
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :])
+        if K_T:
+            kt = tl.load(k_ptr + offsets[None, :] + dims[:, None])
+        else:
+            kt = tl.trans(tl.load(k_ptr + offsets[:, None] + dims[None, :]))
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :])
     else:
-        k = tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
+        if K_T:
+            kt = tl.load(k_ptr + offsets[None, :] + dims[:, None], mask=dim_mask[:, None], other=0.0)
+        else:
+            kt = tl.trans(tl.load(k_ptr + offsets[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0))
         v = tl.load(v_ptr + offsets[:, None] + dims[None, :], mask=dim_mask[None, :], other=0.0)
-    scores = tl.dot(q, tl.trans(k))
+    scores = tl.dot(q, kt)
     if MASKED:
         visible = (tokens[None, :] <= positions[:, None]) & token_mask[None, :]
         scores = tl.where(visible, scores, float("-inf"))
@@ -72,7 +83,7 @@ def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, query_start_ptr, seq_lens_ptr, scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_kt, stride_kh, stride_pt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr,
+    BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, K_T: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
@@ -101,11 +112,11 @@ def _prefill_kernel(
         for block_start in range(0, unmasked_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start,
                                           positions, seq_len, kv_base, stride_kp, stride_kt, dims,
-                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, False, BLOCK_D == HEAD_DIM)
+                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, False, BLOCK_D == HEAD_DIM, K_T)
         for block_start in range(unmasked_end, visible_end, BLOCK_N):
             acc, m_i, l_i = _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start,
                                           positions, seq_len, kv_base, stride_kp, stride_kt, dims,
-                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, True, BLOCK_D == HEAD_DIM)
+                                          dim_mask, scale, BLOCK_N, PAGE_SIZE, True, BLOCK_D == HEAD_DIM, K_T)
         out = acc / l_i[:, None]
         tl.store(out_ptr + token_rows[:, None] * stride_ot + head * stride_oh + dims[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & dim_mask[None, :])
@@ -121,7 +132,7 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     tokens, heads, head_dim = q.shape
     seqs = seq_lens.shape[0]
     group = heads // k_pages.shape[2]
-    block_m, block_n, warps, stages = config or (GPU_CONFIG if q.is_cuda else INTERPRETER_CONFIG)
+    block_m, block_n, warps, stages, k_t = config or (GPU_CONFIG if q.is_cuda else INTERPRETER_CONFIG)
     if out is None:
         out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:
@@ -131,6 +142,6 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pages.stride(0), k_pages.stride(1), k_pages.stride(2), page_table.stride(0),
         GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=k_pages.shape[1],
+        BLOCK_D=max(16, triton.next_power_of_2(head_dim)), PAGE_SIZE=k_pages.shape[1], K_T=k_t,
         num_warps=warps, num_stages=stages)
     return out

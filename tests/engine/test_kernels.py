@@ -132,7 +132,12 @@ def test_decode_attention_paged_gqa_split(device: str, splits: int | None) -> No
     _attention_case(device, seq_lens, [1] * len(seq_lens), splits)
 
 
-def test_prefill_attention_ragged_with_paged_prefix(device: str) -> None:
+@pytest.mark.parametrize("k_transposed", [False, True])
+def test_prefill_attention_ragged_with_paged_prefix(device: str, k_transposed: bool,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.kernels import prefill_attention as kernel
+    for name in ("GPU_CONFIG", "INTERPRETER_CONFIG"):
+        monkeypatch.setattr(kernel, name, getattr(kernel, name)._replace(k_transposed=k_transposed))
     s = SIZES[device]
     long = s.long_context
     # fresh prompt, a decode row, a chunk after a prefix, a chunk ending mid-page
