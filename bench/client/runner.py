@@ -45,13 +45,14 @@ class Progress:
     """tqdm when it is installed, else a plain bar on stderr (a line per 10% when
     stderr is not a terminal, so logs stay readable)."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True, stream: IO[str] | None = None) -> None:
+    def __init__(self, total: int, label: str, enabled: bool = True, stream: IO[str] | None = None,
+                 use_tqdm: bool = True) -> None:
         self.total, self.label, self.done = total, label, 0
         self.enabled = enabled
         self._stream = stream or sys.stderr
         self._bar = None
         self._last = 0.0
-        if enabled:
+        if enabled and use_tqdm:
             try:
                 from tqdm import tqdm
                 self._bar = tqdm(total=total, desc=label, unit="req", file=self._stream, leave=True)
