@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -126,9 +127,11 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                               reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
         failed = False
         for candidate in request.prefill:
+            started = time.perf_counter()
             with self.prefill_stats.attempt(candidate.address, after_failure=failed):
                 first = await self._attempt(candidate, request, reservation)
             if first is not None:
+                self.prefill_stats.durations.observe(time.perf_counter() - started)
                 return first
             self.prefill_stats.failures.add(candidate.address)
             failed = True

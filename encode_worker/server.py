@@ -31,7 +31,7 @@ from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.drain import Lifecycle
 from worker.http import WorkerHTTPServer
-from worker.metrics import Sample, families
+from worker.metrics import REQUEST_BUCKETS, DurationHistogram, families, status_samples
 from worker.runtime import _maybe_await, deregister, register_loop
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class EncodeRuntime:
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.life = Lifecycle(config.drain_timeout_s)  # readiness, drain gate, exit on request
+        self.life.gate.durations = DurationHistogram("request_duration_seconds", REQUEST_BUCKETS)
         self._http: WorkerHTTPServer | None = None
 
     @property
@@ -225,9 +226,9 @@ class _EncodeCollector:
         self.runtime = runtime
 
     def collect(self) -> Any:  # prometheus collector protocol
-        labels = {"role": "encode", "worker": self.runtime.worker_id}
-        samples = [Sample(name, float(value), counter=name in _COUNTERS)
-                   for name, value in self.runtime.counts().items()]
+        runtime = self.runtime
+        labels = {"pool": "encode", "worker": runtime.worker_id, "model": Path(str(runtime.model_path)).name}
+        samples = [*status_samples(runtime.counts(), _COUNTERS, None), *runtime.life.gate.durations.samples()]
         yield from families(samples, labels)
 
 

@@ -92,6 +92,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
         if images and self.images is not None:
             images = await self.images.fetch(rid, list(request.images), images)
+        self.ship_stats.seen(peer.descriptor.address)
         with self.ship_stats.jobs.held(peer.descriptor.address):
             return await self._serve(job, prompt, params, images, context)
 

@@ -68,7 +68,7 @@ class RouterApp:
         self.config = config
         tokenizer, model, multimodal = load_model_info(config)
         self.registry = WorkerRegistry(config)
-        self.metrics = RouterMetrics(self.registry.handles)
+        self.metrics = RouterMetrics(self.registry.handles, model.name)
         self.service = RouterService(config, self.registry, tokenizer, model, self.metrics, multimodal)
         self.monitor = HealthMonitor(self.registry, config)
         self.service.pools = PoolManager(config, self.registry)

@@ -217,7 +217,7 @@ class RouterService:
         return slot
 
     def record_error(self, exc: RouterError) -> None:
-        self.metrics.requests.labels(status=exc.metric_label).inc()
+        self.metrics.requests(exc.metric_label).inc()
 
     async def abort(self, request_id: str) -> bool:
         active = self._active.get(request_id)
@@ -283,7 +283,7 @@ class _Run:
                 raise
             finish = self._error_finish(exc.message)
         except asyncio.CancelledError:
-            self.service.metrics.requests.labels(status="aborted").inc()
+            self.service.metrics.requests("aborted").inc()
             raise
         tail = self.text.finish()
         if tail:
@@ -347,7 +347,7 @@ class _Run:
     def _observe_finish(self, finish: Finish) -> None:
         metrics = self.service.metrics
         status = {"stop": "ok", "length": "ok", "abort": "aborted"}.get(finish.reason, "error")
-        metrics.requests.labels(status=status).inc()
+        metrics.requests(status).inc()
         metrics.e2e.observe(time.monotonic() - self.request.arrival)
         metrics.generation_tokens.inc(len(self.tokens))
         metrics.cached_tokens.inc(self.cached_tokens)

@@ -15,6 +15,7 @@ from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto.convert import params_to_proto
 from worker.config import WorkerConfig
+from worker.metrics import Sample
 from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +58,7 @@ async def _status(address: str, role: str) -> pb.WorkerStatus:
 def _prefill_counts(runtime: WorkerRuntime) -> dict[tuple[str, str], float]:
     """The decode worker's remote-prefill samples (as its /metrics shows them)."""
     return {(s.name, dict(s.labels).get("prefill", "")): s.value
-            for source in runtime.metric_sources for s in source()}
+            for source in runtime.metric_sources for s in source() if isinstance(s, Sample)}
 
 
 async def test_remote_prefill_matches_offline(workers, tiny_model_path) -> None:  # noqa: ANN001
