@@ -115,5 +115,21 @@ class RouterMetrics:
         """The request counter of one outcome (ok, error, aborted, rejected, ...)."""
         return self._requests.labels(self.model, status)
 
+    def outcomes(self) -> dict[str, float]:
+        """Requests so far by outcome (what /cluster?view=overview shows)."""
+        return {s.labels["status"]: s.value for metric in self._requests.collect() for s in metric.samples
+                if s.name.endswith("_total")}
+
+    def totals(self) -> dict[str, float]:
+        """Token counts so far, by their metric names without the prefix."""
+        counters = (("prompt_tokens_total", self.prompt_tokens), ("generation_tokens_total", self.generation_tokens),
+                    ("prefix_cache_hit_tokens_total", self.cached_tokens), ("decode_retries_total", self.retries))
+        return {name: _value(counter) for name, counter in counters}
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _value(child: Counter) -> float:
+    """A counter child's value, through the public collect()."""
+    return next(s.value for m in child.collect() for s in m.samples if s.name.endswith("_total"))

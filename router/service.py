@@ -30,6 +30,7 @@ from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, 
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
 from router.autoscaler import RecentLatency
+from router.cluster_view import RecentErrors
 
 if TYPE_CHECKING:
     from router.pools import PoolManager
@@ -115,6 +116,7 @@ class RouterService:
         self.tokenizer = tokenizer
         self.model = model
         self.metrics = metrics
+        self.recent_errors = RecentErrors()  # for /cluster?view=overview and /dashboard
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         metrics.running.set_function(lambda: self.admission.running)
         metrics.queued.set_function(lambda: self.admission.queued)
@@ -218,6 +220,7 @@ class RouterService:
 
     def record_error(self, exc: RouterError) -> None:
         self.metrics.requests(exc.metric_label).inc()
+        self.recent_errors.add(exc.metric_label, exc.message)
 
     async def abort(self, request_id: str) -> bool:
         active = self._active.get(request_id)
@@ -331,6 +334,9 @@ class _Run:
 
     def _error_finish(self, message: str) -> Finish:
         log.warning("request %s failed after %d tokens: %s", self.request.request_id, len(self.tokens), message)
+        plan = self.active.plan
+        self.service.recent_errors.add("error", f"failed after {len(self.tokens)} tokens: {message}",
+                                       plan.decode_id if plan is not None else "")
         return self._make_finish("error", None, message)
 
     def _make_finish(self, reason: str, stop_reason: str | int | None, error: str | None = None) -> Finish:
