@@ -26,6 +26,7 @@ from engine.multimodal import InvalidImageError, image_hash
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto import tracing
 from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
@@ -142,8 +143,18 @@ class EncodeService(pb_grpc.EncodeWorkerServicer):
         self.runtime = runtime
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        async with self.runtime.life.gate.admit(context):
-            return await self._encode(request, context)
+        span = tracing.start("encode.encode", context.invocation_metadata(), "server", request_id=request.request_id,
+                             worker=self.runtime.worker_id, image_hash=request.image.hash[:16])
+        try:
+            async with self.runtime.life.gate.admit(context):
+                response = await self._encode(request, context)
+            span.set(cache_hit=response.cache_hit, embedding_bytes=response.embedding_bytes)
+            return response
+        except BaseException as exc:
+            span.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            span.end()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         return await self.runtime.life.drain_call(request)

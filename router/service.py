@@ -20,7 +20,7 @@ from engine.errors import EngineError
 from engine.multimodal import ImageInput, MultimodalInfo
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from proto import epd_pb2
+from proto import epd_pb2, tracing
 from router.admission import Admission, Slot
 from router.config import RouterConfig
 from router.detokenize import TextStream
@@ -103,6 +103,7 @@ class _Active:
     def __init__(self) -> None:
         self.aborted = False
         self.plan: Plan | None = None
+        self.span = tracing.NO_SPAN
 
 
 class RouterService:
@@ -265,6 +266,18 @@ class _Run:
         self.last_token_at: float | None = None
 
     async def events(self) -> AsyncIterator[Event]:
+        request = self.request
+        self.active.span = tracing.start("router.generate", None, "server", request_id=request.request_id,
+                                         model=self.service.model.name, prompt_tokens=len(request.prompt_token_ids),
+                                         max_tokens=request.params.max_tokens, images=len(request.images))
+        try:
+            async with aclosing(self._events()) as events:  # closing this closes the stream at once
+                async for event in events:
+                    yield event
+        finally:
+            self.active.span.end()
+
+    async def _events(self) -> AsyncIterator[Event]:
         self.service.metrics.prompt_tokens.inc(len(self.request.prompt_token_ids))
         try:
             finish = None
@@ -281,6 +294,7 @@ class _Run:
                         break
             finish = finish or self._stream_ended()
         except RouterError as exc:
+            self.active.span.fail(exc.message)
             if not self.tokens:
                 self.service.record_error(exc)
                 raise
@@ -308,6 +322,7 @@ class _Run:
         now = time.monotonic()
         metrics = self.service.metrics
         if self.last_token_at is None:
+            self.active.span.event("first_token")
             metrics.ttft.observe(now - self.request.arrival)
             self.service.latency.ttft.add(now - self.request.arrival, now)
         else:
@@ -351,6 +366,10 @@ class _Run:
         return Finish(reason, stop_reason, finish.usage, self.text.text, finish.token_ids, finish.error)
 
     def _observe_finish(self, finish: Finish) -> None:
+        self.active.span.set(finish_reason=finish.reason, output_tokens=len(self.tokens),
+                             cached_tokens=self.cached_tokens)
+        if finish.error:
+            self.active.span.fail(finish.error)
         metrics = self.service.metrics
         status = {"stop": "ok", "length": "ok", "abort": "aborted"}.get(finish.reason, "error")
         metrics.requests(status).inc()
