@@ -150,8 +150,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         self.prefill_stats.local_fallbacks_total += 1
         return None
 
-    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
-                       reservation: RemoteReservation, span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
+    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest, reservation: RemoteReservation,
+                       span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
         """One prefill worker computes the prompt into our pages; None if it failed."""
         generation = next(self._generations)
         room = f"{request.request_id}#{generation}"

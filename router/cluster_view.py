@@ -107,9 +107,9 @@ class ClusterView:
         now = time.monotonic()
         workers = [self._detailed(entry, now) for entry in self.workers()]
         self.rates.forget_except({w["id"] for w in workers})
+        roles = [role for role in ("encode", "prefill", "decode") if any(w["role"] == role for w in workers)]
         return {"time": time.time(), "model": self.service.model.name, "router": self._router(),
-                "pools": {role: _pool([w for w in workers if w["role"] == role]) for role in ("encode", "prefill", "decode")
-                          if any(w["role"] == role for w in workers)},
+                "pools": {role: _pool([w for w in workers if w["role"] == role]) for role in roles},
                 "workers": workers, "recent_errors": self._errors()}
 
     def _detailed(self, entry: dict[str, Any], now: float) -> dict[str, Any]:
@@ -124,7 +124,8 @@ class ClusterView:
                 "prefix_cache_hit_rate": _ratio(hits, hits + computed),
                 "embedding_cache_hit_rate": _ratio(entry["embedding_cache_hits_total"], images),
                 "rates": self.rates.rates(entry["id"], {f: float(entry.get(f, 0)) for f, _ in RATE_FIELDS}, now),
-                "last_error": state.last_error if state else "", "last_error_at": state.last_error_at if state else None}
+                "last_error": state.last_error if state else "",
+                "last_error_at": state.last_error_at if state else None}
 
     def _router(self) -> dict[str, Any]:
         service = self.service
@@ -138,8 +139,8 @@ class ClusterView:
         for handle in self.service.registry.handles():
             state = handle.state
             if state.last_error_at is not None:
-                events.append(ErrorEvent(state.last_error_at, "worker", "unhealthy" if not state.healthy else "recovered",
-                                         state.last_error, state.id))
+                kind = "recovered" if state.healthy else "unhealthy"
+                events.append(ErrorEvent(state.last_error_at, "worker", kind, state.last_error, state.id))
         return [asdict(e) for e in sorted(events, key=lambda e: e.time, reverse=True)[:50]]
 
 

@@ -180,7 +180,7 @@ def _messages(record: Any, where: str) -> list[tuple[str, str]]:
         raise DatasetError(f"{where}: expected an object with a \"conversations\" list")
     out = []
     for turn in turns:
-        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or not isinstance(turn.get("from"), str):
+        if not isinstance(turn, dict) or not all(isinstance(turn.get(k), str) for k in ("from", "value")):
             raise DatasetError(f"{where}: each turn needs string \"from\" and \"value\" fields")
         role = _ROLES.get(turn["from"].lower())
         if role is None:

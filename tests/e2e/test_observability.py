@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "epd-serve-dashboard.json"
 STUBS = {"encode": pb_grpc.EncodeWorkerStub, "prefill": pb_grpc.PrefillWorkerStub, "decode": pb_grpc.DecodeWorkerStub}
 # Families that exist but stay empty without the autoscaler at work.
-EMPTY_WITHOUT_AUTOSCALING = {"epd_autoscaler_utilization", "epd_autoscaler_desired_replicas", "epd_autoscaler_decisions"}
+EMPTY_WITHOUT_AUTOSCALING = {"epd_autoscaler_utilization", "epd_autoscaler_desired_replicas",
+                             "epd_autoscaler_decisions"}
 
 
 @pytest.fixture(scope="module")

@@ -104,7 +104,7 @@ def test_sharegpt_dataset_reading(tmp_path: Path) -> None:
             build(WorkloadSpec(num_requests=1, dataset=path))
 
 
-def test_request_bodies_for_each_api() -> None:
+async def test_request_bodies_for_each_api() -> None:
     png = b"\x89PNG fake"
     chat = Outgoing(Turn(5, text="look"), (("system", "s", ()), ("user", "look", (png,))))
     http = HttpTransport("http://127.0.0.1:1", "m", None, 5.0, Sampling(), 1)
@@ -114,9 +114,12 @@ def test_request_bodies_for_each_api() -> None:
     assert parts[0]["image_url"]["url"].startswith("data:image/png;base64,") and parts[1]["text"] == "look"
     path, body = http.body(Outgoing(Turn(3, (11, 12))))
     assert path == "/v1/completions" and body["prompt"] == [11, 12]
-    message = GrpcTransport("127.0.0.1:1", None, 5.0, Sampling(), "<img>").message(chat)
+    grpc_transport = GrpcTransport("127.0.0.1:1", None, 5.0, Sampling(), "<img>")
+    message = grpc_transport.message(chat)
     assert message.text == "system: s\nuser: <img>look\nassistant:" and list(message.images) == [png]
     assert message.sampling.max_tokens == 5 and message.sampling.ignore_eos
+    await http.close()
+    await grpc_transport.close()
 
 
 def test_plain_progress_bar_without_a_terminal() -> None:
