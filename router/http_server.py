@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions (SSE when
-streaming), models, health, cluster status and Prometheus metrics.
+streaming), models, health, cluster status (/cluster, the /dashboard page) and Prometheus
+metrics.
 
 A request is parsed and validated, admitted (429 when the router is full), and its
 choices started; errors before any choice's first token answer with a status code.

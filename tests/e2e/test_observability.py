@@ -12,6 +12,8 @@ import json
 import random
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -61,6 +63,13 @@ def send_traffic(cluster: LocalCluster) -> None:
                                                                 "max_tokens": 5})
             assert response.status_code == 200, response.text
         assert http.post("/v1/completions", json={"prompt": "x", "max_tokens": 0}).status_code == 400
+    # epd bench's multimodal workload, over both APIs (images as data URLs / gRPC bytes).
+    for api in (["--url", cluster.http_url], ["--url", cluster.grpc_address, "--grpc"]):
+        done = subprocess.run([sys.executable, "-m", "deploy.cli", "bench", *api, "--workload", "multimodal",
+                               "--num-requests", "3", "--images", "2", "--distinct-images", "3", "--image-size", "24",
+                               "--input-len", "4", "--output-len", "3", "--concurrency", "2", "--no-progress"],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "requests: 3 ok, 0 failed of 3 sent" in done.stdout, done.stdout + done.stderr
 
 
 def workers(cluster: LocalCluster) -> list[dict[str, Any]]:
