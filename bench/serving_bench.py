@@ -1,4 +1,5 @@
-"""Serving benchmark: a load generator against the router's gRPC API.
+"""Serving benchmark: a load generator against the router's gRPC API (the GPU scripts'
+driver; `epd bench` is the user-facing client and shares its code, bench/client/).
 
 Sends `--num-requests` requests of random token prompts (`--input-len` tokens) asking
 for exactly `--output-len` tokens (ignore_eos), at most `--concurrency` at once, and
@@ -27,63 +28,16 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 
-import grpc
-
-from proto import epd_pb2 as pb
-from proto import epd_pb2_grpc as pb_grpc
+from bench.client.report import percentile
+from bench.client.transport import GrpcTransport, Outgoing, RequestTiming, Sampling
+from bench.client.workloads import Turn, random_png
 
 
-@dataclass
-class RequestTiming:
-    start: float
-    token_times: list[float] = field(default_factory=list)
-    tokens: int = 0
-    error: str | None = None
-
-    @property
-    def ttft(self) -> float:
-        return self.token_times[0] - self.start
-
-    @property
-    def itls(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_times, self.token_times[1:])]
-
-    @property
-    def e2e(self) -> float:
-        return self.token_times[-1] - self.start
-
-
-async def _one(stub: pb_grpc.RouterStub, prompt: list[int], output_len: int, timeout: float,
-               images: list[bytes]) -> RequestTiming:
-    request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True),
-                                 images=images)
-    request.token_ids.ids.extend(prompt)
+async def _one(transport: GrpcTransport, prompt: list[int], output_len: int, images: list[bytes]) -> RequestTiming:
     timing = RequestTiming(time.perf_counter())
-    try:
-        async for response in stub.Generate(request, timeout=timeout):
-            if response.HasField("chunk") and response.chunk.token_ids:
-                now = time.perf_counter()
-                # Several tokens in one message arrived together: each gets this time.
-                timing.token_times.extend([now] * len(response.chunk.token_ids))
-                timing.tokens += len(response.chunk.token_ids)
-            elif response.HasField("finished") and response.finished.reason == pb.FINISH_REASON_ERROR:
-                timing.error = response.finished.error
-    except grpc.aio.AioRpcError as exc:
-        timing.error = f"{exc.code().name}: {exc.details()}"
+    await transport.send(Outgoing(Turn(output_len, tuple(prompt), images=tuple(images))), timing)
     return timing
-
-
-def random_png(rng: random.Random, size: int) -> bytes:
-    import io
-
-    import numpy as np
-    from PIL import Image
-    pixels = np.random.default_rng(rng.randrange(1 << 30)).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
-    return out.getvalue()
 
 
 def workload(args: argparse.Namespace, image_token_id: int | None) -> list[tuple[list[int], list[bytes]]]:
@@ -107,35 +61,33 @@ async def run_load(address: str, args: argparse.Namespace,
     warmup = workload(argparse.Namespace(**{**vars(args), "num_requests": args.warmup, "seed": args.seed + 7919}),
                       image_token_id) if args.warmup else []
     limit = asyncio.Semaphore(args.concurrency)
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 256 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        stub = pb_grpc.RouterStub(channel)
-
+    transport = GrpcTransport(address, None, args.timeout, Sampling(temperature=0.0, ignore_eos=True))
+    try:
         async def bounded(prompt: list[int], images: list[bytes]) -> RequestTiming:
             async with limit:
-                return await _one(stub, prompt, args.output_len, args.timeout, images)
+                return await _one(transport, prompt, args.output_len, images)
 
         if warmup:  # first uses compile kernels and load the vision tower: not measured
             await asyncio.gather(*(bounded(p, i) for p, i in warmup))
         start = time.perf_counter()
         timings = await asyncio.gather(*(bounded(p, i) for p, i in requests))
         return list(timings), time.perf_counter() - start
+    finally:
+        await transport.close()
 
 
 def _pct(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+    found = percentile(values, q)
+    return float("nan") if found is None else found
 
 
 def report(timings: list[RequestTiming], wall: float, args: argparse.Namespace, title: str = "") -> dict[str, float]:
     """Print the figures; returns the ones the offline baseline is compared with."""
     if title:
         print(f"--- {title}")
-    ok = [t for t in timings if t.error is None and t.token_times]
+    ok = [t for t in timings if t.ok]
     errors = [t.error for t in timings if t.error is not None]
-    out_tokens = sum(t.tokens for t in ok)
+    out_tokens = sum(t.output_tokens for t in ok)
     ttfts = [t.ttft for t in ok]
     itls = [x for t in ok for x in t.itls]
     e2es = [t.e2e for t in ok]

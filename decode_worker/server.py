@@ -12,6 +12,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 from typing import AsyncIterator
 
 import grpc
@@ -25,6 +26,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import TransferError
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto import tracing
 from proto.auth import cluster_channel
 from proto.convert import FINISH_REASONS, images_from_proto, logprob_from_proto, logprob_to_proto, params_from_proto
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
@@ -45,15 +47,20 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def Generate(self, request: pb.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
-        async with self.runtime.life.gate.admit(context):
-            async for response in self._generate(request, context):
-                yield response
+        span = tracing.start("decode.generate", context.invocation_metadata(), "server", request_id=request.request_id,
+                             worker=self.runtime.worker_id, prompt_tokens=len(request.prompt_token_ids))
+        try:
+            async with self.runtime.life.gate.admit(context):
+                async for response in self._generate(request, context, span):
+                    yield response
+        finally:
+            span.end()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         return await self.runtime.life.drain_call(request)
 
-    async def _generate(self, request: pb.DecodeRequest,
-                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+    async def _generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
+                        span: tracing.TraceSpan) -> AsyncIterator[pb.DecodeResponse]:
         rid, prompt = request.request_id, list(request.prompt_token_ids)
         async_engine = self.runtime.async_engine
         try:
@@ -69,7 +76,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         queue = async_engine.subscribe(rid)
         try:
             try:
-                await self._start(request, prompt, params, images)
+                await self._start(request, prompt, params, images, span)
             except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             async for out in async_engine.stream_merged(queue):
@@ -79,19 +86,20 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await async_engine.finish_stream(rid)
 
     async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
-                     images: list[ImageInput]) -> None:
+                     images: list[ImageInput], span: tracing.TraceSpan) -> None:
         """Images: their bytes stay in `images` for a local prefill (or a recompute after
         preemption); KV of image tokens from a prefill worker needs no embeddings."""
         rid = request.request_id
         run = self.runtime.async_engine.run
         if await self._prefill_remotely(request, prompt, images):
             reservation = await self._reserve(prompt, params, rid, images)
-            first = await self._remote_prefill(request, reservation)
+            first = await self._remote_prefill(request, reservation, span)
             if first is not None:
                 out = await run(self.engine.resume_remote, rid, *first)
                 self.runtime.async_engine.publish([out])
                 return
             await run(self.engine.abort_request, rid)  # every prefill failed: do it here
+        span.event("local_prefill")
         await run(self.engine.add_request, prompt, params, rid, images=images)
 
     async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int],
@@ -122,41 +130,51 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 raise InvalidRequestError("timed out waiting for free KV pages")
             await asyncio.sleep(RESERVE_RETRY_S)
 
-    async def _remote_prefill(self, request: pb.DecodeRequest,
-                              reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
+    async def _remote_prefill(self, request: pb.DecodeRequest, reservation: RemoteReservation,
+                              span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
         failed = False
         for candidate in request.prefill:
-            with self.prefill_stats.attempt(candidate.address, after_failure=failed):
-                first = await self._attempt(candidate, request, reservation)
+            started = time.perf_counter()
+            attempt = tracing.start("decode.remote_prefill", span, "client", prefill=candidate.address,
+                                    pages=len(reservation.page_ids))
+            try:
+                with self.prefill_stats.attempt(candidate.address, after_failure=failed):
+                    first = await self._attempt(candidate, request, reservation, attempt)
+            finally:
+                attempt.end()
             if first is not None:
+                self.prefill_stats.durations.observe(time.perf_counter() - started)
                 return first
             self.prefill_stats.failures.add(candidate.address)
             failed = True
         self.prefill_stats.local_fallbacks_total += 1
         return None
 
-    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
-                       reservation: RemoteReservation) -> tuple[int, TokenLogprob | None] | None:
+    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest, reservation: RemoteReservation,
+                       span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
         """One prefill worker computes the prompt into our pages; None if it failed."""
         generation = next(self._generations)
         room = f"{request.request_id}#{generation}"
         transfer = self.runtime.transfer
         transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
         try:
-            response = await self._call_prefill(candidate, request, reservation, room, generation)
+            response = await self._call_prefill(candidate, request, reservation, room, generation, span)
             # Use the pages only once the final notification of this generation is in.
             async for _ in transfer.notifications(room, timeout=self.runtime.config.transfer_timeout_s):
                 pass
+            span.event("kv_landed")
             logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
             return response.first_token, logprob
         except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
             logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
+            span.fail(f"{type(exc).__name__}: {exc}")
             return None
         finally:
             transfer.release_room(room)
 
     async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
-                            reservation: RemoteReservation, room: str, generation: int) -> pb.PrefillResponse:
+                            reservation: RemoteReservation, room: str, generation: int,
+                            span: tracing.TraceSpan) -> pb.PrefillResponse:
         destination = pb.KVDestination(
             endpoint_json=json.dumps(self.runtime.transfer.descriptor().to_dict()), room_id=room,
             generation=generation, start_page=reservation.start_page, page_ids=reservation.page_ids,
@@ -165,7 +183,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         return await stub.Prefill(pb.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, destination=destination, images=request.images),
-            timeout=self.runtime.config.prefill_timeout_s)
+            timeout=self.runtime.config.prefill_timeout_s, metadata=span.metadata())
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         if address not in self._channels:

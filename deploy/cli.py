@@ -5,6 +5,7 @@
     epd generate --prompt TEXT          quick offline generation
     epd up                              local cluster: router + prefill + decode workers
     epd router | epd worker ROLE        one component each
+    epd bench --url URL                 benchmark a running router
 """
 from __future__ import annotations
 
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate_command(sub)
     from deploy import cluster_cli
     cluster_cli.add_commands(sub)
+    from bench.client.cli import add_bench_command
+    add_bench_command(sub)
     return parser
 
 

@@ -310,6 +310,7 @@ def _up(args: argparse.Namespace) -> int:
     print(f"epd-serve is up: {args.encode} encode, {args.prefill} prefill, {args.decode} decode worker(s)\n"
           f"  OpenAI HTTP: {cluster.http_url}/v1   (health {cluster.http_url}/health, "
           f"cluster {cluster.http_url}/cluster, metrics {cluster.http_url}/metrics)\n"
+          f"  dashboard:   {cluster.http_url}/dashboard\n"
           f"  gRPC:        {cluster.grpc_address}\nPress Ctrl-C to stop.", flush=True)
     try:
         while not stopping:

@@ -56,10 +56,20 @@ async def run_worker(config: WorkerConfig, ready_file: str | None = None,
 
 def main(config: WorkerConfig) -> int:
     from kv_transfer import TransferError
+    from proto import tracing
+    try:
+        provider = tracing.provider_from_env(f"epd-{config.role}-worker")
+    except tracing.TracingError as exc:
+        print(f"epd worker: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run_worker(config))
+        with tracing.enabled(provider):
+            asyncio.run(run_worker(config))
     except TransferError as exc:  # e.g. the backend cannot start with these options
         print(f"epd worker: error: transfer backend {config.transfer!r}: {exc}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if provider is not None:
+            provider.shutdown()  # flushes the spans still batched
     return 0

@@ -26,12 +26,13 @@ from engine.multimodal import InvalidImageError, image_hash
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto import tracing
 from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
 from worker.drain import Lifecycle
 from worker.http import WorkerHTTPServer
-from worker.metrics import Sample, families
+from worker.metrics import REQUEST_BUCKETS, DurationHistogram, families, status_samples
 from worker.runtime import _maybe_await, deregister, register_loop
 
 logger = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ class EncodeRuntime:
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.life = Lifecycle(config.drain_timeout_s)  # readiness, drain gate, exit on request
+        self.life.gate.durations = DurationHistogram("request_duration_seconds", REQUEST_BUCKETS)
         self._http: WorkerHTTPServer | None = None
 
     @property
@@ -141,8 +143,18 @@ class EncodeService(pb_grpc.EncodeWorkerServicer):
         self.runtime = runtime
 
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        async with self.runtime.life.gate.admit(context):
-            return await self._encode(request, context)
+        span = tracing.start("encode.encode", context.invocation_metadata(), "server", request_id=request.request_id,
+                             worker=self.runtime.worker_id, image_hash=request.image.hash[:16])
+        try:
+            async with self.runtime.life.gate.admit(context):
+                response = await self._encode(request, context)
+            span.set(cache_hit=response.cache_hit, embedding_bytes=response.embedding_bytes)
+            return response
+        except BaseException as exc:
+            span.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            span.end()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         return await self.runtime.life.drain_call(request)
@@ -225,9 +237,9 @@ class _EncodeCollector:
         self.runtime = runtime
 
     def collect(self) -> Any:  # prometheus collector protocol
-        labels = {"role": "encode", "worker": self.runtime.worker_id}
-        samples = [Sample(name, float(value), counter=name in _COUNTERS)
-                   for name, value in self.runtime.counts().items()]
+        runtime = self.runtime
+        labels = {"pool": "encode", "worker": runtime.worker_id, "model": Path(str(runtime.model_path)).name}
+        samples = [*status_samples(runtime.counts(), _COUNTERS, None), *runtime.life.gate.durations.samples()]
         yield from families(samples, labels)
 
 

@@ -264,6 +264,9 @@ class TransferStats:
     transfer_seconds_total: float
 
 
+WriteObserver = Callable[[float, int, bool], None]
+
+
 @dataclass
 class _Counters:
     # Mutated only by the owning backend, on its event loop.
@@ -320,6 +323,9 @@ class TransferBackend(abc.ABC):
     def __init__(self, compat_hash: str) -> None:
         self.compat_hash = compat_hash
         self._counters = _Counters()
+        # Told of every finished write (seconds, bytes, ok), e.g. a worker's latency
+        # histogram; called on the event loop, so it must be quick and never raise.
+        self.write_observer: WriteObserver | None = None
 
     # -- lifecycle
     @abc.abstractmethod

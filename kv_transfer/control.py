@@ -222,12 +222,21 @@ class ControlBackend(TransferBackend, Generic[PeerT, ReplyT]):
             sent = await asyncio.wait_for(self._write(peer, region, runs, notification),
                                           timeout)
         except asyncio.TimeoutError:
+            self._observe_write(started, 0, False)
             raise TransferTimeoutError(f"write to room {room_id!r} on "
                                        f"{peer.descriptor.address} exceeded "
                                        f"{timeout:.1f}s") from None
+        except BaseException:
+            self._observe_write(started, 0, False)
+            raise
         self._counters.bytes_sent += sent
         self._counters.transfer_seconds += time.perf_counter() - started
+        self._observe_write(started, sent, True)
         return sent
+
+    def _observe_write(self, started: float, sent: int, ok: bool) -> None:
+        if self.write_observer is not None:
+            self.write_observer(time.perf_counter() - started, sent, ok)
 
     def _check_write(self, peer: PeerT, room_id: str, generation: int, region: str,
                      runs: Sequence[PageRun], note: Notification) -> None:

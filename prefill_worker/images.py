@@ -25,6 +25,7 @@ from engine.multimodal import ImageInput
 from kv_transfer import TransferBackend, TransferError, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto import tracing
 from proto.auth import cluster_channel
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
@@ -77,19 +78,25 @@ class ImageFetcher:
                     embedding_slots_total=self.slots.total, embedding_slots_free=self.slots.free,
                     embedding_cache_entries=len(self.cache))
 
-    async def fetch(self, request_id: str, images: list[pb.ImageData],
-                    inputs: list[ImageInput]) -> list[ImageInput]:
+    async def fetch(self, request_id: str, images: list[pb.ImageData], inputs: list[ImageInput],
+                    span: tracing.TraceSpan = tracing.NO_SPAN) -> list[ImageInput]:
         """`inputs` (one per image, with data) with the embedding filled in wherever the
         cache or an encode worker had it; the rest keep their bytes for the engine."""
-        return list(await asyncio.gather(*(self._one(request_id, index, message, image)
+        return list(await asyncio.gather(*(self._one(request_id, index, message, image, span)
                                            for index, (message, image) in enumerate(zip(images, inputs)))))
 
-    async def _one(self, request_id: str, index: int, message: pb.ImageData, image: ImageInput) -> ImageInput:
+    async def _one(self, request_id: str, index: int, message: pb.ImageData, image: ImageInput,
+                   span: tracing.TraceSpan) -> ImageInput:
         cached = self.cache.get(image.hash)
         if cached is not None:
+            span.event("embedding_cache_hit", image=index)
             return image.with_embedding(cached)
         for encoder in message.encoders:
-            embedding = await self._attempt(request_id, index, encoder, message)
+            attempt = tracing.start("prefill.encode_image", span, "client", image=index, encoder=encoder.address)
+            try:
+                embedding = await self._attempt(request_id, index, encoder, message, attempt)
+            finally:
+                attempt.end()
             if embedding is not None:
                 self.counters.from_encoders_total += 1
                 self.cache.put(image.hash, embedding)
@@ -99,7 +106,7 @@ class ImageFetcher:
         return image
 
     async def _attempt(self, request_id: str, index: int, encoder: pb.WorkerCandidate,
-                       message: pb.ImageData) -> torch.Tensor | None:
+                       message: pb.ImageData, span: tracing.TraceSpan) -> torch.Tensor | None:
         """One encode worker writes the image into a slot reserved for this attempt."""
         timeout = self.config.transfer_timeout_s
         try:
@@ -117,12 +124,13 @@ class ImageFetcher:
                                  num_tokens=message.num_tokens)
             stub = pb_grpc.EncodeWorkerStub(self._channel(encoder.address))
             await stub.Encode(pb.EncodeRequest(request_id=request_id, image=image, destination=destination),
-                              timeout=self.config.prefill_timeout_s)
+                              timeout=self.config.prefill_timeout_s, metadata=span.metadata())
             await self.transfer.wait_final(room, timeout=timeout)
             return self.buffer[slot].clone()
         except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
             logger.warning("encode worker %s failed on %s image %d: %s", encoder.address, request_id, index,
                            _short(exc))
+            span.fail(_short(exc))
             return None
         finally:
             self.transfer.release_room(room)

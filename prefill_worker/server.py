@@ -22,6 +22,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, TransferError, coalesce
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from proto import tracing
 from prefill_worker.ship_stats import ShipStats
 from prefill_worker.images import ImageFetcher
 from proto.convert import images_from_proto, logprob_to_proto, params_from_proto
@@ -67,13 +68,23 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             runtime.closers.append(self.images.close)
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
-        async with self.runtime.life.gate.admit(context):
-            return await self._prefill(request, context)
+        span = tracing.start("prefill.prefill", context.invocation_metadata(), "server", request_id=request.request_id,
+                             worker=self.runtime.worker_id, prompt_tokens=len(request.prompt_token_ids),
+                             images=len(request.images))
+        try:
+            async with self.runtime.life.gate.admit(context):
+                return await self._prefill(request, context, span)
+        except BaseException as exc:
+            span.fail(f"{type(exc).__name__}: {exc}")
+            raise
+        finally:
+            span.end()
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         return await self.runtime.life.drain_call(request)
 
-    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+    async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext,
+                       span: tracing.TraceSpan) -> pb.PrefillResponse:
         rid = request.request_id
         try:
             params = params_from_proto(request.sampling)
@@ -91,7 +102,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
         job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
         if images and self.images is not None:
-            images = await self.images.fetch(rid, list(request.images), images)
+            images = await self.images.fetch(rid, list(request.images), images, span)
+        self.ship_stats.seen(peer.descriptor.address)
         with self.ship_stats.jobs.held(peer.descriptor.address):
             return await self._serve(job, prompt, params, images, context)
 

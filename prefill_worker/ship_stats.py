@@ -24,6 +24,12 @@ class ShipStats:
     failed: CountsBy = field(default_factory=lambda: _counts("kv_ship_failed_total"))
     cancelled: CountsBy = field(default_factory=lambda: _counts("kv_ship_cancelled_total"))
 
+    def seen(self, destination: str) -> None:
+        """Start the destination's outcome series at 0 (dashboards need them before the
+        first failure)."""
+        for outcome in (self.delivered, self.failed, self.cancelled):
+            outcome.add(destination, 0)
+
     def samples(self) -> list[Sample]:
         return [*self.jobs.samples(), *self.delivered.samples(), *self.failed.samples(),
                 *self.cancelled.samples()]

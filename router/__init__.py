@@ -3,7 +3,9 @@
     config.py        RouterConfig (frozen) and add_router_arguments
     server.py        serve(config) / RouterApp: gRPC + HTTP + health monitor on one loop
     grpc_server.py   Router and Registry gRPC services
-    http_server.py   OpenAI-compatible HTTP API (FastAPI), /health, /cluster, /metrics
+    http_server.py   OpenAI-compatible HTTP API (FastAPI), /health, /cluster, /dashboard, /metrics
+    cluster_view.py  what /cluster and /dashboard show (pools, rates, recent errors)
+    dashboard_page.py  the self-contained /dashboard page
     openai_*.py      OpenAI request parsing and response formatting
     service.py       the request flow both front ends share
     dispatch.py      decode stream with retries before the first token, aborts

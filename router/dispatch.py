@@ -15,7 +15,7 @@ import grpc
 
 from engine.multimodal import cache_keys
 from engine.sampling_params import SamplingParams
-from proto import epd_pb2
+from proto import epd_pb2, tracing
 from router.config import RouterConfig
 from router.errors import NoHealthyWorkers, WorkerFailed
 from router.policies import RouteRequest, create_policy
@@ -32,6 +32,7 @@ log = logging.getLogger("router.dispatch")
 class AbortFlag(Protocol):
     aborted: bool
     plan: Plan | None
+    span: tracing.TraceSpan  # the request's span (tracing.NO_SPAN when tracing is off)
 
 
 class _Unreachable(Exception):
@@ -133,14 +134,21 @@ class Dispatcher:
             active.plan = plan
             if attempt:
                 self.metrics.retries.inc()
+            span = tracing.start("router.decode_attempt", active.span, "client", worker=plan.decode_id,
+                                 attempt=attempt, prefill_candidates=len(plan.prefill))
             try:
-                async for response in self._attempt(plan, request, active):
+                async for response in self._attempt(plan, request, active, span):
                     yield response
                 return
             except _Unreachable as exc:
+                span.fail(str(exc))
                 log.warning("request %s: %s; retrying elsewhere", request.request_id, exc)
                 self.registry.mark_failed(plan.decode_id, str(exc))
+            except WorkerFailed as exc:
+                span.fail(exc.message)
+                raise
             finally:
+                span.end()
                 plan.release()
         raise NoHealthyWorkers(f"no decode worker could take the request after "
                                f"{self.config.max_retries + 1} attempts (tried {sorted(tried)})")
@@ -157,9 +165,10 @@ class Dispatcher:
                                                 for h in encoders])
                     for image, encoders in zip(request.images, plan.encoders)])
 
-    async def _attempt(self, plan: Plan, request: GenerationRequest,
-                       active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
-        call = plan.decode.stub.Generate(self._decode_request(plan, request), timeout=self.config.request_timeout)
+    async def _attempt(self, plan: Plan, request: GenerationRequest, active: AbortFlag,
+                       span: tracing.TraceSpan) -> AsyncIterator[epd_pb2.DecodeResponse]:
+        call = plan.decode.stub.Generate(self._decode_request(plan, request), timeout=self.config.request_timeout,
+                                         metadata=span.metadata())
         plan.call = call
         got_token = ended = False
         try:

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP API (FastAPI): chat and text completions (SSE when
-streaming), models, health, cluster status and Prometheus metrics.
+streaming), models, health, cluster status (/cluster, the /dashboard page) and Prometheus
+metrics.
 
 A request is parsed and validated, admitted (429 when the router is full), and its
 choices started; errors before any choice's first token answer with a status code.
@@ -17,15 +18,16 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Awaitable, Callable, Sequence, TypeVar
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from engine.multimodal import ImageInput
 from router.admission import Slot
 from router.admin import add_admin_routes
 from router.auth import AccessPolicy, install, require_metrics, require_user
-from router.errors import RouterError, WorkerFailed
-from router.grpc_server import cluster_status
+from router.errors import InvalidRequest, RouterError, WorkerFailed
+from router.cluster_view import ClusterView
+from router.dashboard_page import DASHBOARD_HTML
 from router.metrics import CONTENT_TYPE
 from router.openapi import ERROR_RESPONSES, describe_bodies
 from router.openai_format import Choice, ResponseFormatter, error_body, usage_body
@@ -36,20 +38,6 @@ from router.service import OFF_LOOP_BYTES, Finish, GenerationRequest, RouterServ
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
-
-_CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "prefill_tokens_total",
-                   "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total",
-                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens",
-                   "images_encoded_total", "embedding_cache_hits_total", "queued_images",
-                   "embedding_bytes_sent_total", "embedding_bytes_received_total",
-                   "embedding_slots_free", "embedding_slots_total")
-
-
-def _routed(service: RouterService, worker_id: str) -> int:
-    """Requests this router sent the worker (at its current address)."""
-    handle = service.registry.get(worker_id)
-    return handle.state.routed_total if handle is not None else 0
-
 
 def error_response(exc: RouterError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status)
@@ -316,11 +304,21 @@ def create_app(service: RouterService) -> FastAPI:
                 "healthy_decode": len(registry.healthy("decode")), "healthy_encode": len(registry.healthy("encode"))}
         return JSONResponse(body, status_code=200 if ready else 503)
 
+    view = ClusterView(service)
+
     @app.get("/cluster", dependencies=user)
-    async def cluster() -> list[dict[str, Any]]:
-        return [{"role": s.role, "id": s.id, "address": s.address, "healthy": s.healthy, "draining": s.draining,
-                 "routed_total": _routed(service, s.id),
-                 **{f: getattr(s, f) for f in _CLUSTER_FIELDS}} for s in cluster_status(service.registry)]
+    async def cluster(request: Request) -> Response:
+        kind = request.query_params.get("view", "workers")
+        if kind == "workers":
+            return JSONResponse(view.workers())
+        if kind == "overview":
+            return JSONResponse(view.overview())
+        return error_response(InvalidRequest(f"unknown view {kind!r}: use workers (the default) or overview",
+                                             param="view"))
+
+    @app.get("/dashboard", dependencies=user, include_in_schema=False)
+    async def dashboard() -> HTMLResponse:
+        return HTMLResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
 
     add_admin_routes(app, service)
 

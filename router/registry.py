@@ -116,7 +116,7 @@ class WorkerRegistry:
         handle = self._workers.get(worker_id)
         if handle is not None and handle.state.healthy:
             log.warning("%s worker %s out of rotation: %s", handle.state.role, worker_id, reason)
-            _take_down(handle.state, self._clock())
+            _take_down(handle.state, self._clock(), reason)
 
     def forget_stale(self) -> None:
         """Drop registered (not command-line) workers that have been down too long."""
@@ -144,9 +144,10 @@ async def _close_channel(channel: grpc.aio.Channel, grace: float) -> None:
         raise
 
 
-def _take_down(state: WorkerState, now: float) -> None:
+def _take_down(state: WorkerState, now: float, reason: str) -> None:
     state.healthy = False
     state.down_since = now
+    state.last_error, state.last_error_at = reason, time.time()
     state.prefix.reset()  # events may be missed while down; resync from a snapshot
 
 
@@ -223,4 +224,4 @@ class HealthMonitor:
         if state.healthy and now - since >= self._config.unhealthy_after:
             log.warning("%s worker %s at %s out of rotation: Status failing for %.1f s (%s)",
                         state.role, state.id, state.address, now - since, reason)
-            _take_down(state, now)
+            _take_down(state, now, f"Status failing for {now - since:.1f} s ({reason})")

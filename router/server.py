@@ -19,6 +19,7 @@ from engine.config import ModelConfig
 from engine.engine import resolve_model_path
 from engine.multimodal import MultimodalInfo, read_multimodal_info
 from engine.tokenizer import Tokenizer
+from proto import tracing
 from router.auth import router_interceptors
 from router.autoscaler import Autoscaler
 from router.config import RouterConfig, validate_config
@@ -68,7 +69,7 @@ class RouterApp:
         self.config = config
         tokenizer, model, multimodal = load_model_info(config)
         self.registry = WorkerRegistry(config)
-        self.metrics = RouterMetrics(self.registry.handles)
+        self.metrics = RouterMetrics(self.registry.handles, model.name)
         self.service = RouterService(config, self.registry, tokenizer, model, self.metrics, multimodal)
         self.monitor = HealthMonitor(self.registry, config)
         self.service.pools = PoolManager(config, self.registry)
@@ -155,6 +156,16 @@ def run_router(build_config: Callable[[], RouterConfig], prog: str) -> int:
     except ValueError as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
+    try:
+        provider = tracing.provider_from_env("epd-router")
+    except tracing.TracingError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(config))
+    with tracing.enabled(provider):
+        try:
+            asyncio.run(serve(config))
+        finally:
+            if provider is not None:
+                provider.shutdown()  # flushes the spans still batched
     return 0

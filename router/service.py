@@ -20,7 +20,7 @@ from engine.errors import EngineError
 from engine.multimodal import ImageInput, MultimodalInfo
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import Tokenizer
-from proto import epd_pb2
+from proto import epd_pb2, tracing
 from router.admission import Admission, Slot
 from router.config import RouterConfig
 from router.detokenize import TextStream
@@ -30,6 +30,7 @@ from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, 
 from router.metrics import RouterMetrics
 from router.registry import WorkerRegistry
 from router.autoscaler import RecentLatency
+from router.cluster_view import RecentErrors
 
 if TYPE_CHECKING:
     from router.pools import PoolManager
@@ -102,6 +103,7 @@ class _Active:
     def __init__(self) -> None:
         self.aborted = False
         self.plan: Plan | None = None
+        self.span = tracing.NO_SPAN
 
 
 class RouterService:
@@ -115,6 +117,7 @@ class RouterService:
         self.tokenizer = tokenizer
         self.model = model
         self.metrics = metrics
+        self.recent_errors = RecentErrors()  # for /cluster?view=overview and /dashboard
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
         metrics.running.set_function(lambda: self.admission.running)
         metrics.queued.set_function(lambda: self.admission.queued)
@@ -217,7 +220,8 @@ class RouterService:
         return slot
 
     def record_error(self, exc: RouterError) -> None:
-        self.metrics.requests.labels(status=exc.metric_label).inc()
+        self.metrics.requests(exc.metric_label).inc()
+        self.recent_errors.add(exc.metric_label, exc.message)
 
     async def abort(self, request_id: str) -> bool:
         active = self._active.get(request_id)
@@ -262,6 +266,18 @@ class _Run:
         self.last_token_at: float | None = None
 
     async def events(self) -> AsyncIterator[Event]:
+        request = self.request
+        self.active.span = tracing.start("router.generate", None, "server", request_id=request.request_id,
+                                         model=self.service.model.name, prompt_tokens=len(request.prompt_token_ids),
+                                         max_tokens=request.params.max_tokens, images=len(request.images))
+        try:
+            async with aclosing(self._events()) as events:  # closing this closes the stream at once
+                async for event in events:
+                    yield event
+        finally:
+            self.active.span.end()
+
+    async def _events(self) -> AsyncIterator[Event]:
         self.service.metrics.prompt_tokens.inc(len(self.request.prompt_token_ids))
         try:
             finish = None
@@ -278,12 +294,13 @@ class _Run:
                         break
             finish = finish or self._stream_ended()
         except RouterError as exc:
+            self.active.span.fail(exc.message)
             if not self.tokens:
                 self.service.record_error(exc)
                 raise
             finish = self._error_finish(exc.message)
         except asyncio.CancelledError:
-            self.service.metrics.requests.labels(status="aborted").inc()
+            self.service.metrics.requests("aborted").inc()
             raise
         tail = self.text.finish()
         if tail:
@@ -305,6 +322,7 @@ class _Run:
         now = time.monotonic()
         metrics = self.service.metrics
         if self.last_token_at is None:
+            self.active.span.event("first_token")
             metrics.ttft.observe(now - self.request.arrival)
             self.service.latency.ttft.add(now - self.request.arrival, now)
         else:
@@ -331,6 +349,9 @@ class _Run:
 
     def _error_finish(self, message: str) -> Finish:
         log.warning("request %s failed after %d tokens: %s", self.request.request_id, len(self.tokens), message)
+        plan = self.active.plan
+        self.service.recent_errors.add("error", f"failed after {len(self.tokens)} tokens: {message}",
+                                       plan.decode_id if plan is not None else "")
         return self._make_finish("error", None, message)
 
     def _make_finish(self, reason: str, stop_reason: str | int | None, error: str | None = None) -> Finish:
@@ -345,9 +366,13 @@ class _Run:
         return Finish(reason, stop_reason, finish.usage, self.text.text, finish.token_ids, finish.error)
 
     def _observe_finish(self, finish: Finish) -> None:
+        self.active.span.set(finish_reason=finish.reason, output_tokens=len(self.tokens),
+                             cached_tokens=self.cached_tokens)
+        if finish.error:
+            self.active.span.fail(finish.error)
         metrics = self.service.metrics
         status = {"stop": "ok", "length": "ok", "abort": "aborted"}.get(finish.reason, "error")
-        metrics.requests.labels(status=status).inc()
+        metrics.requests(status).inc()
         metrics.e2e.observe(time.monotonic() - self.request.arrival)
         metrics.generation_tokens.inc(len(self.tokens))
         metrics.cached_tokens.inc(self.cached_tokens)

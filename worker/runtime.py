@@ -8,6 +8,7 @@ import contextlib
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -25,7 +26,8 @@ from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.drain import Lifecycle
 from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
-from worker.metrics import MetricSource, Sample, families
+from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, families,
+                            status_samples)
 
 logger = logging.getLogger(__name__)
 KV_REGION = "kv"
@@ -64,6 +66,32 @@ class WorkerRuntime:
         # Readiness, the drain gate every admission call runs inside, exit on request.
         self.life = Lifecycle(config.drain_timeout_s)
         self._http: WorkerHTTPServer | None = None
+        self.metric_sources.extend(self._observe_metrics())
+
+    def _observe_metrics(self) -> list[MetricSource]:
+        """Histograms of this worker's admission calls and of its KV transfer writes."""
+        self.life.gate.durations = DurationHistogram("request_duration_seconds", REQUEST_BUCKETS)
+        sources: list[MetricSource] = [self.life.gate.durations.samples]
+        if self.transfer is not None:
+            writes = DurationHistogram("kv_transfer_write_seconds", TRANSFER_BUCKETS, "backend")
+            failures = CountsBy("kv_transfer_write_failures_total", "backend", counter=True)
+            name = self.config.transfer
+            failures.add(name, 0)
+
+            def observe(seconds: float, sent: int, ok: bool) -> None:
+                if ok:
+                    writes.observe(seconds, name)
+                else:
+                    failures.add(name)
+
+            self.transfer.write_observer = observe
+            sources += [writes.samples, failures.samples]
+        return sources
+
+    @property
+    def model_name(self) -> str:
+        """The `model` label of this worker's metrics: its checkpoint directory's name."""
+        return Path(str(self.engine.model_path)).name
 
     @property
     def worker_id(self) -> str:
@@ -217,8 +245,9 @@ class _WorkerCollector:
         self.runtime = runtime
 
     def collect(self):  # noqa: ANN201 - prometheus collector protocol
-        labels = {"role": self.runtime.config.role, "worker": self.runtime.worker_id}
-        snapshot = [Sample(name, float(value), counter=name in _COUNTERS)
-                    for name, value in dict(self.runtime.snapshot).items()]
-        live = [sample for source in list(self.runtime.metric_sources) for sample in source()]
+        runtime = self.runtime
+        labels = {"pool": runtime.config.role, "worker": runtime.worker_id, "model": runtime.model_name}
+        backend = runtime.config.transfer if runtime.transfer is not None else None
+        snapshot = status_samples(dict(runtime.snapshot), _COUNTERS, backend)
+        live = [sample for source in list(runtime.metric_sources) for sample in source()]
         yield from families([*snapshot, *live], labels)

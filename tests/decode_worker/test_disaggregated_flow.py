@@ -15,6 +15,7 @@ from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto.convert import params_to_proto
 from worker.config import WorkerConfig
+from worker.metrics import Sample
 from worker.runtime import WorkerRuntime
 
 pytestmark = pytest.mark.timeout(120)
@@ -57,7 +58,8 @@ async def _status(address: str, role: str) -> pb.WorkerStatus:
 def _prefill_counts(runtime: WorkerRuntime) -> dict[tuple[str, str], float]:
     """The decode worker's remote-prefill samples (as its /metrics shows them)."""
     return {(s.name, dict(s.labels).get("prefill", "")): s.value
-            for source in runtime.metric_sources for s in source()}
+            for source in runtime.metric_sources for s in source()
+            if isinstance(s, Sample) and "prefill" in s.name}
 
 
 async def test_remote_prefill_matches_offline(workers, tiny_model_path) -> None:  # noqa: ANN001
@@ -91,7 +93,8 @@ async def test_dead_prefill_candidate_is_skipped(workers, tiny_model_path) -> No
     assert tokens == expected
     assert _prefill_counts(decode) == {
         ("remote_prefill_attempts_total", "127.0.0.1:1"): 1, ("remote_prefill_failures_total", "127.0.0.1:1"): 1,
-        ("remote_prefill_attempts_total", prefill.address): 1, ("remote_prefills_inflight", "127.0.0.1:1"): 0,
+        ("remote_prefill_attempts_total", prefill.address): 1, ("remote_prefill_failures_total", prefill.address): 0,
+        ("remote_prefills_inflight", "127.0.0.1:1"): 0,
         ("remote_prefills_inflight", prefill.address): 0, ("prefill_retries_total", ""): 1,
         ("local_prefill_fallbacks_total", ""): 0}
     # With no live candidate at all, decode prefills locally.

@@ -216,7 +216,7 @@ def test_autoscaling_example_objects() -> None:
     manifests = render(CHART / "examples" / "autoscaling.yaml")
     hpas = {h["spec"]["scaleTargetRef"]["name"]: h for h in of_kind(manifests, "HorizontalPodAutoscaler")}
     assert set(hpas) == {"rel-epd-serve-prefill", "rel-epd-serve-decode"}
-    assert hpas["rel-epd-serve-decode"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == "epd_worker_waiting"
+    assert hpas["rel-epd-serve-decode"]["spec"]["metrics"][0]["pods"]["metric"]["name"] == "epd_worker_requests_waiting"
     assert "replicas" not in pools(manifests)["decode"]["spec"]  # the HPA owns it
     assert len(of_kind(manifests, "PodDisruptionBudget")) == 2
     assert {m["kind"] for m in manifests} >= CRD_KINDS
@@ -233,42 +233,14 @@ def test_several_routers_share_one_service() -> None:
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == service["metadata"]["name"]
 
 
-def exported_metric_names() -> set[str]:
-    """Families the router and the workers export, read from the code that exports them."""
-    from decode_worker.prefill_stats import RemotePrefillStats
-    from prefill_worker.ship_stats import ShipStats
-    from proto import epd_pb2 as pb
-    from router.metrics import RouterMetrics
-    from router.registry import WorkerHandle
-    from router.worker_state import WorkerState
-    from worker import runtime
-    from worker.metrics import PREFIX
-    state = WorkerState("decode", "d", "127.0.0.1:1")
-    state.status = pb.WorkerStatus()
-    handle = WorkerHandle(state, None, None, 0.0)  # type: ignore[arg-type]  # collect() reads state only
-    names = {m.name for m in RouterMetrics(lambda: [handle]).registry.collect()}
-    remote, ship = RemotePrefillStats(), ShipStats()
-    with remote.attempt("p", after_failure=False):
-        pass
-    for stats in (remote.failures, ship.jobs, ship.delivered, ship.failed, ship.cancelled):
-        stats.add("x")
-    samples = [*remote.samples(), *ship.samples()]
-    names |= {PREFIX + s.name.removesuffix("_total") for s in samples}
-    names |= {PREFIX + c.removesuffix("_total") for c in runtime._COUNTERS}
-    return names
-
-
-def test_dashboard_ships_the_repository_json_with_real_metric_names() -> None:
+def test_dashboard_ships_the_repository_json() -> None:
+    """The chart's ConfigMap carries deploy/grafana's dashboard as is. That every metric
+    its queries name is exported is checked against a live cluster's /metrics:
+    tests/e2e/test_observability.py."""
     source = ROOT / "deploy" / "grafana" / "epd-serve-dashboard.json"
     (config_map,) = [m for m in of_kind(render(CHART / "examples" / "autoscaling.yaml"), "ConfigMap")
                      if m["metadata"]["name"].endswith("-dashboard")]
     assert json.loads(config_map["data"]["epd-serve-dashboard.json"]) == json.loads(source.read_text())
-    exprs = [t["expr"] for p in json.loads(source.read_text())["panels"] for t in p.get("targets", [])]
-    used = {name for expr in exprs for name in re.findall(r"\bepd_[a-z0-9_]+", expr)}
-    exported = exported_metric_names()
-    unknown = {name for name in used  # a gauge may end in _total (kv_pages_total); a family's samples do
-               if name not in exported and re.sub(r"_(total|bucket|sum|count)$", "", name) not in exported}
-    assert len(used) >= 20 and unknown == set(), unknown
 
 
 def leaf_keys(values: dict[str, Any], prefix: str = "") -> list[str]:

@@ -85,7 +85,8 @@ async def test_receiver_gone_mid_prompt_fails_fast_and_frees_pages(prefill: Work
         assert status.prefill_tokens_total < len(prompt)
         assert status.running == 0 and status.waiting == 0
         assert status.kv_pages_free == status.kv_pages_total - status.kv_pages_cached
-        assert _ship_counts(prefill, destination) == {"kv_ship_jobs": 0, "kv_ship_failed_total": 1}
+        assert _ship_counts(prefill, destination) == {"kv_ship_jobs": 0, "kv_ship_failed_total": 1,
+                                                      "kv_ship_delivered_total": 0, "kv_ship_cancelled_total": 0}
 
         # The worker keeps serving: a new destination gets the whole prompt and the
         # offline engine's first token.
@@ -96,7 +97,7 @@ async def test_receiver_gone_mid_prompt_fails_fast_and_frees_pages(prefill: Work
             assert (await other.wait_final("next#1", timeout=10)).final
             expected = LLM(tiny_model_path, **ENGINE).generate(again, PARAMS)[0].outputs[0].token_ids[0]
             assert response.first_token == expected
-            assert _ship_counts(prefill, other.descriptor().address) == {"kv_ship_jobs": 0,
-                                                                        "kv_ship_delivered_total": 1}
+            assert _ship_counts(prefill, other.descriptor().address) == {
+                "kv_ship_jobs": 0, "kv_ship_delivered_total": 1, "kv_ship_failed_total": 0, "kv_ship_cancelled_total": 0}
         finally:
             await other.close()

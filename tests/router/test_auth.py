@@ -66,6 +66,12 @@ async def test_open_and_guarded_routes(cluster: Cluster) -> None:
         assert (await http.get("/cluster")).status_code == 401
         assert (await http.get("/v1/models", headers=bearer(USER))).status_code == 200
         assert (await http.get("/cluster", headers=bearer(USER))).status_code == 200
+        # The live page and its data are guarded like /cluster.
+        assert (await http.get("/dashboard")).status_code == 401
+        assert (await http.get("/cluster?view=overview")).status_code == 401
+        page = await http.get("/dashboard", headers=bearer(USER))
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert (await http.get("/cluster?view=overview", headers=bearer(USER))).json()["workers"]
         # --metrics-auth admin: /metrics is an admin endpoint here.
         assert_error(await http.get("/metrics"), 401, "authentication_error")
         assert_error(await http.get("/metrics", headers=bearer(USER)), 403, "permission_error")

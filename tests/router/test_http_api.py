@@ -180,10 +180,12 @@ async def test_models_health_cluster_metrics(make_cluster: MakeCluster) -> None:
     expected = {"role", "id", "address", "healthy", "kv_pages_total", "kv_pages_free", "running", "waiting",
                 "prefill_tokens_total", "kv_bytes_sent_total", "kv_bytes_received_total", "requests_total"}
     assert expected <= set(by_id["d0"])
-    assert 'epd_router_requests_total{status="ok"} 1.0' in metrics
-    assert "epd_router_time_to_first_token_seconds_count 1.0" in metrics
-    assert 'epd_worker_kv_bytes_sent_total{role="prefill",worker="p0"} 4096.0' in metrics
-    assert 'epd_worker_prefix_cache_hit_tokens_total{role="prefill",worker="p0"} 77.0' in metrics
+    model = cluster.model
+    assert f'epd_router_requests_total{{model="{model}",status="ok"}} 1.0' in metrics
+    assert f'epd_router_time_to_first_token_seconds_count{{model="{model}"}} 1.0' in metrics
+    assert f'epd_router_worker_kv_bytes_sent_total{{model="{model}",pool="prefill",worker="p0"}} 4096.0' in metrics
+    assert f'epd_router_worker_prefix_hit_tokens_total{{model="{model}",pool="prefill",worker="p0"}} 77.0' in metrics
+    assert f'epd_router_worker_routed_requests_total{{model="{model}",pool="decode",worker="d0"}} 1.0' in metrics
     for name in ("inter_token_latency_seconds", "e2e_request_latency_seconds", "queue_time_seconds",
                  "prompt_tokens_total", "generation_tokens_total", "prefix_cache_hit_tokens_total"):
         assert f"epd_router_{name}" in metrics

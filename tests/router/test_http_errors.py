@@ -130,5 +130,5 @@ async def test_over_the_in_flight_limit_is_429(make_cluster: MakeCluster) -> Non
     assert error["type"] == "rate_limit_error"
     assert (await first).status_code == 200 and (await queued).status_code == 200
     metrics = (await httpx.AsyncClient(base_url=cluster.base_url).get("/metrics")).text
-    assert 'epd_router_requests_total{status="rejected"} 1.0' in metrics
-    assert "epd_router_queue_time_seconds_count 2.0" in metrics
+    assert f'epd_router_requests_total{{model="{cluster.model}",status="rejected"}} 1.0' in metrics
+    assert f'epd_router_queue_time_seconds_count{{model="{cluster.model}"}} 2.0' in metrics

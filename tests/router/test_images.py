@@ -98,7 +98,8 @@ async def test_images_spread_over_encoders_by_load(make_cluster: MakeCluster, vl
         workers = (await http.get("/cluster")).json()
         assert {w["id"]: w["queued_images"] for w in workers if w["role"] == "encode"} == {"e0": 50, "e1": 0}
         metrics = (await http.get("/metrics")).text
-        assert 'epd_worker_queued_images{role="encode",worker="e0"} 50.0' in metrics
+        model = cluster.model
+        assert f'epd_router_worker_queued_images{{model="{model}",pool="encode",worker="e0"}} 50.0' in metrics
 
 
 def noise(width: int, height: int) -> bytes:

@@ -50,7 +50,7 @@ async def test_retry_before_first_token_on_another_decode(make_cluster: MakeClus
     assert len(failing.requests) == 1 and len(good.requests) == 1
     assert failing.requests[0].request_id == good.requests[0].request_id
     metrics = (await httpx.AsyncClient(base_url=cluster.base_url).get("/metrics")).text
-    assert "epd_router_decode_retries_total 1.0" in metrics
+    assert f'epd_router_decode_retries_total{{model="{cluster.model}"}} 1.0' in metrics
     failing.behaviour.fail_before_first = None
     await wait_until(lambda: healthy_ids(cluster) == {"d0", "d1"})  # back once Status succeeds
 
