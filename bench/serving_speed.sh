@@ -6,6 +6,7 @@
 #              (prefill 4 x 2,048 against the matmul rate, attention against torch SDPA,
 #              decode steps at batch 1 and 64 against copy bandwidth)
 #   c1         concurrency 1, 16 requests x 1,024 in / 128 out, with --offline-baseline
+#   c1-torchops  the same with --no-triton-kernels (torch's norm/rotary/activation/matmul ops)
 #   c256       512 x 1,024 in / 256 out at concurrency 256, with --offline-baseline;
 #              py-spy samples the worker and the router for 10 s of the load
 #   c256-B     the same at a token budget of B (--max-num-batched-tokens B)
@@ -40,11 +41,12 @@ for phase in "$@"; do
     kernels)
       python3 -m bench.kernel_sweep --model llama-3.1-8b --only prefill 2>&1 | tee "$out/kernels.log"
       python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap 2>&1 | tee -a "$out/kernels.log";;
-    c1)
+    c1|c1-torchops)
+      extra=(); [ "$phase" = c1-torchops ] && extra=(--no-triton-kernels)
       python3 -m bench.serving_bench --launch --offline-baseline --prefill 0 --decode 1 --num-requests 16 \
-        --concurrency 1 --input-len 1024 --output-len 128 --log-dir /tmp/logs-c1 -- "${engine_flags[@]}" \
-        --max-num-batched-tokens 8192 2>&1 | grep -v " INFO " | tee "$out/c1.log"
-      grep -h "engine loop" /tmp/logs-c1/*.log | tail -3 | tee -a "$out/c1.log";;
+        --concurrency 1 --input-len 1024 --output-len 128 --log-dir "/tmp/logs-$phase" -- "${engine_flags[@]}" \
+        --max-num-batched-tokens 8192 "${extra[@]}" 2>&1 | grep -v " INFO " | tee "$out/$phase.log"
+      grep -h "engine loop" "/tmp/logs-$phase"/*.log | tail -3 | tee -a "$out/$phase.log";;
     c256*)
       budget=${phase#c256-}; [ "$budget" = c256 ] && budget=8192
       profile "/tmp/logs-$phase" "$budget" &
