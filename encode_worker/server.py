@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 def resolve_vlm_path(model: str | None) -> Path:
     """The encode pool's default is the built-in tiny vision-language model."""
     if model in (None, "", "tiny-vlm"):
-        from engine.tiny_vlm import default_vlm_path
+        from engine.model_path import default_vlm_path
         return default_vlm_path()
     path = Path(model).expanduser()
     if not path.is_dir():

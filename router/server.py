@@ -16,7 +16,7 @@ import grpc
 import uvicorn
 
 from engine.config import ModelConfig
-from engine.engine import resolve_model_path
+from engine.model_path import resolve_model_path
 from engine.multimodal import MultimodalInfo, read_multimodal_info
 from engine.tokenizer import Tokenizer
 from router.auth import router_interceptors
