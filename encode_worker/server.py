@@ -32,7 +32,8 @@ from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_bu
 from worker.drain import Lifecycle
 from worker.http import WorkerHTTPServer
 from worker.metrics import Sample, families
-from worker.runtime import _maybe_await, deregister, register_loop
+from worker.registration import deregister, register_loop
+from worker.runtime import _maybe_await
 
 logger = logging.getLogger(__name__)
 

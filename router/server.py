@@ -54,9 +54,14 @@ class _EmbeddedUvicorn(uvicorn.Server):
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """The HTTP listener. Created with proto IPPROTO_TCP (not 0) because asyncio sets
+    TCP_NODELAY only on accepted sockets of that proto: with proto 0, each response's
+    small SSE writes queued behind Nagle and the client's delayed ACK (about 40 ms per
+    keep-alive request). TCP_NODELAY on the listener is inherited too."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.set_inheritable(True)
     return sock
