@@ -99,7 +99,8 @@ class RouterApp:
         await self._grpc.start()
         sock = _bind(self.config.host, self.config.port)
         self.http_port = sock.getsockname()[1]
-        uv_config = uvicorn.Config(create_app(self.service), log_level=self.config.log_level,
+        # httptools: its response writes cost a fraction of h11's per SSE chunk.
+        uv_config = uvicorn.Config(create_app(self.service), http="httptools", log_level=self.config.log_level,
                                    access_log=False, lifespan="off", timeout_graceful_shutdown=5,
                                    ssl_certfile=self.config.tls_cert, ssl_keyfile=self.config.tls_key)
         self._http = _EmbeddedUvicorn(uv_config)
