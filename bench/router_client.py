@@ -75,8 +75,8 @@ class StreamClient:
 
     async def connect(self) -> None:
         loop = asyncio.get_running_loop()
-        _, protocol = await asyncio.wait_for(loop.create_connection(_StreamProtocol, self.host, self.port),
-                                             CONNECT_TIMEOUT_S)
+        async with asyncio.timeout(CONNECT_TIMEOUT_S):
+            _, protocol = await loop.create_connection(_StreamProtocol, self.host, self.port)
         self._protocol = protocol
 
     def request_bytes(self, body: bytes) -> bytes:
@@ -88,7 +88,10 @@ class StreamClient:
         if self._protocol is None:
             await self.connect()
         assert self._protocol is not None
-        return await asyncio.wait_for(self._protocol.exchange(request), timeout)
+        # Not asyncio.wait_for: on 3.11 it swallows a cancellation that arrives in the
+        # turn the response completes, and a load caller then never stops.
+        async with asyncio.timeout(timeout):
+            return await self._protocol.exchange(request)
 
     def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
@@ -158,9 +161,10 @@ async def closed_loop(make_caller: Callable[[], Caller], concurrency: int, warmu
     window = (start + warmup_s, start + warmup_s + measure_s)
     latencies: list[float] = []
     callers = [make_caller() for _ in range(concurrency)]
+    stopping = False
 
     async def run(caller: Caller) -> None:
-        while True:
+        while not stopping:
             began = time.perf_counter()
             await caller()
             if window[0] <= loop.time() < window[1]:
@@ -175,6 +179,7 @@ async def closed_loop(make_caller: Callable[[], Caller], concurrency: int, warmu
         if failed is not None:
             raise failed
     finally:
+        stopping = True
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

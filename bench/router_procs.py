@@ -160,6 +160,7 @@ class RouterSide:
         self.port = port
         self.addresses = addresses
         self.ready = (0.0, 0.0)
+        self._last_error = ""
         self._grpc_direct: GrpcDirect | None = None
 
     def direct_caller(self, workload: Workload) -> GrpcDirect | SglangDirect:
@@ -180,21 +181,23 @@ class RouterSide:
         request = client.request_bytes(workload.body)
         try:
             while True:
-                self._check_time(deadline)
+                self._check_time(deadline, self._last_error)
                 try:
                     check(await client.post(request, 10.0), workload.expected)
                     break
-                except (BenchError, OSError, asyncio.TimeoutError):
+                except (BenchError, OSError, asyncio.TimeoutError) as exc:
+                    self._last_error = f"{type(exc).__name__}: {exc}"
                     client.close()
                     await asyncio.sleep(0.01)
         finally:
             client.close()
         self.ready = (answered - started, time.monotonic() - started)
 
-    def _check_time(self, deadline: float) -> None:
+    def _check_time(self, deadline: float, last_error: str = "") -> None:
         self.router.check_alive()
         if time.monotonic() > deadline:
-            raise Proc.Failed(f"{self.label} was not ready within {START_TIMEOUT_S:g} s")
+            raise Proc.Failed(f"{self.label} was not ready within {START_TIMEOUT_S:g} s"
+                              + (f" (last answer: {last_error})" if last_error else ""))
 
     async def aclose(self) -> None:
         if self._grpc_direct is not None:
@@ -223,7 +226,8 @@ async def start_side(name: str, mode: str, workload: Workload, policy: str, logs
             stub_argv += ["--prefill-port", str(ports["prefill"])] if mode == "pd" else []
             stubs.append(Proc(f"sglang-{mode}-stubs", stub_argv, logs, stdout_pipe=True))
             argv = [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(port),
-                    "--policy", policy, "--log-level", "warn"]
+                    "--policy", policy, "--log-level", "warn",
+                    "--prometheus-port", str(free_port())]  # its default port may be taken
             argv += (["--pd-disaggregation", "--prefill", f"http://127.0.0.1:{ports['prefill']}", "8998",
                       "--decode", f"http://127.0.0.1:{ports['decode']}"] if mode == "pd"
                      else ["--worker-urls", f"http://127.0.0.1:{ports['decode']}"])

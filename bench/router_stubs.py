@@ -177,24 +177,33 @@ class SglangStubProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
-        while (request := self._take_request()) is not None:
-            self._answer(*request)
+        try:
+            while (request := self._take_request()) is not None:
+                self._answer(*request)
+        except ValueError as exc:  # not HTTP/1.1 as this stub reads it: say so, hang up
+            self._whole(400, json.dumps({"error": f"stub: bad request: {exc}"}).encode())
+            assert self._transport is not None
+            self._transport.close()
 
     def _take_request(self) -> tuple[str, str, bytes] | None:
+        """The next whole request (method, path, body) in the buffer, removed from it."""
         end = self._buffer.find(b"\r\n\r\n")
         if end < 0:
             return None
         head = bytes(self._buffer[:end]).decode("latin-1").split("\r\n")
         method, path, _ = head[0].split(" ", 2)
-        length = 0
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        if len(self._buffer) < end + 4 + length:
-            return None
-        body = bytes(self._buffer[end + 4:end + 4 + length])
-        del self._buffer[:end + 4 + length]
+        headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in head[1:])}
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            taken = _dechunk(self._buffer, end + 4)
+            if taken is None:
+                return None
+            body, used = taken
+        else:
+            length = int(headers.get("content-length", "0"))
+            if len(self._buffer) < end + 4 + length:
+                return None
+            body, used = bytes(self._buffer[end + 4:end + 4 + length]), end + 4 + length
+        del self._buffer[:used]
         return method, path.split("?", 1)[0], body
 
     def _answer(self, method: str, path: str, body: bytes) -> None:
@@ -225,6 +234,23 @@ class SglangStubProtocol(asyncio.Protocol):
             write(s.tokens[i % len(s.tokens)])
         write(s.finish)
         write(s.done)
+
+
+def _dechunk(buffer: bytearray, start: int) -> tuple[bytes, int] | None:
+    """A chunked body starting at `start`: (body, end offset), or None if incomplete."""
+    body, position = bytearray(), start
+    while True:
+        line_end = buffer.find(b"\r\n", position)
+        if line_end < 0:
+            return None
+        size = int(bytes(buffer[position:line_end]).split(b";")[0], 16)
+        if size == 0:
+            trailer_end = buffer.find(b"\r\n\r\n", line_end)
+            return None if trailer_end < 0 else (bytes(body), trailer_end + 4)
+        if len(buffer) < line_end + 2 + size + 2:
+            return None
+        body += buffer[line_end + 2:line_end + 2 + size]
+        position = line_end + 2 + size + 2
 
 
 async def serve_sglang(decode_port: int, prefill_port: int | None, texts: list[str]) -> None:
