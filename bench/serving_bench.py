@@ -205,7 +205,7 @@ def _launched(args: argparse.Namespace, extra: list[str], model: str | None, enc
 
 def _image_token_id(model: str | None) -> int:
     from engine.multimodal import read_multimodal_info
-    from engine.engine import resolve_model_path
+    from engine.model_path import resolve_model_path
     info = read_multimodal_info(resolve_model_path(model)) if model else None
     if info is None:
         raise SystemExit("--images needs --model DIR of a vision-language (LLaVA-format) checkpoint after --")

@@ -274,7 +274,7 @@ def _up(args: argparse.Namespace) -> int:
         args.usage_error("--transfer-option port=... would give every worker the same transfer port")
     model = args.model
     if model is None and args.encode:
-        from engine.tiny_vlm import default_vlm_path
+        from engine.model_path import default_vlm_path
         model = str(default_vlm_path())
     spec = ClusterSpec(num_prefill=args.prefill, num_decode=args.decode, num_encode=args.encode, host=args.host,
                        port=args.port, grpc_port=args.grpc_port, model=model, transfer=args.transfer,

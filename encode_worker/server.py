@@ -33,7 +33,8 @@ from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_bu
 from worker.drain import Lifecycle
 from worker.http import WorkerHTTPServer
 from worker.metrics import REQUEST_BUCKETS, DurationHistogram, families, status_samples
-from worker.runtime import _maybe_await, deregister, register_loop
+from worker.registration import deregister, register_loop
+from worker.runtime import _maybe_await
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 def resolve_vlm_path(model: str | None) -> Path:
     """The encode pool's default is the built-in tiny vision-language model."""
     if model in (None, "", "tiny-vlm"):
-        from engine.tiny_vlm import default_vlm_path
+        from engine.model_path import default_vlm_path
         return default_vlm_path()
     path = Path(model).expanduser()
     if not path.is_dir():

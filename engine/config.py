@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -22,11 +23,17 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
 }
 
-_DTYPES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+# Names only: this module stays torch-free (the router reads model configs without torch).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype named `name` (one of DTYPE_NAMES)."""
+    import torch  # deferred: only the engine, never the router, asks for a tensor dtype
+
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"unsupported dtype {name!r}; choose one of {sorted(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 @dataclass(frozen=True)
@@ -61,7 +68,7 @@ class ModelConfig:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return torch_dtype(self.dtype)
 
     @property
     def num_parameters(self) -> int:
@@ -158,8 +165,8 @@ def _parse_config(raw: dict[str, Any], dtype: str | None) -> ModelConfig:
         raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
     head_dim = raw.get("head_dim") or hidden // heads
     chosen = dtype or raw.get("dtype") or raw.get("torch_dtype") or "float32"
-    if chosen not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {chosen!r}; choose one of {sorted(_DTYPES)}")
+    if chosen not in DTYPE_NAMES:
+        raise ConfigError(f"unsupported dtype {chosen!r}; choose one of {sorted(DTYPE_NAMES)}")
     return ModelConfig(
         architecture=arch,
         vocab_size=_require(raw, "vocab_size", int),

@@ -19,14 +19,13 @@ from engine.config import EngineConfig, ModelConfig
 from engine.errors import ConfigError, InvalidRequestError
 from engine.kv_cache import KVCache
 from engine.loader import load_model
+from engine.model_path import resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.multimodal import ImageInput, MultimodalInfo, cache_keys, check_images, read_multimodal_info
 from engine.request import Request, RequestStatus, TokenLogprob
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
-from engine.tiny import default_model_path
-from engine.tiny_vlm import default_vlm_path
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -61,19 +60,6 @@ class StepOutput:
     finished: bool
     finish_reason: str | None
     request: Request | None = field(repr=False)  # None only for synthetic outputs (abort)
-
-
-def resolve_model_path(model: str | Path | None) -> Path:
-    """`None` means the built-in tiny model (created in the cache on first use);
-    "tiny-vlm" the built-in tiny vision-language model."""
-    if model is None or str(model) in ("", "tiny"):
-        return default_model_path()
-    if str(model) == "tiny-vlm":
-        return default_vlm_path()
-    path = Path(model).expanduser()
-    if not path.is_dir():
-        raise ConfigError(f"model directory not found: {model}")
-    return path
 
 
 class Engine:

@@ -7,9 +7,6 @@ rounding differences between batch shapes), which random N(0, 0.02) weights are 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -47,7 +44,6 @@ Numbers: 0 1 2 3 4 5 6 7 8 9 10 100 1000. Questions, answers, requests and respo
 tokens, pages, prompts and completions. The model generates text one token at a time.
 """
 
-
 def _learn_merges(text: str, count: int) -> list[tuple[str, str]]:
     """Deterministic byte-level BPE: most frequent pair first, ties by the pair itself."""
     pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -65,7 +61,6 @@ def _learn_merges(text: str, count: int) -> list[tuple[str, str]]:
         words = Counter({_merge(w, best): f for w, f in words.items()})
     return merges
 
-
 def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
     out, i = [], 0
     while i < len(word):
@@ -76,7 +71,6 @@ def _merge(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
             out.append(word[i])
             i += 1
     return tuple(out)
-
 
 def build_tokenizer() -> Tokenizer:
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
@@ -92,7 +86,6 @@ def build_tokenizer() -> Tokenizer:
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tokenizer.token_to_id(bos))])
     return tokenizer
-
 
 def _weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
@@ -121,7 +114,6 @@ def _weights(config: dict, seed: int) -> dict[str, torch.Tensor]:
     tensors["lm_head.weight"] = mat(config["vocab_size"], hidden, 4.0)
     return {k: v.contiguous() for k, v in tensors.items()}
 
-
 def create_tiny_model(directory: str | Path, seed: int = 0) -> Path:
     """Write the tiny checkpoint into `directory` (created; existing files replaced)."""
     directory = Path(directory)
@@ -139,23 +131,3 @@ def create_tiny_model(directory: str | Path, seed: int = 0) -> Path:
         {"bos_token_id": TINY_CONFIG["bos_token_id"], "eos_token_id": TINY_CONFIG["eos_token_id"]},
         indent=2, sort_keys=True) + "\n")
     return directory
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EPD_CACHE_DIR", Path.home() / ".cache" / "epd-serve"))
-
-
-def default_model_path() -> Path:
-    """The tiny model in the cache directory, created on first use (atomically, so
-    processes starting together never see a half-written directory)."""
-    target = cache_dir() / "tiny-llama"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    create_tiny_model(staging)
-    try:
-        os.rename(staging, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

@@ -6,15 +6,12 @@ becomes 16 image tokens (64x64 pixels in 16x16 patches)."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from engine.tiny import SPECIAL_TOKENS, TINY_CONFIG, VOCAB_SIZE, _weights, build_tokenizer, cache_dir
+from engine.tiny import SPECIAL_TOKENS, TINY_CONFIG, VOCAB_SIZE, _weights, build_tokenizer
 
 IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_ID = VOCAB_SIZE  # appended after the tiny vocabulary
@@ -131,18 +128,3 @@ def create_tiny_vlm(directory: str | Path, vision: str = "clip", seed: int = 0) 
                                                  "eos_token_id": TINY_CONFIG["eos_token_id"]})
     _dump(directory / "preprocessor_config.json", _preprocessor(vision))
     return directory
-
-
-def default_vlm_path(vision: str = "clip") -> Path:
-    """The tiny VLM in the cache directory, created on first use (atomically)."""
-    target = cache_dir() / f"tiny-llava-{vision}"
-    if (target / "model.safetensors").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-vlm-", dir=target.parent))
-    create_tiny_vlm(staging, vision)
-    try:
-        os.rename(staging, target)
-    except OSError:  # another process won the race
-        shutil.rmtree(staging, ignore_errors=True)
-    return target

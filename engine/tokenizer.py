@@ -95,25 +95,37 @@ class Tokenizer:
 
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas without splitting a UTF-8
-    character: text whose last character is incomplete is held back until it completes."""
+    character: text whose last character is incomplete is held back until it completes.
+
+    Each step decodes a short window, not every id so far: the delta is the decode of
+    ids[prefix:] minus the decode of ids[prefix:read] (both start at the same token, so
+    a decoder's handling of a leading space or partial bytes applies to both alike), and
+    the window moves on once a delta came out whole."""
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
+        self._prefix = 0  # window start
+        self._read = 0  # ids before this are in `text`
         self.text = ""
 
     def add(self, token_ids: list[int]) -> str:
         self._ids.extend(token_ids)
-        full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
-        if full.endswith("\ufffd"):
-            return ""
-        delta = full[len(self.text):]
-        self.text = full
+        decode, window = self._tokenizer.decode, self._ids[self._prefix:]
+        before = decode(window[:self._read - self._prefix], skip_special_tokens=self._skip)
+        now = decode(window, skip_special_tokens=self._skip)
+        if now.endswith("\ufffd") or len(now) <= len(before):
+            return ""  # an incomplete character (or nothing visible yet): wait for more ids
+        delta = now[len(before):]
+        self._prefix, self._read = self._read, len(self._ids)
+        self.text += delta
         return delta
 
     def flush(self) -> str:
-        full = self._tokenizer.decode(self._ids, skip_special_tokens=self._skip)
-        delta = full[len(self.text):]
-        self.text = full
+        window = self._ids[self._prefix:]
+        before = self._tokenizer.decode(window[:self._read - self._prefix], skip_special_tokens=self._skip)
+        delta = self._tokenizer.decode(window, skip_special_tokens=self._skip)[len(before):]
+        self._prefix = self._read = len(self._ids)
+        self.text += delta
         return delta

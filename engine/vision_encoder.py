@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from engine.config import _DTYPES
+from engine.config import torch_dtype
 from engine.errors import ConfigError
 from engine.image_processor import ImageProcessor, ImageProcessorConfig
 from engine.loader import safetensors_files
@@ -118,9 +118,7 @@ def _resolve_dtype(dtype: str | torch.dtype | None, raw: dict) -> torch.dtype:
     text = raw.get("text_config") or {}
     name = dtype or text.get("dtype") or text.get("torch_dtype") or raw.get("dtype") or raw.get("torch_dtype") \
         or "float32"
-    if name not in _DTYPES:
-        raise ConfigError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}")
-    return _DTYPES[name]
+    return torch_dtype(name)
 
 
 def _load(model: LlavaVision, path: Path) -> None:

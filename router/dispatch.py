@@ -170,10 +170,11 @@ class Dispatcher:
         call = plan.decode.stub.Generate(self._decode_request(plan, request), timeout=self.config.request_timeout,
                                          metadata=span.metadata())
         plan.call = call
+        silence = _Silence(call)
         got_token = ended = False
         try:
             while True:
-                response = await self._read(plan, call, got_token, active)
+                response = await self._read(plan, call, silence, got_token, active)
                 if response is None:
                     ended = True
                     return
@@ -186,27 +187,25 @@ class Dispatcher:
             ended = True
             raise
         finally:
+            silence.stop()
             if not ended:  # stopped early: client gone, stop string, Abort, timeout
                 call.cancel()
                 self.send_abort(plan.decode_id, request.request_id)
 
-    async def _read(self, plan: Plan, call: grpc.aio.UnaryStreamCall, got_token: bool,
+    async def _read(self, plan: Plan, call: grpc.aio.UnaryStreamCall, silence: _Silence, got_token: bool,
                     active: AbortFlag) -> epd_pb2.DecodeResponse | None:
         """The next response; None at the end of the stream or after an Abort."""
         timeout = self.config.token_timeout if got_token else self.config.first_token_timeout
         worker = plan.decode_id
+        silence.reading(timeout)
         try:
-            # Not asyncio.wait_for: on 3.11 it returns the read's result when the task is
-            # cancelled in the same loop turn as the read completes, and the cancellation
-            # (client gone) is lost: the request then streamed on to its end.
-            async with asyncio.timeout(timeout):
-                response = await call.read()
-        except TimeoutError:
-            raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
-                               grpc.StatusCode.DEADLINE_EXCEEDED) from None
+            response = await call.read()
         except asyncio.CancelledError:
             if _task_cancelling():
                 raise  # this request's task is being cancelled (client gone)
+            if silence.expired:
+                raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
+                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if active.aborted:
                 return None  # Abort cancelled the call, not this task
             # Nobody cancelled this task: the call was (its channel closed under it).
@@ -215,12 +214,17 @@ class Dispatcher:
                 raise _Unreachable(message) from None
             raise WorkerFailed(message, grpc.StatusCode.UNAVAILABLE) from None
         except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.CANCELLED and silence.expired:
+                raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
+                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if exc.code() == grpc.StatusCode.CANCELLED and active.aborted:
                 return None
             message = f"decode worker {worker} failed: {exc.code().name}: {exc.details()}"
             if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_token:
                 raise _Unreachable(message) from None
             raise WorkerFailed(message, exc.code()) from None
+        finally:
+            silence.idle()
         return None if response is grpc.aio.EOF else response
 
     def send_abort(self, decode_id: str, request_id: str) -> None:
@@ -241,6 +245,47 @@ class Dispatcher:
     async def close(self) -> None:
         tasks = list(self._background)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Silence:
+    """Bounds how long one read of a decode stream may wait, with one timer per stream
+    (re-armed only when it fires) instead of a timeout context per message: the timer
+    checks the current read's start against its limit, and on expiry cancels the call,
+    which ends the pending read. Time between reads (the client being slow) never counts."""
+
+    def __init__(self, call: grpc.aio.UnaryStreamCall) -> None:
+        self._call = call
+        self._loop = asyncio.get_running_loop()
+        self._since = 0.0  # when the pending read began
+        self._limit = 0.0
+        self._busy = False
+        self._timer: asyncio.TimerHandle | None = None
+        self.expired = False
+
+    def reading(self, limit: float) -> None:
+        self._since, self._limit, self._busy = self._loop.time(), limit, True
+        due = self._since + limit
+        if self._timer is None or self._timer.when() > due:  # none yet, or the limit shrank
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(due, self._check)
+
+    def idle(self) -> None:
+        self._busy = False
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._busy and now >= self._since + self._limit:
+            self._timer = None
+            self.expired = True
+            self._call.cancel()
+            return
+        self._timer = self._loop.call_at((self._since if self._busy else now) + self._limit, self._check)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 def _task_cancelling() -> bool:

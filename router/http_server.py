@@ -9,7 +9,6 @@ A client that goes away cancels its generations (and so the decode streams).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -30,7 +29,7 @@ from router.cluster_view import ClusterView
 from router.dashboard_page import DASHBOARD_HTML
 from router.metrics import CONTENT_TYPE
 from router.openapi import ERROR_RESPONSES, describe_bodies
-from router.openai_format import Choice, ResponseFormatter, error_body, usage_body
+from router.openai_format import Choice, ResponseFormatter, error_body, sse_bytes, usage_body
 from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, chat_logprobs,
                                     chat_max_tokens, chat_messages, check_body_size, completion_prompts,
                                     parse_body, sampling_options, validate_model)
@@ -105,11 +104,48 @@ class Fanout:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
+class SingleStream:
+    """A job of one generation (the common case), read in place: the same interface as
+    Fanout without its pump task and queue hop per token."""
+
+    def __init__(self, service: RouterService, request: GenerationRequest) -> None:
+        self._events = service.generate(request)
+        self._first: TokenDelta | Finish | None = None
+        self._open = 1
+
+    async def start(self) -> None:
+        """Wait for the first event; a RouterError before it propagates."""
+        try:
+            self._first = await self._events.__anext__()
+        except StopAsyncIteration:
+            raise WorkerFailed("the generation ended without an event") from None
+
+    async def events(self) -> AsyncIterator[tuple[int, TokenDelta | Finish]]:
+        first, self._first = self._first, None
+        if first is not None:
+            self._open -= isinstance(first, Finish)
+            yield 0, first
+        async for event in self._events:
+            self._open -= isinstance(event, Finish)
+            yield 0, event
+
+    @property
+    def unfinished(self) -> int:
+        return self._open
+
+    async def close(self) -> None:
+        await self._events.aclose()
+
+
+def start_job(service: RouterService, requests: list[GenerationRequest]) -> Fanout | SingleStream:
+    return SingleStream(service, requests[0]) if len(requests) == 1 else Fanout(service, requests)
+
+
 class _ClosingStreamingResponse(StreamingResponse):
     """Runs `on_close` however the response ends (a client gone mid-stream included),
     so the generations stop at once rather than when the iterator is collected."""
 
-    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], Awaitable[None]]) -> None:
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], Awaitable[None]]) -> None:
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._on_close = on_close
@@ -216,7 +252,7 @@ class OpenAIServer:
             slot = await self.service.admit()
         except RouterError as exc:
             return error_response(exc)
-        fanout = Fanout(self.service, job.requests)
+        fanout = start_job(self.service, job.requests)
         streaming = False
         try:
             await _unless_disconnected(request, fanout.start())
@@ -233,7 +269,7 @@ class OpenAIServer:
                 await fanout.close()
                 slot.release()
 
-    def _stream(self, job: Job, fanout: Fanout, slot: Slot) -> Response:
+    def _stream(self, job: Job, fanout: Fanout | SingleStream, slot: Slot) -> Response:
         async def close() -> None:
             if fanout.unfinished:
                 logger.info("request %s: the HTTP stream ended with %d of %d choices unfinished (client gone); "
@@ -243,25 +279,26 @@ class OpenAIServer:
 
         return _ClosingStreamingResponse(self._sse(job, fanout), close)
 
-    async def _sse(self, job: Job, fanout: Fanout) -> AsyncIterator[str]:
+    async def _sse(self, job: Job, fanout: Fanout | SingleStream) -> AsyncIterator[bytes]:
         choices = [Choice(i) for i in range(len(job.requests))]
         usages = []
         async for index, event in fanout.events():
-            if isinstance(event, Finish) and event.reason == "error":
-                yield _sse(error_body(WorkerFailed(event.error or "generation failed")))
-                break
-            for chunk in job.formatter.stream_chunks(choices[index], event):
-                yield _sse(chunk)
             if isinstance(event, Finish):
+                if event.reason == "error":
+                    yield sse_bytes(error_body(WorkerFailed(event.error or "generation failed")))
+                    break
                 usages.append((index, event.usage))
+            data = job.formatter.stream_bytes(choices[index], event)
+            if data:
+                yield data
         else:
             if job.include_usage:
                 ordered = sorted(usages)
                 body = usage_body([u for _, u in ordered], [job.first_of_prompt[i] for i, _ in ordered])
-                yield _sse(job.formatter.usage_chunk(body))
-        yield "data: [DONE]\n\n"
+                yield sse_bytes(job.formatter.usage_chunk(body))
+        yield b"data: [DONE]\n\n"
 
-    async def _collect(self, job: Job, fanout: Fanout) -> Response:
+    async def _collect(self, job: Job, fanout: Fanout | SingleStream) -> Response:
         choices = [Choice(i) for i in range(len(job.requests))]
         async for index, event in fanout.events():
             job.formatter.add(choices[index], event)
@@ -270,10 +307,6 @@ class OpenAIServer:
             return error_response(WorkerFailed(failed.error or "generation failed"))
         usage = usage_body([c.finish.usage for c in choices if c.finish], job.first_of_prompt)
         return JSONResponse(job.formatter.response(choices, usage))
-
-
-def _sse(body: dict[str, Any]) -> str:
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
 def create_app(service: RouterService) -> FastAPI:

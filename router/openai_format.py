@@ -2,6 +2,7 @@
 chunks, usage, logprobs and errors."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,7 @@ class ResponseFormatter:
         self.created = created
         self._tokenizer = tokenizer
         self._logprobs = logprobs
+        self._text_frames: dict[int, tuple[bytes, bytes] | None] = {}  # choice index -> SSE bytes around the text
 
     def _envelope(self, stream: bool) -> dict[str, Any]:
         obj = {"chat": "chat.completion", "completion": "text_completion"}[self.kind]
@@ -107,6 +109,29 @@ class ResponseFormatter:
         chunks.append(self._chunk(choice.index, {} if self.kind == "chat" else "", None, event))
         return chunks
 
+    def stream_bytes(self, choice: Choice, event: TokenDelta | Finish) -> bytes:
+        """The SSE bytes of `stream_chunks(choice, event)`. A text delta of a started
+        choice without logprobs (nearly every event) is the same bytes, spliced from a
+        frame rendered once per choice: only the text is JSON-encoded per token."""
+        if choice.started and isinstance(event, TokenDelta) and not event.logprobs:
+            frame = self._text_frame(choice.index)
+            choice.text_offset += len(event.text)
+            if not event.text:
+                return b""
+            if frame is not None:
+                return frame[0] + json.dumps(event.text, ensure_ascii=False).encode() + frame[1]
+            delta = {"content": event.text} if self.kind == "chat" else event.text
+            return sse_bytes(self._chunk(choice.index, delta, None, None))
+        return b"".join(sse_bytes(chunk) for chunk in self.stream_chunks(choice, event))
+
+    def _text_frame(self, index: int) -> tuple[bytes, bytes] | None:
+        if index not in self._text_frames:
+            marker = "\u0001epd-text\u0001"  # JSON-escaped: appears nowhere else in the chunk
+            delta = {"content": marker} if self.kind == "chat" else marker
+            parts = sse_bytes(self._chunk(index, delta, None, None)).split(json.dumps(marker).encode())
+            self._text_frames[index] = (parts[0], parts[1]) if len(parts) == 2 else None
+        return self._text_frames[index]
+
     def _chunk(self, index: int, delta: Any, logprobs: dict[str, Any] | None, finish: Finish | None) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": index, "logprobs": logprobs,
                                   "finish_reason": finish.reason if finish else None}
@@ -140,3 +165,8 @@ class ResponseFormatter:
         else:
             body["text"] = choice.text
         return body
+
+
+def sse_bytes(body: dict[str, Any]) -> bytes:
+    """One server-sent event carrying `body` as JSON."""
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"

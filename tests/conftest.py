@@ -15,5 +15,5 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> Path:
-    from engine.tiny import default_model_path
+    from engine.model_path import default_model_path
     return default_model_path()

@@ -20,14 +20,14 @@ from engine.engine import Engine
 from kv_transfer import TransferBackend, compat_hash, create_backend
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from proto.auth import cluster_channel
-from worker.auth import router_credentials, server_interceptors
+from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.drain import Lifecycle
 from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
 from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, families,
                             status_samples)
+from worker.registration import deregister, register_loop
 
 logger = logging.getLogger(__name__)
 KV_REGION = "kv"
@@ -202,34 +202,6 @@ class WorkerRuntime:
         assert self.config.router is not None
         await register_loop(self.config.router, self.config.role, self.worker_id, self.address,
                             self.config.heartbeat_interval_s, self.config)
-
-
-async def register_loop(router: str, role: str, worker_id: str, address: str, interval_s: float,
-                        config: WorkerConfig | None = None) -> None:
-    """Register with the router and keep heartbeating; registers again whenever the
-    router no longer knows this worker (it restarted or forgot it). Runs until cancelled.
-    `config` gives the cluster token and the router's CA, when there are."""
-    token, credentials = (config.cluster_token, router_credentials(config.router_ca)) if config else (None, None)
-    async with cluster_channel(router, (), token, credentials) as channel:
-        registry = pb_grpc.RegistryStub(channel)
-        known = False
-        while True:
-            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.TimeoutError):
-                if not known:
-                    await registry.Register(pb.RegisterRequest(role=role, id=worker_id, address=address),
-                                            timeout=2.0)
-                known = (await registry.Heartbeat(pb.HeartbeatRequest(id=worker_id), timeout=2.0)).known
-            await asyncio.sleep(interval_s)
-
-
-async def deregister(router: str, worker_id: str, config: WorkerConfig) -> None:
-    """Tell the router this worker is leaving (best effort: the router also notices)."""
-    credentials = router_credentials(config.router_ca)
-    try:
-        async with cluster_channel(router, (), config.cluster_token, credentials) as channel:
-            await pb_grpc.RegistryStub(channel).Deregister(pb.DeregisterRequest(id=worker_id), timeout=2.0)
-    except (grpc.aio.AioRpcError, asyncio.TimeoutError) as exc:
-        logger.info("worker %s: deregistering failed (%s); the router will notice", worker_id, exc)
 
 
 _COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "kv_bytes_received_total",

@@ -49,7 +49,7 @@ def workload(count: int, distinct: int, seed: int) -> list[list[bytes]]:
 
 @pytest.fixture(scope="module")
 def vlm_path() -> Path:
-    from engine.tiny_vlm import default_vlm_path
+    from engine.model_path import default_vlm_path
     return default_vlm_path()
 
 

@@ -36,7 +36,7 @@ def png(seed: int, size: tuple[int, int] = (40, 30)) -> bytes:
 
 @pytest.fixture(scope="module")
 def vlm_path() -> Path:
-    from engine.tiny_vlm import default_vlm_path
+    from engine.model_path import default_vlm_path
     return default_vlm_path()
 
 

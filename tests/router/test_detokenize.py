@@ -50,3 +50,22 @@ def test_incomplete_character_at_the_end_flushes_as_replacement(tokenizer: Token
     stream = TextStream(tokenizer)
     assert stream.push(ids[:-1]) == ""
     assert stream.finish() == tokenizer.decode(ids[:-1])
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_windowed_deltas_add_up_to_the_full_decode(tokenizer: Tokenizer, skip_special_tokens: bool) -> None:
+    """Random ids (invalid UTF-8 byte runs and special tokens included), pushed in
+    random pieces: the windowed deltas always add up to one decode of every id."""
+    import random
+
+    from engine.tokenizer import IncrementalDetokenizer
+    rng = random.Random(0)
+    for _ in range(300):
+        ids = [rng.randrange(tokenizer.vocab_size) for _ in range(rng.randrange(1, 40))]
+        detok, out, i = IncrementalDetokenizer(tokenizer, skip_special_tokens), "", 0
+        while i < len(ids):
+            step = rng.randrange(1, 4)
+            out += detok.add(ids[i:i + step])
+            i += step
+        out += detok.flush()
+        assert out == detok.text == tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -262,3 +262,35 @@ async def test_large_inputs_are_tokenized_off_the_event_loop(make_cluster: MakeC
         bad = await http.post(cluster.base_url + "/v1/completions",
                               json={"model": cluster.model, "prompt": prompt, "max_tokens": -1})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"
+
+
+async def test_http_connections_have_no_nagle_delay(make_cluster: MakeCluster) -> None:
+    """Every accepted HTTP connection sets TCP_NODELAY: without it, a keep-alive
+    client's streamed chunks wait on its delayed ACK (about 40 ms a request)."""
+    import socket
+    cluster = await make_cluster()
+    body = {"model": cluster.model, "prompt": "x", "max_tokens": 3, "stream": True}
+    async with httpx.AsyncClient(base_url=cluster.base_url) as http:
+        for _ in range(2):  # the same keep-alive connection twice
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                assert response.status_code == 200
+                _ = [part async for part in response.aiter_bytes()]
+        server = cluster.app._http
+        assert server is not None and server.server_state.connections
+        for connection in server.server_state.connections:
+            sock = connection.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+@pytest.mark.parametrize("kind", ["chat", "completion"])
+def test_spliced_sse_text_chunks_match_the_rendered_ones(kind: str) -> None:
+    """The per-token fast path gives the very bytes of the general path."""
+    from router.openai_format import Choice, ResponseFormatter, sse_bytes
+    from router.service import TokenDelta
+    formatter = ResponseFormatter(kind, 'id-"quoted"', "mödel \\ name", 123, tokenizer=None, logprobs=False)  # type: ignore[arg-type]
+    fast, slow = Choice(0), Choice(0)
+    for text in ["", "Hello", ' "quoted" \\ back', "ünïcode 你好 🙂", "line\nbreak\t\u0001", ""]:
+        delta = TokenDelta([1], text, [])
+        expected = b"".join(sse_bytes(c) for c in formatter.stream_chunks(slow, delta))
+        assert formatter.stream_bytes(fast, delta) == expected
+        assert fast.text_offset == slow.text_offset and fast.started == slow.started

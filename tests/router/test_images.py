@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from engine.multimodal import read_multimodal_info
-from engine.tiny_vlm import default_vlm_path
+from engine.model_path import default_vlm_path
 from proto import epd_pb2, epd_pb2_grpc
 from tests.router.conftest import Cluster, MakeCluster, wait_until
 from tests.router.fakes import FakeEncodeWorker
