@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench.client.transport import data_url
 from bench.client.workloads import random_png
 from deploy.local import LocalCluster
-from engine.tiny_vlm import default_vlm_path
+from engine.model_path import default_vlm_path
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from tests.e2e.cluster import make_cluster, wait_for

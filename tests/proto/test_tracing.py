@@ -16,7 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from bench.client.workloads import random_png
 from decode_worker.server import serve_decode
 from encode_worker.server import serve_encode
-from engine.tiny_vlm import default_vlm_path
+from engine.model_path import default_vlm_path
 from prefill_worker.server import serve_prefill
 from proto import tracing
 from router.config import RouterConfig
