@@ -5,32 +5,31 @@ here. Otherwise reserve pages for the prompt, ask prefill workers in turn to com
 and push its KV into those pages; the first that succeeds gives the first token and
 decoding continues here. If every prefill worker fails, prefill locally. Cancelling the
 stream (client gone) aborts the request here and cancels the prefill call.
+
+A request migrated from a failed decode worker (`resume_token_ids`) goes the same way
+with prompt + the tokens it already streamed: their KV is computed here or by a prefill
+worker, and only the tokens after them are sent.
 """
 from __future__ import annotations
 
 import asyncio
-import itertools
-import json
 import logging
-import time
 from typing import AsyncIterator
 
 import grpc
 
 from decode_worker.prefill_stats import RemotePrefillStats
+from decode_worker.remote_prefill import RemotePrefiller
 from engine.engine import RemoteReservation, StepOutput
 from engine.errors import InvalidRequestError
 from engine.multimodal import ImageInput, check_images
-from engine.request import TokenLogprob
 from engine.sampling_params import SamplingParams
-from kv_transfer import TransferError
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto import tracing
-from proto.auth import cluster_channel
-from proto.convert import FINISH_REASONS, images_from_proto, logprob_from_proto, logprob_to_proto, params_from_proto
-from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
-from worker.runtime import KV_REGION, WorkerRuntime
+from proto.convert import FINISH_REASONS, images_from_proto, logprob_to_proto, params_from_proto
+from worker.config import WorkerConfig
+from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 RESERVE_RETRY_S = 0.01
@@ -40,10 +39,10 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
         self.engine = runtime.engine
-        self._generations = itertools.count(1)
-        self._channels: dict[str, grpc.aio.Channel] = {}
         self.prefill_stats = RemotePrefillStats()
+        self.prefiller = RemotePrefiller(runtime, self.prefill_stats)
         runtime.metric_sources.append(self.prefill_stats.samples)
+        runtime.closers.append(self.prefiller.close)
 
     async def Generate(self, request: pb.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
@@ -61,7 +60,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def _generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
                         span: tracing.TraceSpan) -> AsyncIterator[pb.DecodeResponse]:
-        rid, prompt = request.request_id, list(request.prompt_token_ids)
+        rid, prompt, resumed = request.request_id, list(request.prompt_token_ids), list(request.resume_token_ids)
         async_engine = self.runtime.async_engine
         try:
             params = params_from_proto(request.sampling)
@@ -71,124 +70,81 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             images = images_from_proto(request.images)
             info = self.engine.multimodal
             check_images(prompt, images, info.image_token_id if info else None)
+            # A migrated request whose streamed output already ends it: only the finish.
+            done = await async_engine.run(self.engine.resumed_finish, rid, prompt, params, resumed)
+            if done is None:
+                await async_engine.run(self.engine.validate_resume, prompt, params, resumed)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if done is not None:
+            yield pb.DecodeResponse(finished=_finished(done))
+            return
         queue = async_engine.subscribe(rid)
         try:
             try:
-                await self._start(request, prompt, params, images, span)
+                attempts = await self._start(request, prompt, params, images, resumed, span)
             except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
             async for out in async_engine.stream_merged(queue):
-                for message in _responses(out):
+                messages = _responses(out)
+                if attempts and messages:  # the request's first message says how prefill went
+                    messages[0].prefill_attempts.extend(attempts)
+                    attempts = []
+                for message in messages:
                     yield message
         finally:
             await async_engine.finish_stream(rid)
 
     async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
-                     images: list[ImageInput], span: tracing.TraceSpan) -> None:
+                     images: list[ImageInput], resumed: list[int], span: tracing.TraceSpan) -> list[pb.PrefillAttempt]:
         """Images: their bytes stay in `images` for a local prefill (or a recompute after
-        preemption); KV of image tokens from a prefill worker needs no embeddings."""
+        preemption); KV of image tokens from a prefill worker needs no embeddings.
+        `resumed`: a migrated request's output so far, computed with the prompt.
+        Returns the remote prefill attempts made."""
         rid = request.request_id
         run = self.runtime.async_engine.run
-        if await self._prefill_remotely(request, prompt, images):
-            reservation = await self._reserve(prompt, params, rid, images)
-            first = await self._remote_prefill(request, reservation, span)
-            if first is not None:
-                out = await run(self.engine.resume_remote, rid, *first)
+        attempts: list[pb.PrefillAttempt] = []
+        if await self._prefill_remotely(request, prompt, images, resumed):
+            reservation = await self._reserve(prompt, params, rid, images, resumed)
+            outcome = await self.prefiller.run(request, reservation, span)
+            attempts = outcome.attempts
+            if outcome.first is not None:
+                out = await run(self.engine.resume_remote, rid, *outcome.first)
                 self.runtime.async_engine.publish([out])
-                return
+                return attempts
             await run(self.engine.abort_request, rid)  # every prefill failed: do it here
         span.event("local_prefill")
-        await run(self.engine.add_request, prompt, params, rid, images=images)
+        await run(self.engine.add_request, prompt, params, rid, images=images, output_token_ids=resumed)
+        return attempts
 
     async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int],
-                                images: list[ImageInput]) -> bool:
+                                images: list[ImageInput], resumed: list[int]) -> bool:
         """Remote when the uncached part is long, or holds an image (image work belongs to
         the encode and prefill pools, not to decode)."""
         if not request.prefill or self.runtime.transfer is None:
             return False
         if request.force_remote_prefill:
             return True
-        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, prompt, images)
+        tokens = prompt + resumed
+        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, tokens, images)
         if any(image.end > cached for image in images):
             return True
-        return len(prompt) - cached >= self.runtime.config.local_prefill_threshold
+        return len(tokens) - cached >= self.runtime.config.local_prefill_threshold
 
     async def _reserve(self, prompt: list[int], params: SamplingParams, rid: str,
-                       images: list[ImageInput]) -> RemoteReservation:
+                       images: list[ImageInput], resumed: list[int]) -> RemoteReservation:
         """Wait (bounded) until the pool has pages for the whole prompt."""
         deadline = asyncio.get_running_loop().time() + self.runtime.config.prefill_timeout_s
         while True:
             # The images keep their bytes: should this request be preempted and its image
             # pages evicted, the recompute encodes them here.
             reservation = await self.runtime.async_engine.run(
-                self.engine.reserve_remote, prompt, params, rid, images)
+                self.engine.reserve_remote, prompt, params, rid, images, resumed)
             if reservation is not None:
                 return reservation
             if asyncio.get_running_loop().time() > deadline:
                 raise InvalidRequestError("timed out waiting for free KV pages")
             await asyncio.sleep(RESERVE_RETRY_S)
-
-    async def _remote_prefill(self, request: pb.DecodeRequest, reservation: RemoteReservation,
-                              span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
-        failed = False
-        for candidate in request.prefill:
-            started = time.perf_counter()
-            attempt = tracing.start("decode.remote_prefill", span, "client", prefill=candidate.address,
-                                    pages=len(reservation.page_ids))
-            try:
-                with self.prefill_stats.attempt(candidate.address, after_failure=failed):
-                    first = await self._attempt(candidate, request, reservation, attempt)
-            finally:
-                attempt.end()
-            if first is not None:
-                self.prefill_stats.durations.observe(time.perf_counter() - started)
-                return first
-            self.prefill_stats.failures.add(candidate.address)
-            failed = True
-        self.prefill_stats.local_fallbacks_total += 1
-        return None
-
-    async def _attempt(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest, reservation: RemoteReservation,
-                       span: tracing.TraceSpan) -> tuple[int, TokenLogprob | None] | None:
-        """One prefill worker computes the prompt into our pages; None if it failed."""
-        generation = next(self._generations)
-        room = f"{request.request_id}#{generation}"
-        transfer = self.runtime.transfer
-        transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
-        try:
-            response = await self._call_prefill(candidate, request, reservation, room, generation, span)
-            # Use the pages only once the final notification of this generation is in.
-            async for _ in transfer.notifications(room, timeout=self.runtime.config.transfer_timeout_s):
-                pass
-            span.event("kv_landed")
-            logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
-            return response.first_token, logprob
-        except (grpc.aio.AioRpcError, TransferError, asyncio.TimeoutError) as exc:
-            logger.warning("prefill on %s failed for %s: %s", candidate.address, request.request_id, exc)
-            span.fail(f"{type(exc).__name__}: {exc}")
-            return None
-        finally:
-            transfer.release_room(room)
-
-    async def _call_prefill(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
-                            reservation: RemoteReservation, room: str, generation: int,
-                            span: tracing.TraceSpan) -> pb.PrefillResponse:
-        destination = pb.KVDestination(
-            endpoint_json=json.dumps(self.runtime.transfer.descriptor().to_dict()), room_id=room,
-            generation=generation, start_page=reservation.start_page, page_ids=reservation.page_ids,
-            region=KV_REGION)
-        stub = pb_grpc.PrefillWorkerStub(self._channel(candidate.address))
-        return await stub.Prefill(pb.PrefillRequest(
-            request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-            sampling=request.sampling, destination=destination, images=request.images),
-            timeout=self.runtime.config.prefill_timeout_s, metadata=span.metadata())
-
-    def _channel(self, address: str) -> grpc.aio.Channel:
-        if address not in self._channels:
-            self._channels[address] = cluster_channel(address, GRPC_MESSAGE_OPTIONS, self.runtime.config.cluster_token)
-        return self._channels[address]
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         found = await self.runtime.async_engine.run(self.engine.abort_request, request.request_id)

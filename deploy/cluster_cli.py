@@ -30,7 +30,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         prefill_timeout_s=args.prefill_timeout_s, local_prefill_threshold=args.local_prefill_threshold,
         encode_max_batch=args.encode_max_batch, embedding_slots=args.embedding_slots,
         embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args),
-        cluster_token=cluster_token_from(args.cluster_token), router_ca=args.router_ca)
+        cluster_token=cluster_token_from(args.cluster_token), router_ca=args.router_ca,
+        max_queued_requests=args.max_queued_requests)
 
 
 def _worker(args: argparse.Namespace) -> int:

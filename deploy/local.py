@@ -44,6 +44,10 @@ class ClusterSpec:
     router_args: tuple[str, ...] = ()
     log_dir: str | None = None  # None: children print to this terminal
     env: dict[str, str] = field(default_factory=dict)
+    process_env: dict[str, dict[str, str]] = field(default_factory=dict)  # by process name ("prefill-0")
+    # Workers register with the router (--router) instead of being named on its command
+    # line, as under Kubernetes or Ray: a restarted router learns them again that way.
+    register_workers: bool = False
     # Secrets reach the children through their environment, never their command line
     # (visible in `ps`): the cluster token to every process, the keys to the router.
     cluster_token: str | None = field(default=None, repr=False)
@@ -64,6 +68,7 @@ class LocalCluster:
         self.extra_router_args: list[str] = []  # a launcher's own additions (deploy/ray_launcher.py)
         self.launcher: LauncherServer | None = None
         self._lock = threading.RLock()  # launcher calls come from its threads
+        self._args: dict[str, list[str]] = {}  # each process's command line, to restart it
 
     @property
     def http_url(self) -> str:
@@ -129,7 +134,7 @@ class LocalCluster:
                 *self._role_args(role)]
         if role == "decode" and self.spec.local_prefill_threshold is not None:
             args += ["--local-prefill-threshold", str(self.spec.local_prefill_threshold)]
-        if register:  # not on the router's command line: it registers itself
+        if register or self.spec.register_workers:  # not on the router's command line: it registers itself
             args += ["--router", self.grpc_address]
         self.worker_addresses[name] = f"{self.spec.host}:{port}"
         self._spawn(name, args)
@@ -142,7 +147,10 @@ class LocalCluster:
         args = ["router", "--host", self.spec.host, "--port", str(self.spec.port),
                 "--grpc-port", str(self.spec.grpc_port), *self._common(), *self.spec.router_args,
                 *self.extra_router_args]
-        for name, address in self.worker_addresses.items():
+        if self.spec.register_workers:  # ready once they have registered
+            args += ["--expect-encode", str(self.spec.num_encode), "--expect-prefill", str(self.spec.num_prefill),
+                     "--expect-decode", str(self.spec.num_decode)]
+        for name, address in ([] if self.spec.register_workers else self.worker_addresses.items()):
             args += [f"--{name.split('-')[0]}", f"{name}={address}"]
         if self.spec.policy:
             args += ["--policy", self.spec.policy]
@@ -154,9 +162,11 @@ class LocalCluster:
         output = None
         if self.spec.log_dir:
             Path(self.spec.log_dir).mkdir(parents=True, exist_ok=True)
-            output = open(Path(self.spec.log_dir) / f"{name}.log", "wb")  # noqa: SIM115 - owned by the child
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env, **self._secrets(name)}
+            output = open(Path(self.spec.log_dir) / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child (a restart appends)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.spec.env, **self.spec.process_env.get(name, {}),
+               **self._secrets(name)}
         with self._lock:
+            self._args[name] = args
             self.processes[name] = subprocess.Popen([sys.executable, "-m", "deploy.cli", *args], env=env,
                                                     stdout=output, stderr=subprocess.STDOUT if output else None)
 
@@ -191,6 +201,13 @@ class LocalCluster:
         """Kill one component hard (failure tests)."""
         self.processes[name].kill()
         self.processes[name].wait(timeout=10)
+
+    def restart(self, name: str) -> None:
+        """Start a stopped component again with its command line (same ports, same id)."""
+        proc = self.processes[name]
+        if proc.poll() is None:
+            raise RuntimeError(f"{name} is still running")
+        self._spawn(name, self._args[name])
 
     def _stop_launcher(self) -> list[Any]:
         """Stop taking launcher calls; what was started, to stop next."""

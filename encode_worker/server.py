@@ -27,6 +27,7 @@ from kv_transfer import EndpointDescriptor, Notification, PageRun, PeerHandle, T
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto import tracing
+from proto.keepalive import SERVER_OPTIONS as SERVER_KEEPALIVE
 from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.embeddings import EMB_REGION, EmbeddingCache, SlotPool, embedding_buffer, embedding_compat_hash
@@ -72,12 +73,13 @@ class EncodeRuntime:
         self.transfer: TransferBackend = create_backend(
             config.transfer, compat_hash=embedding_compat_hash(self.model_path, self.info, dtype),
             host=config.host, advertise_host=config.public_host, **config.transfer_options)
-        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS,
+        self.server = grpc.aio.server(options=[*GRPC_MESSAGE_OPTIONS, *SERVER_KEEPALIVE],
                                       interceptors=server_interceptors(config.cluster_token))
         self.port = 0
         self.requests_total = 0
         self._tasks: list[asyncio.Task[None]] = []
-        self.life = Lifecycle(config.drain_timeout_s)  # readiness, drain gate, exit on request
+        # Readiness, the drain gate (bounded: see WorkerConfig.max_queued_requests), exit on request.
+        self.life = Lifecycle(config.drain_timeout_s, config.encode_max_batch + config.max_queued_requests)
         self.life.gate.durations = DurationHistogram("request_duration_seconds", REQUEST_BUCKETS)
         self._http: WorkerHTTPServer | None = None
 

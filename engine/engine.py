@@ -147,13 +147,16 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, hold_pages: bool = False,
-                    images: Sequence[ImageInput] = ()) -> str:
+                    images: Sequence[ImageInput] = (), output_token_ids: Sequence[int] = ()) -> str:
         """Validate and queue a request; raises InvalidRequestError and queues nothing
         when the input is bad. `hold_pages`: keep the pages after finishing until
         `release_held` (the prefill role ships them first). `images`: the prompt's
         images over its (already expanded) placeholder tokens; those without an
-        embedding are encoded here by this engine's vision tower."""
-        request = self._new_request(prompt, params, request_id, images, encode=True)
+        embedding are encoded here by this engine's vision tower. `output_token_ids`:
+        a migrated request's output so far; the engine computes prompt + output and
+        continues with output token number len(output_token_ids) (`resumed_finish`
+        first: an output that already ends the request is refused here)."""
+        request = self._new_request(prompt, params, request_id, images, encode=True, output_token_ids=output_token_ids)
         request.hold_pages = hold_pages
         self.scheduler.add(request)
         return request.request_id
@@ -194,29 +197,63 @@ class Engine:
             result[i] = result[i].with_embedding(embedding)
         return result
 
+    def validate_resume(self, token_ids: list[int], params: SamplingParams, output_token_ids: Sequence[int]) -> None:
+        """A migrated request's output so far must fit its vocabulary, max_tokens and
+        the context, with room for at least one more token."""
+        if not output_token_ids:
+            return
+        vocab = self.model_config.vocab_size
+        bad = [t for t in output_token_ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"resumed token id {bad[0]!r} is outside the vocabulary [0, {vocab})")
+        if len(output_token_ids) >= params.max_tokens:
+            raise InvalidRequestError(f"{len(output_token_ids)} resumed tokens leave nothing to generate "
+                                      f"(max_tokens {params.max_tokens})")
+        if len(token_ids) + len(output_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt + resumed tokens ({len(token_ids) + len(output_token_ids)}) "
+                                      f"leave no room in the context length {self.max_model_len}")
+
+    def resumed_finish(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       output_token_ids: Sequence[int]) -> StepOutput | None:
+        """The finish a migrated request's output already reached (its last token is a
+        stop token or EOS, completes a stop string, or fills max_tokens or the context),
+        as a StepOutput without new tokens; None when it goes on. Nothing is queued."""
+        if not output_token_ids:
+            return None
+        request = Request(request_id, list(prompt), params, output_token_ids=list(output_token_ids))
+        reason = self._check_stop(request, request.output_token_ids[-1])
+        if reason is None:
+            return None
+        request.finish_reason, request.status = reason, RequestStatus.FINISHED
+        return StepOutput(request_id, [], [], True, reason, request)
+
     def _new_request(self, prompt: str | list[int], params: SamplingParams | None,
                      request_id: str | None, images: Sequence[ImageInput] = (),
-                     encode: bool = False) -> Request:
+                     encode: bool = False, output_token_ids: Sequence[int] = ()) -> Request:
         params = params or SamplingParams()
         token_ids = self.tokenize_prompt(prompt)
         self.validate(token_ids, params)
+        self.validate_resume(token_ids, params, output_token_ids)
         self.check_images(token_ids, images)
         request_id = request_id or f"req-{next(self._arrivals)}"
         if request_id in self.requests or request_id in self.scheduler.parked:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
         if encode and images:
             images = self.encode_images(images)
-        request = Request(request_id, token_ids, params, arrival=next(self._arrivals), images=tuple(images))
+        request = Request(request_id, token_ids, params, arrival=next(self._arrivals), images=tuple(images),
+                          output_token_ids=list(output_token_ids), num_resumed_tokens=len(output_token_ids))
         self.requests[request_id] = request
         self.counters.requests_total += 1
         return request
 
     def reserve_remote(self, prompt: list[int], params: SamplingParams, request_id: str,
-                       images: Sequence[ImageInput] = ()) -> RemoteReservation | None:
+                       images: Sequence[ImageInput] = (),
+                       output_token_ids: Sequence[int] = ()) -> RemoteReservation | None:
         """Reserve pages for a prompt prefilled elsewhere; None when pages are short now
         (nothing is kept then: try again later). `images` key the prefix cache; they
-        need no embeddings (those are encoded only if a recompute ever needs them)."""
-        request = self._new_request(prompt, params, request_id, images)
+        need no embeddings (those are encoded only if a recompute ever needs them).
+        `output_token_ids` (a migrated request): their KV comes from elsewhere too."""
+        request = self._new_request(prompt, params, request_id, images, output_token_ids=output_token_ids)
         if not self.scheduler.reserve_prompt(request):
             self.requests.pop(request_id)
             self.counters.requests_total -= 1
@@ -226,10 +263,10 @@ class Engine:
 
     def resume_remote(self, request_id: str, first_token: int,
                       logprob: TokenLogprob | None = None) -> StepOutput:
-        """The prompt's KV has landed and prefill sampled `first_token`: the request
-        continues decoding here from there."""
+        """The prompt's KV (and a resumed request's output's) has landed and prefill
+        sampled `first_token`: the request continues decoding here from there."""
         request = self.scheduler.parked[request_id]
-        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_computed_tokens = request.num_tokens
         self.scheduler.resume(request)
         return self._append_token(request, first_token, logprob)
 

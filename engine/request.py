@@ -43,6 +43,9 @@ class Request:
     output_text: str = ""
     stop_reason: str | int | None = None
     num_preemptions: int = 0
+    # Output tokens the request arrived with (a request migrated from another worker,
+    # resumed here): they count as output for every stop rule, penalty and seed.
+    num_resumed_tokens: int = 0
     # Prefill role: when the request finishes, keep its pages (out of the scheduler)
     # until the owner has shipped them and calls Engine.release_held.
     hold_pages: bool = False

@@ -186,8 +186,9 @@ class Scheduler:
         match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1], request.params.priority)
         request.pages, request.prefix_nodes = list(match.pages), match.nodes
         request.num_computed_tokens = match.num_pages * self.page_size
-        if not request.output_token_ids and request.num_preemptions == 0:
-            request.num_cached_tokens = request.num_computed_tokens
+        if request.num_preemptions == 0 and len(request.output_token_ids) == request.num_resumed_tokens:
+            # First admission (a resumed request's too): the prompt tokens the cache served.
+            request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
 
     def _pages_needed(self, request: Request, count: int) -> int:
         tokens = request.num_computed_tokens + count

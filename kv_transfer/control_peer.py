@@ -35,6 +35,11 @@ class ControlPeer(PeerHandle, Generic[PendingT]):
     def connected(self) -> bool:
         return not self._sock.closed
 
+    @property
+    def socket(self) -> FrameSocket:
+        """The connection's frame socket (fault injection, kv_transfer/faults.py)."""
+        return self._sock
+
     def open_request(self) -> tuple[int, PendingT]:
         """A new req_id and what its write waits on."""
         if not self.connected:

@@ -33,6 +33,7 @@ from .base import EndpointDescriptor, Notification, PageRun, RegionSpec, registe
 from .control import ControlBackend, ControlConfig
 from .control_session import ControlSession
 from .control_wire import Begin, FrameSocket
+from .faults import SenderFaults
 from .tcp_peer import TcpPeer
 from .tcp_session import InboundSession, LocalRegion, byte_view
 from .tcp_wire import TCP_PROTOCOL, FrameType, Hello, HelloReply
@@ -59,6 +60,7 @@ class TcpBackend(ControlBackend[TcpPeer, HelloReply]):
         """``config``: the fields of ``TcpConfig`` (host, port, advertise_host, ...)."""
         super().__init__(compat_hash, TcpConfig(**config))
         self.regions: dict[str, LocalRegion] = {}
+        self._faults = SenderFaults.from_env()  # test hooks, off unless armed (faults.py)
 
     async def start(self) -> None:
         if self._listener is None:
@@ -109,6 +111,8 @@ class TcpBackend(ControlBackend[TcpPeer, HelloReply]):
             for offset in range(start, end, chunk):
                 if ack.done():  # refused or aborted: stop streaming
                     break
+                if self._faults.armed:
+                    await self._faults.before_data(peer.socket)
                 await peer.send(FrameType.DATA, req_id,
                                 local.view[offset:min(offset + chunk, end)])
             total += end - start

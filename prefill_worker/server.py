@@ -50,6 +50,23 @@ class ShipJob:
         self.done.add_done_callback(lambda fut: fut.cancelled() or fut.exception())
 
 
+@dataclass(frozen=True)
+class Work:
+    """What one Prefill call computes: the prompt, a migrated request's output so far
+    (empty otherwise), the request's sampling parameters and its images."""
+
+    prompt: list[int]
+    outputs: list[int]
+    params: SamplingParams
+    images: list[ImageInput]
+
+
+def _first_only(params: SamplingParams, outputs: list[int]) -> SamplingParams:
+    """Prefill samples exactly the next token (output number len(outputs)); decode
+    applies every stop rule to it."""
+    return dataclasses.replace(params, max_tokens=len(outputs) + 1, ignore_eos=True, stop=())
+
+
 class PrefillService(pb_grpc.PrefillWorkerServicer):
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.runtime = runtime
@@ -86,11 +103,14 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
     async def _prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext,
                        span: tracing.TraceSpan) -> pb.PrefillResponse:
         rid = request.request_id
+        outputs = list(request.output_token_ids)  # a migrated request's output so far
         try:
             params = params_from_proto(request.sampling)
             prompt = list(request.prompt_token_ids)
             await self.runtime.async_engine.run(self.engine.validate, prompt, params)
-            self._check_destination(request.destination, len(prompt))
+            await self.runtime.async_engine.run(self.engine.validate_resume, prompt,
+                                                _first_only(params, outputs), outputs)
+            self._check_destination(request.destination, len(prompt) + len(outputs))
             images = images_from_proto(request.images)
             info = self.engine.multimodal
             check_images(prompt, images, info.image_token_id if info else None)
@@ -100,24 +120,23 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             peer = await self._connect(request.destination)
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
-        job = ShipJob(rid, len(prompt), request.destination, peer, request.destination.start_page)
+        job = ShipJob(rid, len(prompt) + len(outputs), request.destination, peer, request.destination.start_page)
         if images and self.images is not None:
             images = await self.images.fetch(rid, list(request.images), images, span)
         self.ship_stats.seen(peer.descriptor.address)
         with self.ship_stats.jobs.held(peer.descriptor.address):
-            return await self._serve(job, prompt, params, images, context)
+            return await self._serve(job, Work(prompt, outputs, params, images), context)
 
     def _image_counts(self) -> dict[str, int]:
         assert self.images is not None
         return dict(self.images.counts(), images_encoded_total=self.engine.counters.images_encoded_total)
 
-    async def _serve(self, job: ShipJob, prompt: list[int], params: SamplingParams, images: list[ImageInput],
-                     context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
+    async def _serve(self, job: ShipJob, work: Work, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         """Run the job; however it ends, its pages are given back before this returns."""
         destination = job.peer.descriptor.address
         outcome = self.ship_stats.failed
         try:
-            response = await self._run(job, prompt, params, images)
+            response = await self._run(job, work)
             outcome = self.ship_stats.delivered
             return response
         except InvalidRequestError as exc:  # e.g. an image the vision tower here cannot decode
@@ -138,16 +157,14 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
                 logger.info("prefill %s for %s ended undelivered (%s); its pages are released",
                             job.request_id, destination, outcome.name)
 
-    async def _run(self, job: ShipJob, prompt: list[int], params: SamplingParams,
-                   images: list[ImageInput]) -> pb.PrefillResponse:
-        # Prefill samples exactly the first token; decode applies every stop rule to it.
-        first_only = dataclasses.replace(params, max_tokens=1, ignore_eos=True, stop=())
+    async def _run(self, job: ShipJob, work: Work) -> pb.PrefillResponse:
         async_engine = self.runtime.async_engine
         queue = async_engine.subscribe(job.request_id)
         self.jobs[job.request_id] = job
         try:
-            await async_engine.run(self.engine.add_request, prompt, first_only, job.request_id,
-                                   hold_pages=True, images=images)
+            await async_engine.run(self.engine.add_request, work.prompt, _first_only(work.params, work.outputs),
+                                   job.request_id, hold_pages=True, images=work.images,
+                                   output_token_ids=work.outputs)
             first = await self._first_output(job, queue)
             if first.finish_reason == "abort":
                 raise TransferError("prefill aborted")

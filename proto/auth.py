@@ -120,8 +120,10 @@ def cluster_token_metadata(token: str | None) -> Metadata:
 def cluster_channel(address: str, options: Sequence[tuple[str, Any]], cluster_token: str | None,
                      credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
     """A channel whose calls carry the cluster token (when there is one); TLS when
-    `credentials` is given."""
+    `credentials` is given. HTTP/2 keepalive is on (proto/keepalive.py)."""
+    from proto.keepalive import CLIENT_OPTIONS
     interceptors = metadata_interceptors(cluster_token_metadata(cluster_token))
+    options = [*CLIENT_OPTIONS, *options]
     if credentials is not None:
         return grpc.aio.secure_channel(address, credentials, options=list(options), interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=list(options), interceptors=interceptors)

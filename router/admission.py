@@ -24,8 +24,9 @@ class Slot:
 
 
 class Admission:
-    def __init__(self, max_running: int, max_queued: int) -> None:
+    def __init__(self, max_running: int, max_queued: int, retry_after: float = 1.0) -> None:
         self._max_queued = max_queued
+        self._retry_after = retry_after
         self._free = asyncio.Semaphore(max_running)
         self.running = 0
         self.queued = 0
@@ -33,7 +34,7 @@ class Admission:
     async def acquire(self) -> Slot:
         if self._free.locked() and self.queued >= self._max_queued:
             raise Overloaded(f"the router is at its limit ({self.running} requests running, "
-                             f"{self.queued} queued); retry later")
+                             f"{self.queued} queued); retry later", retry_after=self._retry_after)
         start = time.monotonic()
         self.queued += 1
         try:

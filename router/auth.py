@@ -107,7 +107,7 @@ def install(app: FastAPI, policy: AccessPolicy) -> None:
 
 async def _router_error_response(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RouterError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else exc.http_headers()
     return JSONResponse(error_body(exc), status_code=exc.http_status, headers=headers)
 
 

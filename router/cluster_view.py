@@ -99,6 +99,7 @@ class ClusterView:
             state = handle.state if handle is not None else None
             out.append({"role": status.role, "id": status.id, "address": status.address, "healthy": status.healthy,
                         "draining": status.draining, "routed_total": state.routed_total if state else 0,
+                        "breaker": status.breaker, "breaker_failures": status.breaker_failures,
                         **{f: getattr(status, f) for f in CLUSTER_FIELDS}})
         return out
 

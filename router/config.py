@@ -47,6 +47,13 @@ class RouterConfig:
     unhealthy_after: float = 2.0           # failing this long takes a worker out of rotation
     forget_after: float = 60.0             # a registered worker down this long is dropped
     max_retries: int = 2                   # decode retries before the first token
+    # Faults after the first token (router/dispatch.py): the request migrates to another
+    # decode worker, resumed from prompt + the tokens already streamed.
+    max_migrations: int = 3                # per request
+    migration_timeout: float = 30.0        # a migrating request waits this long for a decode worker
+    breaker_failures: int = 3              # failures in a row that open a worker's circuit breaker
+    breaker_cooldown: float = 5.0          # open this long, then one probe call (router/breaker.py)
+    retry_after: float = 1.0               # seconds in Retry-After (HTTP) / retry-after (gRPC) of a 429
     first_token_timeout: float = 120.0     # decode stream: until the first token
     token_timeout: float = 60.0            # decode stream: between two later messages
     request_timeout: float = 3600.0        # deadline of one decode stream
@@ -132,7 +139,17 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--health-timeout", type=float, default=d.health_timeout)
     add("--unhealthy-after", type=float, default=d.unhealthy_after)
     add("--forget-after", type=float, default=d.forget_after)
-    add("--max-retries", type=int, default=d.max_retries)
+    add("--max-retries", type=int, default=d.max_retries, help="decode retries before the first token")
+    add("--max-migrations", type=int, default=d.max_migrations,
+        help="times one request may move to another decode worker after tokens streamed")
+    add("--migration-timeout", type=float, default=d.migration_timeout,
+        help="seconds a migrating request waits for a decode worker to take it")
+    add("--breaker-failures", type=int, default=d.breaker_failures,
+        help="failures in a row that open a worker's circuit breaker")
+    add("--breaker-cooldown", type=float, default=d.breaker_cooldown,
+        help="seconds a breaker stays open before one probe call")
+    add("--retry-after", type=float, default=d.retry_after,
+        help="seconds a refused (429 / RESOURCE_EXHAUSTED) client is told to wait")
     add("--first-token-timeout", type=float, default=d.first_token_timeout)
     add("--token-timeout", type=float, default=d.token_timeout)
     add("--request-timeout", type=float, default=d.request_timeout)
@@ -229,9 +246,15 @@ def validate_config(config: RouterConfig) -> None:
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1")
     for name in ("max_queued_requests", "max_retries", "expect_prefill", "expect_decode", "expect_encode",
-                 "max_images_per_request"):
+                 "max_images_per_request", "max_migrations"):
         if getattr(config, name) < 0:
             raise ValueError(f"{name} must be >= 0")
+    if config.breaker_failures < 1:
+        raise ValueError("breaker_failures must be >= 1")
+    for name in ("migration_timeout", "breaker_cooldown", "retry_after", "first_token_timeout",
+                 "token_timeout", "request_timeout", "health_timeout", "abort_timeout"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0")
     if config.image_fetch_timeout <= 0:
         raise ValueError("image_fetch_timeout must be > 0")
     config.static_workers()  # raises on a malformed worker spec

@@ -1,15 +1,29 @@
 """Sending a request to workers: pick a decode worker and ordered prefill candidates,
-open the decode stream, and move to another decode worker when the stream fails as
-unreachable before the first token. After the first token a failure is final.
+open the decode stream, and keep the request alive across worker failures.
+
+- Before the first token, a decode worker that is unreachable or full is replaced by
+  another one (`max_retries`); a full cluster is a 429, an unreachable one a 503.
+- After tokens have streamed, a failed stream (the worker died, its connection broke,
+  it went silent for `token_timeout`) *migrates*: another decode worker (or the same
+  one, once it is routable again) resumes the request from the prompt plus the tokens
+  already streamed, with the same sampling parameters. Decode computes their KV and
+  sends only what follows, counting them for max_tokens, stop rules, penalties and
+  seeds, so the client's stream goes on with nothing repeated or missing (greedy: the
+  uninterrupted output; seeded: the same draws). At most `max_migrations` times; a
+  migrating request waits up to `migration_timeout` for a decode worker to take it.
 
 Every worker call has a deadline; a stream the router stops reading early (client gone,
-stop string, Abort) is cancelled, and the decode worker is told to Abort as well.
+stop string, Abort, a silent worker) is cancelled, and its decode worker is told to
+Abort as well, so an old stream never sends into a migrated one. Outcomes feed each
+worker's circuit breaker (router/breaker.py), decode's reports of its remote prefill
+attempts included.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, AsyncIterator, Protocol
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, AsyncIterator, Protocol, Sequence
 
 import grpc
 
@@ -17,16 +31,25 @@ from engine.multimodal import cache_keys
 from engine.sampling_params import SamplingParams
 from proto import epd_pb2, tracing
 from router.config import RouterConfig
-from router.errors import NoHealthyWorkers, WorkerFailed
+from router.errors import NoHealthyWorkers, Overloaded, RouterError, WorkerFailed
+from router.plan import Plan
 from router.policies import RouteRequest, create_policy
 from router.registry import WorkerHandle, WorkerRegistry
-from router.worker_state import Lease
 
 if TYPE_CHECKING:
     from router.metrics import RouterMetrics
     from router.service import GenerationRequest
 
 log = logging.getLogger("router.dispatch")
+WAIT_POLL_S = 0.1  # a migrating request looks for a decode worker this often
+# Failures that say nothing about the worker's health (the request's own fault, or load).
+_NOT_WORKER_FAULTS = {"INVALID_ARGUMENT", "RESOURCE_EXHAUSTED", "CANCELLED", "FAILED_PRECONDITION",
+                      "OUT_OF_RANGE", "UNAUTHENTICATED", "PERMISSION_DENIED"}
+# After tokens streamed, these end the request instead of migrating it: another worker
+# would refuse it the same way.
+_FINAL_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNIMPLEMENTED}
 
 
 class AbortFlag(Protocol):
@@ -35,49 +58,29 @@ class AbortFlag(Protocol):
     span: tracing.TraceSpan  # the request's span (tracing.NO_SPAN when tracing is off)
 
 
-class _Unreachable(Exception):
-    """The decode worker could not be reached before the first token: try another."""
+class _AttemptFailed(Exception):
+    """One decode attempt ended without finishing the request."""
 
-
-class Plan:
-    """Where one attempt goes: a decode worker and the prefill workers it should try."""
-
-    def __init__(self, decode: WorkerHandle, prefill: list[WorkerHandle], route: RouteRequest,
-                 encoders: list[list[WorkerHandle]] | None = None) -> None:
-        self.decode = decode
-        self.prefill = prefill
-        self.encoders = encoders or []  # per image, the encode workers to try in order
-        self.call: grpc.aio.UnaryStreamCall | None = None
-        self._leases: list[Lease] = [decode.state.lease()]
-        if prefill:
-            first = prefill[0].state
-            page_size = first.load.page_size
-            predicted = route.page_hashes(page_size) if page_size > 0 else []
-            self._leases.append(first.lease(route.uncached_tokens(first), predicted))
-        # Each image counts on its first encoder until the prompt is computed.
-        self._encoding = [candidates[0].state for candidates in self.encoders if candidates]
-        for state in self._encoding:
-            state.inflight_images += 1
+    def __init__(self, message: str, code: grpc.StatusCode, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.unreachable = unreachable  # the worker could not be reached or its stream broke
 
     @property
-    def decode_id(self) -> str:
-        return self.decode.state.id
+    def busy(self) -> bool:
+        return self.code == grpc.StatusCode.RESOURCE_EXHAUSTED
 
-    def prefill_done(self) -> None:
-        for lease in self._leases:
-            lease.prefill_done()
-        for state in self._encoding:
-            state.inflight_images -= 1
-        self._encoding = []
 
-    def release(self) -> None:
-        self.prefill_done()
-        for lease in self._leases:
-            lease.close()
+@dataclass
+class _Progress:
+    """A request's state across its attempts (owned by one `Dispatcher.stream`)."""
 
-    def cancel(self) -> None:
-        if self.call is not None:
-            self.call.cancel()
+    tokens: list[int] = field(default_factory=list)  # streamed so far, over every attempt
+    tried: set[str] = field(default_factory=set)
+    retries: int = 0
+    migrations: int = 0
+    last_failure: _AttemptFailed | None = None
 
 
 def sampling_to_proto(params: SamplingParams) -> epd_pb2.SamplingParams:
@@ -94,11 +97,11 @@ class Dispatcher:
         self._background: set[asyncio.Task[None]] = set()
 
     def plan_encoders(self, num_images: int) -> list[list[WorkerHandle]]:
-        """For each image, the healthy encode workers, least loaded first (queued images
+        """For each image, the routable encode workers, least loaded first (queued images
         as reported, or as routed here when that is higher). Images of one request spread:
         each one counts on its first choice before the next is placed. No encode workers:
         empty lists, and prefill encodes the images itself."""
-        workers = self.registry.healthy("encode")
+        workers = self.registry.routable("encode")
         if not num_images or not workers:
             return [[] for _ in range(num_images)]
         planned = {w.id: 0 for w in workers}
@@ -111,52 +114,101 @@ class Dispatcher:
         return order
 
     def plan(self, route: RouteRequest, exclude: set[str], num_images: int = 0) -> Plan:
-        decode = [w for w in self.registry.healthy("decode") if w.id not in exclude]
+        decode = [w for w in self.registry.routable("decode") if w.id not in exclude]
         if not decode:
             raise NoHealthyWorkers("no healthy decode worker is available" if not exclude else
                                    f"no other healthy decode worker to retry on (tried {sorted(exclude)})")
         chosen = self.policy.rank_decode(route, decode)[0]
-        prefill = self.policy.rank_prefill(route, self.registry.healthy("prefill"))
+        prefill = self.policy.rank_prefill(route, self.registry.routable("prefill"))
         handles = [self.registry.get(w.id) for w in [chosen, *prefill[:self.config.max_prefill_candidates]]]
         if any(h is None for h in handles):
             raise NoHealthyWorkers("the worker set changed while routing; retry")
         return Plan(handles[0], handles[1:], route, self.plan_encoders(num_images))
 
     async def stream(self, request: GenerationRequest, active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
-        """The decode worker's responses for one request, retrying elsewhere while no
-        token has arrived and the worker was unreachable."""
+        """The decode workers' responses for one request, as one stream: retried
+        elsewhere before the first token, migrated after it (see the module docstring)."""
         keys = cache_keys(request.prompt_token_ids, request.images) if request.images else None
         route = RouteRequest(request.prompt_token_ids, keys)
-        tried: set[str] = set()
-        for attempt in range(self.config.max_retries + 1):
-            plan = self.plan(route, tried, len(request.images))
-            tried.add(plan.decode_id)
+        progress = _Progress()
+        while not active.aborted:
+            plan = await self._next_plan(route, request, progress)
+            progress.tried.add(plan.decode_id)
             active.plan = plan
-            if attempt:
-                self.metrics.retries.inc()
             span = tracing.start("router.decode_attempt", active.span, "client", worker=plan.decode_id,
-                                 attempt=attempt, prefill_candidates=len(plan.prefill))
+                                 attempt=progress.retries + progress.migrations, prefill_candidates=len(plan.prefill),
+                                 resumed_tokens=len(progress.tokens))
             try:
-                async for response in self._attempt(plan, request, active, span):
+                async for response in self._attempt(plan, request, active, progress, span):
                     yield response
                 return
-            except _Unreachable as exc:
-                span.fail(str(exc))
-                log.warning("request %s: %s; retrying elsewhere", request.request_id, exc)
-                self.registry.mark_failed(plan.decode_id, str(exc))
+            except _AttemptFailed as exc:
+                span.fail(exc.message)
+                self._after_failure(plan, exc, progress, request.request_id)
             except WorkerFailed as exc:
                 span.fail(exc.message)
                 raise
             finally:
                 span.end()
                 plan.release()
-        raise NoHealthyWorkers(f"no decode worker could take the request after "
-                               f"{self.config.max_retries + 1} attempts (tried {sorted(tried)})")
 
-    def _decode_request(self, plan: Plan, request: GenerationRequest) -> epd_pb2.DecodeRequest:
+    async def _next_plan(self, route: RouteRequest, request: GenerationRequest, progress: _Progress) -> Plan:
+        """A decode worker not tried yet; when migrating, any routable one (the same one
+        back from a restart included), waiting up to `migration_timeout` for one."""
+        num_images = len(request.images)
+        try:
+            return self.plan(route, progress.tried, num_images)
+        except NoHealthyWorkers as exc:
+            last = progress.last_failure
+            if last is not None and last.busy and not progress.tokens:
+                raise Overloaded(f"every decode worker is full; retry later ({last.message})",
+                                 retry_after=self.config.retry_after) from None
+            if not progress.tokens:
+                raise
+            error: RouterError = exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.migration_timeout
+        while loop.time() < deadline:
+            try:
+                return self.plan(route, set(), num_images)
+            except NoHealthyWorkers as exc:
+                error = exc
+            await asyncio.sleep(WAIT_POLL_S)
+        raise WorkerFailed(f"no decode worker took the migrating request within "
+                           f"{self.config.migration_timeout:g} s ({error.message})", grpc.StatusCode.UNAVAILABLE)
+
+    def _after_failure(self, plan: Plan, exc: _AttemptFailed, progress: _Progress, request_id: str) -> None:
+        """Count the failure against the worker; raise the request's final error when
+        it may not go on, else return to try again."""
+        progress.last_failure = exc
+        if not exc.busy:
+            plan.decode.state.breaker.record_failure(exc.message)
+        if exc.unreachable:
+            self.registry.mark_failed(plan.decode_id, exc.message)
+        if progress.tokens:
+            if exc.code in _FINAL_CODES or progress.migrations >= self.config.max_migrations:
+                raise WorkerFailed(f"{exc.message} (after {progress.migrations} migration(s))", exc.code)
+            progress.migrations += 1
+            self.metrics.migrations.inc()
+            log.warning("request %s: %s after %d token(s); migrating it", request_id, exc.message,
+                        len(progress.tokens))
+            return
+        if not (exc.unreachable or exc.busy):
+            raise WorkerFailed(exc.message, exc.code)
+        if progress.retries >= self.config.max_retries:
+            if exc.busy:
+                raise Overloaded(f"every decode worker tried is full; retry later ({exc.message})",
+                                 retry_after=self.config.retry_after)
+            raise NoHealthyWorkers(f"no decode worker could take the request after {progress.retries + 1} "
+                                   f"attempts (tried {sorted(progress.tried)})")
+        progress.retries += 1
+        self.metrics.retries.inc()
+        log.warning("request %s: %s; retrying elsewhere", request_id, exc.message)
+
+    def _decode_request(self, plan: Plan, request: GenerationRequest, resumed: Sequence[int]) -> epd_pb2.DecodeRequest:
         return epd_pb2.DecodeRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
-            sampling=sampling_to_proto(request.params),
+            sampling=sampling_to_proto(request.params), resume_token_ids=resumed,
             prefill=[epd_pb2.PrefillCandidate(id=h.state.id, address=h.state.address) for h in plan.prefill],
             force_remote_prefill=self.config.force_remote_prefill,
             images=[epd_pb2.ImageData(data=image.data, hash=image.hash, offset=image.offset,
@@ -166,9 +218,9 @@ class Dispatcher:
                     for image, encoders in zip(request.images, plan.encoders)])
 
     async def _attempt(self, plan: Plan, request: GenerationRequest, active: AbortFlag,
-                       span: tracing.TraceSpan) -> AsyncIterator[epd_pb2.DecodeResponse]:
-        call = plan.decode.stub.Generate(self._decode_request(plan, request), timeout=self.config.request_timeout,
-                                         metadata=span.metadata())
+                       progress: _Progress, span: tracing.TraceSpan) -> AsyncIterator[epd_pb2.DecodeResponse]:
+        message = self._decode_request(plan, request, progress.tokens)
+        call = plan.decode.stub.Generate(message, timeout=self.config.request_timeout, metadata=span.metadata())
         plan.call = call
         silence = _Silence(call)
         got_token = ended = False
@@ -178,19 +230,35 @@ class Dispatcher:
                 if response is None:
                     ended = True
                     return
-                if not got_token and response.WhichOneof("event") == "chunk" and response.chunk.token_ids:
+                if response.prefill_attempts:
+                    self._record_prefill(response.prefill_attempts)
+                event = response.WhichOneof("event")
+                if not got_token and (event == "finished" or response.chunk.token_ids):
                     got_token = True
                     plan.prefill_done()
-                ended = response.WhichOneof("event") == "finished"
+                    plan.decode.state.breaker.record_success()
+                if event == "chunk":
+                    progress.tokens.extend(response.chunk.token_ids)
+                ended = event == "finished"
                 yield response
-        except (_Unreachable, WorkerFailed):
-            ended = True
+        except _AttemptFailed as exc:
+            ended = exc.code != grpc.StatusCode.DEADLINE_EXCEEDED  # a silent stream is still open
             raise
         finally:
             silence.stop()
-            if not ended:  # stopped early: client gone, stop string, Abort, timeout
+            if not ended:  # stopped early: client gone, stop string, Abort, silent worker
                 call.cancel()
                 self.send_abort(plan.decode_id, request.request_id)
+
+    def _record_prefill(self, attempts: Sequence[epd_pb2.PrefillAttempt]) -> None:
+        for attempt in attempts:
+            handle = self.registry.get(attempt.id)
+            if handle is None or handle.state.address != attempt.address:
+                continue
+            if attempt.ok:
+                handle.state.breaker.record_success()
+            elif attempt.code not in _NOT_WORKER_FAULTS:
+                handle.state.breaker.record_failure(f"prefill {attempt.code}: {attempt.error}")
 
     async def _read(self, plan: Plan, call: grpc.aio.UnaryStreamCall, silence: _Silence, got_token: bool,
                     active: AbortFlag) -> epd_pb2.DecodeResponse | None:
@@ -204,25 +272,21 @@ class Dispatcher:
             if _task_cancelling():
                 raise  # this request's task is being cancelled (client gone)
             if silence.expired:
-                raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
-                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                raise _AttemptFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
+                                     grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if active.aborted:
                 return None  # Abort cancelled the call, not this task
             # Nobody cancelled this task: the call was (its channel closed under it).
-            message = f"decode worker {worker}: the stream was cancelled (its channel closed)"
-            if not got_token:
-                raise _Unreachable(message) from None
-            raise WorkerFailed(message, grpc.StatusCode.UNAVAILABLE) from None
+            raise _AttemptFailed(f"decode worker {worker}: the stream was cancelled (its channel closed)",
+                                 grpc.StatusCode.UNAVAILABLE, unreachable=True) from None
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.CANCELLED and silence.expired:
-                raise WorkerFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
-                                   grpc.StatusCode.DEADLINE_EXCEEDED) from None
+                raise _AttemptFailed(f"decode worker {worker} sent nothing for {timeout:g} s",
+                                     grpc.StatusCode.DEADLINE_EXCEEDED) from None
             if exc.code() == grpc.StatusCode.CANCELLED and active.aborted:
                 return None
-            message = f"decode worker {worker} failed: {exc.code().name}: {exc.details()}"
-            if exc.code() == grpc.StatusCode.UNAVAILABLE and not got_token:
-                raise _Unreachable(message) from None
-            raise WorkerFailed(message, exc.code()) from None
+            raise _AttemptFailed(f"decode worker {worker} failed: {exc.code().name}: {exc.details()}",
+                                 exc.code(), unreachable=exc.code() == grpc.StatusCode.UNAVAILABLE) from None
         finally:
             silence.idle()
         return None if response is grpc.aio.EOF else response

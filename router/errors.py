@@ -2,6 +2,8 @@
 its gRPC code and the label it is counted under in the metrics."""
 from __future__ import annotations
 
+import math
+
 import grpc
 
 
@@ -18,6 +20,14 @@ class RouterError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
+
+    def http_headers(self) -> dict[str, str]:
+        """Headers the HTTP answer carries besides the body."""
+        return {}
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        """Trailing metadata of the gRPC status."""
+        return ()
 
 
 class InvalidRequest(RouterError):
@@ -49,11 +59,24 @@ class RequestTooLarge(RouterError):
 
 
 class Overloaded(RouterError):
+    """The router or every worker is full: the client should come back after
+    `retry_after` seconds (HTTP `Retry-After`, whole seconds; gRPC `retry-after`)."""
+
     http_status = 429
     grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
     error_type = "rate_limit_error"
     code = "too_many_requests"
     metric_label = "rejected"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def http_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+    def grpc_trailers(self) -> tuple[tuple[str, str], ...]:
+        return (("retry-after", f"{self.retry_after:g}"),)
 
 
 class NoHealthyWorkers(RouterError):

@@ -87,17 +87,17 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
             prepared = await self._service.off_loop(size, self._prepare, request)
         except RouterError as exc:
             self._service.record_error(exc)
-            await context.abort(exc.grpc_code, exc.message)
+            await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
         try:
             slot = await self._service.admit()
         except RouterError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+            await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
         try:
             async with aclosing(self._service.generate(prepared)) as events:
                 async for event in events:
                     yield _response(prepared.request_id, event)
         except RouterError as exc:
-            await context.abort(exc.grpc_code, exc.message)
+            await context.abort(exc.grpc_code, exc.message, trailing_metadata=exc.grpc_trailers())
         finally:
             slot.release()
 
@@ -140,6 +140,7 @@ def cluster_status(registry: WorkerRegistry) -> list[epd_pb2.WorkerStatus]:
         status.ClearField("removed")
         status.role, status.id, status.address, status.healthy = state.role, state.id, state.address, state.healthy
         status.draining = state.draining
+        status.breaker, status.breaker_failures = state.breaker.state, state.breaker.failures
         out.append(status)
     return out
 

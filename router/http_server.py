@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 def error_response(exc: RouterError) -> JSONResponse:
-    return JSONResponse(error_body(exc), status_code=exc.http_status)
+    return JSONResponse(error_body(exc), status_code=exc.http_status, headers=exc.http_headers())
 
 
 @dataclass

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from router.breaker import STATE_VALUES
 from router.registry import WorkerHandle
 
 # From a cached short prompt on a GPU (milliseconds) to a long queue or output (minutes).
@@ -64,6 +65,11 @@ class WorkerCollector(Collector):
         routed = CounterMetricFamily(p + "routed_requests", "requests this router sent the worker", labels=labels)
         utilization = GaugeMetricFamily(p + "kv_page_utilization", "share of KV pages held by requests",
                                         labels=labels)
+        breaker = GaugeMetricFamily(p + "breaker_state", "the router's circuit breaker: 0 closed, 1 half-open, 2 open",
+                                    labels=labels)
+        failures = GaugeMetricFamily(p + "breaker_failures", "failures in a row the router saw on the worker's calls",
+                                     labels=labels)
+        opened = CounterMetricFamily(p + "breaker_opened", "times the worker's breaker opened", labels=labels)
         counters = {f: CounterMetricFamily(p + name, text, labels=labels) for name, f, text in _WORKER_COUNTERS}
         gauges = {f: GaugeMetricFamily(p + name, f"{f} in the worker's last Status", labels=labels)
                   for name, f in _WORKER_GAUGES}
@@ -73,6 +79,9 @@ class WorkerCollector(Collector):
             up.add_metric(key, 1.0 if state.healthy else 0.0)
             draining.add_metric(key, 1.0 if state.draining else 0.0)
             routed.add_metric(key, float(state.routed_total))
+            breaker.add_metric(key, STATE_VALUES[state.breaker.state])
+            failures.add_metric(key, float(state.breaker.failures))
+            opened.add_metric(key, float(state.breaker.opened_total))
             status = state.status
             if status is None:
                 continue
@@ -81,7 +90,7 @@ class WorkerCollector(Collector):
             if status.kv_pages_total:
                 held = status.kv_pages_total - status.kv_pages_free - status.kv_pages_cached
                 utilization.add_metric(key, held / status.kv_pages_total)
-        yield from (up, draining, routed, utilization, *counters.values(), *gauges.values())
+        yield from (up, draining, routed, utilization, breaker, failures, opened, *counters.values(), *gauges.values())
 
 
 class RouterMetrics:
@@ -104,8 +113,12 @@ class RouterMetrics:
         self.cached_tokens = Counter("epd_router_prefix_cache_hit_tokens",
                                      "prompt tokens served from a prefix cache (from usage)", m,
                                      registry=r).labels(model)
-        self.retries = Counter("epd_router_decode_retries", "requests moved to another decode worker", m,
+        self.retries = Counter("epd_router_decode_retries",
+                               "requests moved to another decode worker before their first token", m,
                                registry=r).labels(model)
+        self.migrations = Counter("epd_router_migrations",
+                                  "requests resumed on another decode worker after tokens had streamed", m,
+                                  registry=r).labels(model)
         self.running = Gauge("epd_router_requests_running", "requests holding a slot", m, registry=r).labels(model)
         self.queued = Gauge("epd_router_requests_queued", "requests waiting for a slot", m,
                             registry=r).labels(model)
@@ -123,7 +136,8 @@ class RouterMetrics:
     def totals(self) -> dict[str, float]:
         """Token counts so far, by their metric names without the prefix."""
         counters = (("prompt_tokens_total", self.prompt_tokens), ("generation_tokens_total", self.generation_tokens),
-                    ("prefix_cache_hit_tokens_total", self.cached_tokens), ("decode_retries_total", self.retries))
+                    ("prefix_cache_hit_tokens_total", self.cached_tokens), ("decode_retries_total", self.retries),
+                    ("migrations_total", self.migrations))
         return {name: _value(counter) for name, counter in counters}
 
     def render(self) -> bytes:

@@ -18,6 +18,7 @@ import grpc
 
 from proto import epd_pb2, epd_pb2_grpc
 from proto.auth import cluster_channel
+from router.breaker import CircuitBreaker
 from router.config import ROLES, RouterConfig
 from router.worker_state import Clock, WorkerLoad, WorkerState
 
@@ -70,7 +71,9 @@ class WorkerRegistry:
             self._drop(worker_id)
         channel = cluster_channel(address, CHANNEL_OPTIONS, self._config.cluster_token)
         stub_class = _STUBS[role]
-        state = WorkerState(role, worker_id, address, static=static)
+        breaker = CircuitBreaker(f"{role} worker {worker_id}", self._config.breaker_failures,
+                                 self._config.breaker_cooldown, self._clock)
+        state = WorkerState(role, worker_id, address, static=static, breaker=breaker)
         handle = WorkerHandle(state, channel, stub_class(channel), self._clock())
         self._workers[worker_id] = handle
         log.info("added %s worker %s at %s", role, worker_id, address)
@@ -99,8 +102,13 @@ class WorkerRegistry:
         return [h for h in self._workers.values() if role is None or h.state.role == role]
 
     def healthy(self, role: str) -> list[WorkerState]:
-        """The workers new requests may go to: healthy and not draining."""
+        """The workers in rotation: healthy and not draining."""
         return [h.state for h in self.handles(role) if h.state.healthy and not h.state.draining]
+
+    def routable(self, role: str) -> list[WorkerState]:
+        """The workers new requests may go to: in rotation, and their circuit breaker
+        lets a call through."""
+        return [s for s in self.healthy(role) if s.breaker.allows()]
 
     def ready(self) -> bool:
         """Every worker named on the command line is healthy, and at least the expected

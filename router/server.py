@@ -28,6 +28,7 @@ from router.http_server import create_app
 from router.k8s_discovery import discovery_from_config
 from router.metrics import RouterMetrics
 from router.pools import PoolManager
+from proto.keepalive import SERVER_OPTIONS as SERVER_KEEPALIVE
 from router.registry import CHANNEL_OPTIONS, HealthMonitor, WorkerRegistry
 from router.service import ModelInfo, RouterService
 
@@ -92,7 +93,8 @@ class RouterApp:
         self.autoscaler.start()
         if self.discovery is not None:
             self.discovery.start()
-        self._grpc = grpc.aio.server(options=CHANNEL_OPTIONS, interceptors=router_interceptors(self.config))
+        self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, *SERVER_KEEPALIVE],
+                                     interceptors=router_interceptors(self.config))
         add_services(self._grpc, self.service)
         self.grpc_port = self._add_grpc_port(f"{self.config.host}:{self.config.grpc_port}")
         if self.grpc_port == 0:

@@ -24,7 +24,8 @@ from proto import epd_pb2, tracing
 from router.admission import Admission, Slot
 from router.config import RouterConfig
 from router.detokenize import TextStream
-from router.dispatch import Dispatcher, Plan
+from router.dispatch import Dispatcher
+from router.plan import Plan
 from router.images import ImageLoader
 from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RouterError, WorkerFailed
 from router.metrics import RouterMetrics
@@ -118,7 +119,7 @@ class RouterService:
         self.model = model
         self.metrics = metrics
         self.recent_errors = RecentErrors()  # for /cluster?view=overview and /dashboard
-        self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests)
+        self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests, config.retry_after)
         metrics.running.set_function(lambda: self.admission.running)
         metrics.queued.set_function(lambda: self.admission.queued)
         self.dispatcher = Dispatcher(config, registry, metrics)

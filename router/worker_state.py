@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
+from router.breaker import CircuitBreaker
+
 Clock = Callable[[], float]
 
 
@@ -129,6 +131,8 @@ class WorkerState:
     status: object | None = None  # the last WorkerStatus message, for /cluster
     last_error: str = ""  # why it last left rotation (/cluster, /dashboard)
     last_error_at: float | None = None  # wall-clock time of that
+    # Fed by the request path (router/breaker.py); the registry gives it the configured limits.
+    breaker: CircuitBreaker = field(default_factory=lambda: CircuitBreaker(""))
     # Router-side work in flight: requests streaming from a decode worker, and prompt
     # tokens routed to a prefill worker whose first token has not come back yet.
     inflight_requests: int = 0

@@ -34,6 +34,9 @@ class WorkerConfig:
     local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 600.0  # SIGTERM or Drain: how long running requests may take to finish
+    # Bounded queue: calls admitted beyond those the engine runs at once (max_num_seqs;
+    # encode: encode_max_batch); more are refused with RESOURCE_EXHAUSTED.
+    max_queued_requests: int = 256
     # Images (vision-language models): encode batches up to encode_max_batch images per
     # forward; encode (staging) and prefill (receiving) keep embedding_slots slots of
     # embeddings for transfer and an embedding cache of embedding_cache_mb.
@@ -45,6 +48,13 @@ class WorkerConfig:
     # serves, attached to every call it makes. None: no token (a trusted network).
     cluster_token: str | None = field(default=None, repr=False)
     router_ca: str | None = None  # PEM file: register with a TLS router, verified against it
+
+    def __post_init__(self) -> None:
+        if self.max_queued_requests < 0:
+            raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        for name in ("transfer_timeout_s", "prefill_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name[:-2].replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
     @property
     def public_host(self) -> str:
@@ -71,7 +81,12 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                              "backends); an unknown key lists the valid ones")
     parser.add_argument("--drain-timeout", type=float, default=600.0, dest="drain_timeout_s",
                         help="on SIGTERM (or a Drain call) wait this long for running requests, then exit")
-    parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s")
+    parser.add_argument("--max-queued-requests", type=int, default=256,
+                        help="calls admitted beyond those running (the engine's --max-num-seqs, encode's "
+                             "--encode-max-batch); more are refused with RESOURCE_EXHAUSTED")
+    parser.add_argument("--transfer-timeout", type=float, default=10.0, dest="transfer_timeout_s",
+                        help="bound of one KV write, and of the progress of a remote prefill (decode gives "
+                             "up on a prefill worker whose next chunk does not land within it)")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
                         help="decode: prompts with fewer uncached tokens are prefilled locally")

@@ -25,20 +25,36 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+RETRY_AFTER_KEY = "retry-after"  # trailing metadata of a refusal: seconds, as HTTP's header
+
+
 class DrainGate:
-    def __init__(self, worker_id: str = "") -> None:
+    """Admission of a worker's calls: refused while draining (UNAVAILABLE), and beyond
+    `limit` calls at once (RESOURCE_EXHAUSTED with a `retry-after`), so a worker's queue
+    is bounded and its caller takes the excess elsewhere (the router another decode
+    worker or a 429, decode the next prefill candidate or its own prefill)."""
+
+    def __init__(self, worker_id: str = "", limit: int | None = None) -> None:
         self.worker_id = worker_id
+        self.limit = limit  # calls admitted at once (running + queued); None: unbounded
         self.draining = False
         self.inflight = 0
         self.durations: DurationHistogram | None = None  # each admitted call's seconds (/metrics)
+        self.refused_total = 0  # calls refused for the limit
         self._idle = asyncio.Event()
         self._idle.set()
 
     @contextlib.asynccontextmanager
     async def admit(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Count one admitted call until it ends; refuse it while draining."""
+        """Count one admitted call until it ends; refuse it while draining or full."""
         if self.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"worker {self.worker_id} is draining")
+        if self.limit is not None and self.inflight >= self.limit:
+            self.refused_total += 1
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                f"worker {self.worker_id} is full ({self.inflight} calls admitted, "
+                                f"limit {self.limit}); retry later or elsewhere",
+                                trailing_metadata=((RETRY_AFTER_KEY, "1"),))
         self.inflight += 1
         self._idle.clear()
         started = time.perf_counter()
@@ -70,8 +86,8 @@ class Lifecycle:
     """A worker process's serving state, shared by every role's runtime: readiness for
     GET /health, the drain gate, and whether a Drain call asked the process to exit."""
 
-    def __init__(self, default_timeout_s: float) -> None:
-        self.gate = DrainGate()
+    def __init__(self, default_timeout_s: float, max_inflight: int | None = None) -> None:
+        self.gate = DrainGate(limit=max_inflight)
         self.ready = False  # the gRPC server is up
         self.exit_requested = asyncio.Event()
         self.default_timeout_s = default_timeout_s

@@ -19,14 +19,14 @@ from engine.config import EngineConfig
 from engine.engine import Engine
 from kv_transfer import TransferBackend, compat_hash, create_backend
 from proto import epd_pb2 as pb
-from proto import epd_pb2_grpc as pb_grpc
+from proto.keepalive import SERVER_OPTIONS as SERVER_KEEPALIVE
 from worker.auth import server_interceptors
 from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.drain import Lifecycle
 from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
-from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, families,
-                            status_samples)
+from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, Sample,
+                            families, status_samples)
 from worker.registration import deregister, register_loop
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class WorkerRuntime:
         elif config.role == "prefill":
             raise ValueError("a prefill worker needs a transfer backend (--transfer)")
         self.events = KVEventLog()
-        self.server = grpc.aio.server(options=GRPC_MESSAGE_OPTIONS,
+        self.server = grpc.aio.server(options=[*GRPC_MESSAGE_OPTIONS, *SERVER_KEEPALIVE],
                                       interceptors=server_interceptors(config.cluster_token))
         self.port = 0
         self.snapshot: dict[str, float] = {}
@@ -64,7 +64,8 @@ class WorkerRuntime:
         self.closers: list[Callable[[], Awaitable[None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
         # Readiness, the drain gate every admission call runs inside, exit on request.
-        self.life = Lifecycle(config.drain_timeout_s)
+        self.life = Lifecycle(config.drain_timeout_s,
+                              self.engine.config.max_num_seqs + config.max_queued_requests)
         self._http: WorkerHTTPServer | None = None
         self.metric_sources.extend(self._observe_metrics())
 
@@ -222,4 +223,5 @@ class _WorkerCollector:
         backend = runtime.config.transfer if runtime.transfer is not None else None
         snapshot = status_samples(dict(runtime.snapshot), _COUNTERS, backend)
         live = [sample for source in list(runtime.metric_sources) for sample in source()]
+        live.append(Sample("requests_refused_total", runtime.life.gate.refused_total, counter=True))
         yield from families([*snapshot, *live], labels)

@@ -23,12 +23,16 @@ class DecodeBehaviour:
     first_token_delay: float = 0.0
     chunk_size: int = 1
     fail_before_first: grpc.StatusCode | None = None  # abort the RPC before any token
-    fail_after: int | None = None  # abort with UNAVAILABLE after this many tokens
+    fail_after: int | None = None  # abort with UNAVAILABLE after this many tokens (of one call)
     finish_error: str | None = None  # end with Finished(ERROR) after the tokens
     eos_at: int | None = None  # emit this many tokens then stop with stop_token eos_id
     eos_id: int = 0
     cached_tokens: int = 0
     token_limit: int | None = None  # emit at most this many tokens
+    # Report remote prefill attempts with the first chunk, as decode does: candidates in
+    # order up to the first one that is not `failing_prefill`, which failed with this code.
+    prefill_failure: str | None = None
+    failing_prefill: str = "p0"
 
 
 @dataclass
@@ -127,6 +131,11 @@ class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
         epd_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
 
     def tokens_for(self, request: epd_pb2.DecodeRequest) -> list[int]:
+        """The whole output the script gives this prompt, less what a migrated request
+        already streamed (its `resume_token_ids`, the output's first tokens)."""
+        return self.full_output(request)[len(request.resume_token_ids):]
+
+    def full_output(self, request: epd_pb2.DecodeRequest) -> list[int]:
         b = self.behaviour
         count = request.sampling.max_tokens
         if b.token_limit is not None:
@@ -154,9 +163,12 @@ class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
                 if b.token_delay:
                     await asyncio.sleep(b.token_delay)
                 ids = tokens[start:start + b.chunk_size]
+                message = epd_pb2.DecodeResponse(chunk=epd_pb2.TokenChunk(token_ids=ids, logprobs=_logprobs(request, ids)))
+                if not sent and b.prefill_failure is not None:
+                    message.prefill_attempts.extend(_attempts(request, b.prefill_failure, b.failing_prefill))
                 sent += len(ids)
-                yield epd_pb2.DecodeResponse(chunk=epd_pb2.TokenChunk(token_ids=ids, logprobs=_logprobs(request, ids)))
-            yield epd_pb2.DecodeResponse(finished=self._finished(request, tokens))
+                yield message
+            yield epd_pb2.DecodeResponse(finished=self._finished(request, self.full_output(request)))
             self.completed.append(request.request_id)
         except asyncio.CancelledError:
             self.cancelled[request.request_id] = time.monotonic()
@@ -171,6 +183,17 @@ class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
         if b.eos_at is not None and tokens and tokens[-1] == b.eos_id and len(tokens) == b.eos_at + 1:
             return epd_pb2.Finished(reason=epd_pb2.FINISH_REASON_STOP, stop_token=b.eos_id, usage=usage)
         return epd_pb2.Finished(reason=epd_pb2.FINISH_REASON_LENGTH, usage=usage)
+
+
+def _attempts(request: epd_pb2.DecodeRequest, code: str, failing: str) -> list[epd_pb2.PrefillAttempt]:
+    attempts = []
+    for candidate in request.prefill:
+        ok = candidate.id != failing
+        attempts.append(epd_pb2.PrefillAttempt(id=candidate.id, address=candidate.address, ok=ok,
+                                               code="" if ok else code))
+        if ok:
+            break
+    return attempts
 
 
 def _logprobs(request: epd_pb2.DecodeRequest, ids: list[int]) -> list[epd_pb2.TokenLogprob]:

@@ -80,17 +80,20 @@ async def test_worker_error_before_first_token_is_502(make_cluster: MakeCluster)
     assert "prefill failed everywhere" in error["message"]
 
 
-async def test_failure_after_first_token_ends_with_error(make_cluster: MakeCluster) -> None:
-    cluster = await make_cluster(decode=2, behaviour=DecodeBehaviour(fail_after=3))
+async def test_failure_after_first_token_ends_with_error_without_migrations(make_cluster: MakeCluster) -> None:
+    """With --max-migrations 0 (migration: test_migration.py)."""
+    cluster = await make_cluster(decode=2, behaviour=DecodeBehaviour(fail_after=3), max_migrations=0)
     error = error_of(await post(cluster, "/v1/completions", {"prompt": "x", "max_tokens": 10}), 502)
     assert "UNAVAILABLE" in error["message"]
-    assert sum(len(d.requests) for d in cluster.decodes) == 1  # no retry after a token
+    assert sum(len(d.requests) for d in cluster.decodes) == 1  # no migration
     body = {"prompt": "x", "max_tokens": 10, "stream": True}
+    await wait_until(lambda: healthy_ids(cluster) == {"d0", "d1"})  # a broken stream took its worker out
     async with httpx.AsyncClient(base_url=cluster.base_url) as http:
         response = await http.post("/v1/completions", json=body)
     events = [e[len("data: "):] for e in response.text.split("\n\n") if e]
     assert events[-1] == "[DONE]"
     assert "error" in json.loads(events[-2])
+    await wait_until(lambda: healthy_ids(cluster) == {"d0", "d1"})
     async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         request = epd_pb2.GenerateRequest(text="x", sampling=epd_pb2.SamplingParams(max_tokens=10))
         responses = [r async for r in epd_pb2_grpc.RouterStub(channel).Generate(request)]
