@@ -40,10 +40,16 @@ class PrefixIndex:
         self._expiry: dict[int, float] = {}  # predicted hash with no holder -> when it lapses
         self._grace = grace
         self._clock = clock
+        self._next_sweep = 0.0  # when unpredict next drops lapsed entries from _expiry
 
     @property
     def num_pages(self) -> int:
         return len(self._hashes)
+
+    @property
+    def num_predicted(self) -> int:
+        """Predicted pages still counted: held by a request in flight, or in their grace."""
+        return len(self._holders) + len(self._expiry)
 
     def apply(self, status: StatusLike) -> None:
         """Apply one Status reply. Within a reply the worker reports net effects, so a
@@ -70,7 +76,9 @@ class PrefixIndex:
 
     def unpredict(self, hashes: Sequence[int]) -> None:
         """The request that would compute these pages is done with this worker."""
-        lapse = self._clock() + self._grace
+        now = self._clock()
+        self._sweep(now)
+        lapse = now + self._grace
         for h in hashes:
             count = self._holders.get(h, 0) - 1
             if count > 0:
@@ -79,6 +87,18 @@ class PrefixIndex:
             self._holders.pop(h, None)
             if h not in self._hashes:
                 self._expiry[h] = lapse
+
+    def _sweep(self, now: float) -> None:
+        """Drop lapsed predictions, at most once per grace period. Lookups drop the ones
+        they meet, but a prediction the worker never confirms (decode prefilled the
+        prompt itself, or the pages were evicted before a Status reported them) is met
+        again only by a prompt with the same prefix: without this sweep, one entry per
+        such page stayed for the router's lifetime. With it, _expiry holds about two
+        grace periods' worth of pages."""
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._grace
+        self._expiry = {h: t for h, t in self._expiry.items() if t >= now}
 
     def _predicted(self, h: int, now: float) -> bool:
         if h in self._holders:

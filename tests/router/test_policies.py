@@ -92,6 +92,23 @@ def test_prefix_index_events_reset_and_predictions() -> None:
     assert index.matched_pages(hashes) == 0 and index.cursor == 0
 
 
+
+def test_prefix_index_forgets_predictions_never_confirmed() -> None:
+    """Pages predicted for a prefill worker that never computes them (decode prefilled
+    the prompt itself) lapse, and are dropped, not kept for good."""
+    clock = SimClock()
+    index = PrefixIndex(grace=1.0, clock=clock)
+    for i in range(2000):  # 20 requests a second, each with its own two pages, for 100 s
+        hashes = page_hashes([i, i, i, i, 1, 2, 3, 4], 4)
+        index.predict(hashes)
+        assert index.matched_pages(hashes) == 2
+        index.unpredict(hashes)
+        clock.now += 0.05
+    assert index.num_predicted <= 2 * 2 * 20  # two grace periods of them, not 4000
+    assert index.matched_pages(hashes) == 2  # the latest still in its grace
+    clock.now += 1.5
+    assert index.matched_pages(hashes) == 0
+
 @pytest.mark.parametrize("arrivals_per_tick", [2, 200])  # steady arrivals, and one burst
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_eight_groups_on_four_limited_caches(arrivals_per_tick: int, seed: int) -> None:
