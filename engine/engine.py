@@ -330,7 +330,12 @@ class Engine:
         cache = self.scheduler.cache
         if cache is None:
             raise PinError("the prefix cache is off on this worker: nothing can be pinned")
-        return cache.pin(self.tokenize_prompt(token_ids))
+        tokens = self.tokenize_prompt(token_ids)
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return cache.pin(tokens)
 
     def unpin_prefix(self, token_ids: list[int]) -> bool:
         """Drop the pin of exactly this prefix; False if there was none."""
