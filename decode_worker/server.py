@@ -113,7 +113,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         rid, session = request.request_id, request.session_id
         run = self.runtime.async_engine.run
         attempts: list[pb.PrefillAttempt] = []
-        await run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
+        if request.pin_prefix_tokens:  # (no engine-thread hop for the usual request)
+            await run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
         if await self._prefill_remotely(request, prompt, images, resumed):
             reservation = await self._reserve(prompt, params, rid, images, resumed, session)
             outcome = await self.prefiller.run(request, reservation, span)

@@ -123,7 +123,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
         job = ShipJob(rid, len(prompt) + len(outputs), request.destination, peer, request.destination.start_page)
-        await self.runtime.async_engine.run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
+        if request.pin_prefix_tokens:
+            await self.runtime.async_engine.run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
         if images and self.images is not None:
             images = await self.images.fetch(rid, list(request.images), images, span)
         self.ship_stats.seen(peer.descriptor.address)
