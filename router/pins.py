@@ -34,6 +34,7 @@ from router.registry import WorkerHandle, WorkerRegistry
 
 log = logging.getLogger("router.pins")
 POOLS = ("prefill", "decode")
+RETRY_AFTER_S = 30.0  # a worker that refused a re-pin (over its cap) is asked again after this
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class PinManager:
         self.registry = registry
         self.config = config
         self._pins: dict[str, tuple[tuple[int, ...], float]] = {}  # id -> (token ids, when pinned)
+        self._retry_at: dict[tuple[str, str], float] = {}  # (worker, pin id) refused -> next try (monotonic)
         self._task: asyncio.Task[None] | None = None
 
     # -- the admin calls -------------------------------------------------------------
@@ -69,6 +71,7 @@ class PinManager:
 
     async def unpin(self, pin: str) -> dict[str, Any]:
         entry = self._pins.pop(pin, None)
+        self._retry_at = {key: at for key, at in self._retry_at.items() if key[1] != pin}
         if entry is None:
             raise PinNotFound(f"no pin {pin!r} on this router (GET /admin/pins lists them)", param="pin_id")
         results = await self._fan_out("UnpinPrefix", list(entry[0]))
@@ -116,14 +119,18 @@ class PinManager:
     async def sync(self) -> int:
         """Pin again on every healthy worker whose Status lacks a remembered pin;
         returns the pins sent."""
-        sends = [(h, tokens) for h in self._targets() for tokens, _ in self._pins.values()
-                 if self._holds(h, tokens) is False]
-        results = await asyncio.gather(*(self._call(h, "PinPrefix", list(t)) for h, t in sends))
-        for result in results:
+        now = time.monotonic()
+        sends = [(h, pin, tokens) for h in self._targets() for pin, (tokens, _) in self._pins.items()
+                 if self._holds(h, tokens) is False and self._retry_at.get((h.state.id, pin), 0.0) <= now]
+        results = await asyncio.gather(*(self._call(h, "PinPrefix", list(t)) for h, _, t in sends))
+        for (_, pin, _), result in zip(sends, results):
             if result.ok:
-                log.info("re-pinned a prefix on %s %s (its status lacked it)", result.role, result.worker)
+                self._retry_at.pop((result.worker, pin), None)
+                log.info("re-pinned %s on %s %s (its status lacked it)", pin, result.role, result.worker)
             else:
-                log.debug("re-pinning on %s failed: %s", result.worker, result.error)
+                self._retry_at[(result.worker, pin)] = now + RETRY_AFTER_S
+                log.warning("re-pinning %s on %s failed (next try in %g s): %s", pin, result.worker,
+                            RETRY_AFTER_S, result.error)
         return len(sends)
 
     def start(self) -> None:
