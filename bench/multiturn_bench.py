@@ -196,6 +196,8 @@ def report(workload: Workload, results: list[ModeResult], command: str) -> None:
     same = all(o == outputs[0] for o in outputs[1:])
     print(f"outputs identical across modes: {'yes' if same else 'NO'} "
           f"({len(outputs[0])} replies of {workload.output_len} tokens)")
+    print("prefill tokens computed and prefix-hit tokens are summed over the workers (a remote prefill counts "
+          "the hits of its decode and its prefill worker both); TTFT is from sending a turn to its first token")
     print("cluster start (s): " + ", ".join(f"{r.mode} {r.start_s:.1f}" for r in results))
 
 
