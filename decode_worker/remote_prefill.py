@@ -138,7 +138,8 @@ class RemotePrefiller:
         return await stub.Prefill(pb.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,
             sampling=request.sampling, destination=destination, images=request.images,
-            output_token_ids=request.resume_token_ids), timeout=self.runtime.config.prefill_timeout_s,
+            output_token_ids=request.resume_token_ids, pin_prefix_tokens=request.pin_prefix_tokens),
+            timeout=self.runtime.config.prefill_timeout_s,
             metadata=span.metadata())
 
     def _channel(self, address: str) -> grpc.aio.Channel:

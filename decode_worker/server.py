@@ -9,6 +9,10 @@ stream (client gone) aborts the request here and cancels the prefill call.
 A request migrated from a failed decode worker (`resume_token_ids`) goes the same way
 with prompt + the tokens it already streamed: their KV is computed here or by a prefill
 worker, and only the tokens after them are sent.
+
+A turn of a session (`session_id`) starts from the KV the session's last turn left here
+(engine/sessions.py): only the tokens after it count as uncached, so a short follow-up
+is prefilled here and a long one reserves (and receives) only its new pages.
 """
 from __future__ import annotations
 
@@ -24,11 +28,13 @@ from engine.engine import RemoteReservation, StepOutput
 from engine.errors import InvalidRequestError
 from engine.multimodal import ImageInput, check_images
 from engine.sampling_params import SamplingParams
+from engine.sessions import check_session_id
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from proto import tracing
 from proto.convert import FINISH_REASONS, images_from_proto, logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
+from worker.pins import check_pin_count
 from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -67,6 +73,9 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             await async_engine.run(self.engine.validate, prompt, params)
             if not rid:
                 raise InvalidRequestError("request_id is required")
+            if request.session_id:
+                check_session_id(request.session_id)
+            check_pin_count(request.pin_prefix_tokens, len(prompt))
             images = images_from_proto(request.images)
             info = self.engine.multimodal
             check_images(prompt, images, info.image_token_id if info else None)
@@ -101,11 +110,13 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         preemption); KV of image tokens from a prefill worker needs no embeddings.
         `resumed`: a migrated request's output so far, computed with the prompt.
         Returns the remote prefill attempts made."""
-        rid = request.request_id
+        rid, session = request.request_id, request.session_id
         run = self.runtime.async_engine.run
         attempts: list[pb.PrefillAttempt] = []
+        if request.pin_prefix_tokens:  # (no engine-thread hop for the usual request)
+            await run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
         if await self._prefill_remotely(request, prompt, images, resumed):
-            reservation = await self._reserve(prompt, params, rid, images, resumed)
+            reservation = await self._reserve(prompt, params, rid, images, resumed, session)
             outcome = await self.prefiller.run(request, reservation, span)
             attempts = outcome.attempts
             if outcome.first is not None:
@@ -114,7 +125,8 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 return attempts
             await run(self.engine.abort_request, rid)  # every prefill failed: do it here
         span.event("local_prefill")
-        await run(self.engine.add_request, prompt, params, rid, images=images, output_token_ids=resumed)
+        await run(self.engine.add_request, prompt, params, rid, images=images, output_token_ids=resumed,
+                  session_id=session)
         return attempts
 
     async def _prefill_remotely(self, request: pb.DecodeRequest, prompt: list[int],
@@ -126,20 +138,21 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         if request.force_remote_prefill:
             return True
         tokens = prompt + resumed
-        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, tokens, images)
+        cached = await self.runtime.async_engine.run(self.engine.cached_prefix_tokens, tokens, images,
+                                                     request.session_id)
         if any(image.end > cached for image in images):
             return True
         return len(tokens) - cached >= self.runtime.config.local_prefill_threshold
 
     async def _reserve(self, prompt: list[int], params: SamplingParams, rid: str,
-                       images: list[ImageInput], resumed: list[int]) -> RemoteReservation:
+                       images: list[ImageInput], resumed: list[int], session: str) -> RemoteReservation:
         """Wait (bounded) until the pool has pages for the whole prompt."""
         deadline = asyncio.get_running_loop().time() + self.runtime.config.prefill_timeout_s
         while True:
             # The images keep their bytes: should this request be preempted and its image
             # pages evicted, the recompute encodes them here.
             reservation = await self.runtime.async_engine.run(
-                self.engine.reserve_remote, prompt, params, rid, images, resumed)
+                self.engine.reserve_remote, prompt, params, rid, images, resumed, session)
             if reservation is not None:
                 return reservation
             if asyncio.get_running_loop().time() > deadline:
@@ -159,6 +172,22 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
     async def FlushCache(self, request: pb.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> pb.FlushCacheResponse:
         return pb.FlushCacheResponse(pages_freed=await self.runtime.async_engine.run(self.engine.free_cache))
+
+    async def CloseSession(self, request: pb.CloseSessionRequest,
+                           context: grpc.aio.ServicerContext) -> pb.CloseSessionResponse:
+        try:
+            check_session_id(request.session_id)
+        except InvalidRequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        found = await self.runtime.async_engine.run(self.engine.close_session, request.session_id)
+        return pb.CloseSessionResponse(found=found)
+
+    async def PinPrefix(self, request: pb.PinPrefixRequest, context: grpc.aio.ServicerContext) -> pb.PinPrefixResponse:
+        return await self.runtime.pins.pin(request, context)
+
+    async def UnpinPrefix(self, request: pb.PinPrefixRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PinPrefixResponse:
+        return await self.runtime.pins.unpin(request, context)
 
 
 def _responses(out: StepOutput) -> list[pb.DecodeResponse]:

@@ -43,6 +43,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--no-prefix-cache", action="store_true")
+    parser.add_argument("--max-pinned-fraction", type=float, default=0.25,
+                        help="share of the KV page pool that pinned prefixes may take")
     parser.add_argument("--attention-backend", default="torch", help="torch (reference) or triton (GPU)")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="capture decode batches in CUDA graphs (needs --device cuda --attention-backend triton)")
@@ -58,6 +60,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 page_size=args.page_size, num_pages=args.num_pages,
                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                 max_model_len=args.max_model_len, enable_prefix_cache=not args.no_prefix_cache,
+                max_pinned_fraction=args.max_pinned_fraction,
                 attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                 overlap_schedule=args.overlap_schedule,
                 triton_kernels=False if args.no_triton_kernels else None)

@@ -31,7 +31,8 @@ def worker_config(args: argparse.Namespace) -> WorkerConfig:
         encode_max_batch=args.encode_max_batch, embedding_slots=args.embedding_slots,
         embedding_cache_mb=args.embedding_cache_mb, engine_options=engine_options(args),
         cluster_token=cluster_token_from(args.cluster_token), router_ca=args.router_ca,
-        max_queued_requests=args.max_queued_requests)
+        max_queued_requests=args.max_queued_requests, max_sessions=args.max_sessions,
+        session_idle_timeout_s=args.session_idle_timeout_s)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -252,6 +252,10 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
                     dest="transfer_option", help="backend config field for every worker (repeatable)")
     up.add_argument("--policy", default=None, help="router policy")
     up.add_argument("--local-prefill-threshold", type=int, default=None)
+    up.add_argument("--max-sessions", type=int, default=None,
+                    help="sessions whose KV each decode worker keeps (its --max-sessions)")
+    up.add_argument("--session-idle-timeout", type=float, default=None,
+                    help="seconds after its last turn that the router and the decode workers let a session go")
     up.add_argument("--log-dir", default=None, help="write each process's log here")
     up.add_argument("--autoscale", action="append", default=[], metavar="POOL=MIN:MAX",
                     help="let the router scale POOL between MIN and MAX workers (repeatable)")
@@ -268,7 +272,8 @@ def add_up_command(sub: argparse._SubParsersAction) -> None:
 def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
     flags = ["--load-format", args.load_format, "--device", args.device, "--page-size", str(args.page_size),
              "--num-pages", str(args.num_pages), "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-             "--max-num-seqs", str(args.max_num_seqs), "--attention-backend", args.attention_backend]
+             "--max-num-seqs", str(args.max_num_seqs), "--attention-backend", args.attention_backend,
+             "--max-pinned-fraction", str(args.max_pinned_fraction)]
     if args.dtype:
         flags += ["--dtype", args.dtype]
     if args.max_model_len:
@@ -297,7 +302,8 @@ def _up(args: argparse.Namespace) -> int:
                        port=args.port, grpc_port=args.grpc_port, model=model, transfer=args.transfer,
                        transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
-                       log_dir=args.log_dir, router_args=_router_flags(args), **_secrets_from_env())
+                       decode_args=_session_flags(args, decode=True), log_dir=args.log_dir,
+                       router_args=(*_session_flags(args, decode=False), *_router_flags(args)), **_secrets_from_env())
     _check_autoscale(args)
     if args.ray:
         try:
@@ -349,6 +355,16 @@ def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def _session_flags(args: argparse.Namespace, decode: bool) -> tuple[str, ...]:
+    """`epd up`'s session options as the decode workers' (or the router's) flags."""
+    flags = []
+    if args.session_idle_timeout is not None:
+        flags += ["--session-idle-timeout", str(args.session_idle_timeout)]
+    if decode and args.max_sessions is not None:
+        flags += ["--max-sessions", str(args.max_sessions)]
+    return tuple(flags)
 
 
 def _router_flags(args: argparse.Namespace) -> tuple[str, ...]:

@@ -198,6 +198,12 @@ class EngineConfig:
     max_num_seqs: int = 64  # running requests at most
     max_model_len: int | None = None  # defaults to the model's max_position_embeddings
     enable_prefix_cache: bool = True
+    # Pinned prefixes (system prompts, tool definitions) may take at most this share of
+    # the page pool; sessions (engine/sessions.py) keep at most max_sessions turns' KV,
+    # each for session_idle_timeout_s without a new turn. Both need the prefix cache.
+    max_pinned_fraction: float = 0.25
+    max_sessions: int = 1024
+    session_idle_timeout_s: float = 300.0
     device: str = "cpu"
     dtype: str | None = None  # overrides config.json's dtype
     load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
@@ -228,6 +234,12 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.max_pinned_fraction, (int, float)) or not 0 <= self.max_pinned_fraction <= 1:
+            raise ConfigError(f"max_pinned_fraction must be in [0, 1], got {self.max_pinned_fraction!r}")
+        if not isinstance(self.max_sessions, int) or self.max_sessions < 0:
+            raise ConfigError(f"max_sessions must be a non-negative integer, got {self.max_sessions!r}")
+        if not self.session_idle_timeout_s > 0:
+            raise ConfigError(f"session_idle_timeout_s must be > 0, got {self.session_idle_timeout_s!r}")
         if self.load_format not in ("auto", "dummy"):
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):

@@ -22,10 +22,12 @@ from engine.loader import load_model
 from engine.model_path import resolve_model_path
 from engine.model_runner import ModelRunner
 from engine.multimodal import ImageInput, MultimodalInfo, cache_keys, check_images, read_multimodal_info
+from engine.radix_cache import PinError
 from engine.request import Request, RequestStatus, TokenLogprob
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
+from engine.sessions import check_session_id
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
@@ -147,7 +149,8 @@ class Engine:
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None, hold_pages: bool = False,
-                    images: Sequence[ImageInput] = (), output_token_ids: Sequence[int] = ()) -> str:
+                    images: Sequence[ImageInput] = (), output_token_ids: Sequence[int] = (),
+                    session_id: str = "") -> str:
         """Validate and queue a request; raises InvalidRequestError and queues nothing
         when the input is bad. `hold_pages`: keep the pages after finishing until
         `release_held` (the prefill role ships them first). `images`: the prompt's
@@ -155,8 +158,11 @@ class Engine:
         embedding are encoded here by this engine's vision tower. `output_token_ids`:
         a migrated request's output so far; the engine computes prompt + output and
         continues with output token number len(output_token_ids) (`resumed_finish`
-        first: an output that already ends the request is refused here)."""
+        first: an output that already ends the request is refused here). `session_id`:
+        start from that session's kept KV, and keep this turn's for the next one."""
+        session_id = check_session_id(session_id) if session_id else ""
         request = self._new_request(prompt, params, request_id, images, encode=True, output_token_ids=output_token_ids)
+        request.session_id = session_id
         request.hold_pages = hold_pages
         self.scheduler.add(request)
         return request.request_id
@@ -247,13 +253,16 @@ class Engine:
         return request
 
     def reserve_remote(self, prompt: list[int], params: SamplingParams, request_id: str,
-                       images: Sequence[ImageInput] = (),
-                       output_token_ids: Sequence[int] = ()) -> RemoteReservation | None:
+                       images: Sequence[ImageInput] = (), output_token_ids: Sequence[int] = (),
+                       session_id: str = "") -> RemoteReservation | None:
         """Reserve pages for a prompt prefilled elsewhere; None when pages are short now
         (nothing is kept then: try again later). `images` key the prefix cache; they
         need no embeddings (those are encoded only if a recompute ever needs them).
-        `output_token_ids` (a migrated request): their KV comes from elsewhere too."""
+        `output_token_ids` (a migrated request): their KV comes from elsewhere too.
+        `session_id`: the session's kept KV is restored first; only the rest is reserved."""
+        session_id = check_session_id(session_id) if session_id else ""
         request = self._new_request(prompt, params, request_id, images, output_token_ids=output_token_ids)
+        request.session_id = session_id
         if not self.scheduler.reserve_prompt(request):
             self.requests.pop(request_id)
             self.counters.requests_total -= 1
@@ -270,12 +279,17 @@ class Engine:
         self.scheduler.resume(request)
         return self._append_token(request, first_token, logprob)
 
-    def cached_prefix_tokens(self, prompt: list[int], images: Sequence[ImageInput] = ()) -> int:
-        """Prompt tokens the local prefix cache would serve (nothing is held)."""
-        cache = self.scheduler.cache
+    def cached_prefix_tokens(self, prompt: list[int], images: Sequence[ImageInput] = (),
+                             session_id: str = "") -> int:
+        """Prompt tokens the local prefix cache (or the session's kept KV) would serve
+        (nothing is held)."""
+        cache, sessions = self.scheduler.cache, self.scheduler.sessions
         if cache is None:
             return 0
         keys = cache_keys(prompt, images) if images else prompt
+        restored = sessions.restored_tokens(session_id, keys) if session_id and sessions is not None else None
+        if restored is not None:
+            return restored
         match = cache.match(keys[:-1])
         cache.unlock(match.nodes)
         return match.num_pages * self.config.page_size
@@ -297,6 +311,36 @@ class Engine:
         request.finish_reason = "abort"
         self.scheduler.finish(request)
         return True
+
+    # -- sessions and pinned prefixes -------------------------------------------------
+
+    def close_session(self, session_id: str) -> bool:
+        """Release a session's kept KV; False if it kept none here."""
+        sessions = self.scheduler.sessions
+        return sessions is not None and sessions.close(check_session_id(session_id))
+
+    def expire_sessions(self) -> int:
+        """Release the sessions idle for longer than `session_idle_timeout_s`."""
+        sessions = self.scheduler.sessions
+        return sessions.expire() if sessions is not None else 0
+
+    def pin_prefix(self, token_ids: list[int]) -> int:
+        """Pin the full pages of `token_ids` in the prefix cache (now, or as they land);
+        returns the pages the pin adds. PinError: over the cap, or under a page."""
+        cache = self.scheduler.cache
+        if cache is None:
+            raise PinError("the prefix cache is off on this worker: nothing can be pinned")
+        tokens = self.tokenize_prompt(token_ids)
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        return cache.pin(tokens)
+
+    def unpin_prefix(self, token_ids: list[int]) -> bool:
+        """Drop the pin of exactly this prefix; False if there was none."""
+        cache = self.scheduler.cache
+        return cache is not None and cache.unpin(self.tokenize_prompt(token_ids))
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or (self.overlap is not None and self.overlap.busy)
@@ -407,9 +451,10 @@ class Engine:
         return self.scheduler.accounting()
 
     def check_page_invariants(self) -> PageAccounting:
-        """Every page is exactly one of: free, cached, or held by one running request."""
+        """Every page is exactly one of: free, cached, held by one running request, or
+        held by one session (its partial last page)."""
         acct = self.scheduler.accounting()
-        if acct.free + acct.cached + acct.held_by_requests != acct.total:
+        if acct.free + acct.cached + acct.held_by_requests + acct.held_by_sessions != acct.total:
             raise AssertionError(f"page accounting broken: {acct}")
         return acct
 

@@ -63,7 +63,11 @@ class _Node:
 
 
 class PinError(ValueError):
-    """A pin the cache cannot take (over the cap, or shorter than one page)."""
+    """A pin the cache cannot take: over the cap (`over_cap`), or shorter than one page."""
+
+    def __init__(self, message: str, over_cap: bool = False) -> None:
+        super().__init__(message)
+        self.over_cap = over_cap
 
 
 @dataclass
@@ -118,6 +122,10 @@ class RadixCache:
     def resident_pinned_pages(self) -> int:
         return sum(1 for h in self._pinned_hashes if h in self._nodes_by_hash)
 
+    def pin_tails(self) -> list[int]:
+        """The last page hash of each pinned prefix (names the pins, for status)."""
+        return [pin.hashes[-1] for pin in self._pins.values()]
+
     def match(self, tokens: list[int], priority: int | None = None) -> PrefixMatch:
         """Longest cached prefix of `tokens` in full pages, with a reference on each node.
         `priority`: the user's (None, e.g. a peek, leaves each node's as it is)."""
@@ -147,7 +155,24 @@ class RadixCache:
     def insert(self, tokens: list[int], pages: list[int], priority: int = 0) -> list[int]:
         """Cache the full pages of `tokens` held in `pages`; return the pages the caller
         must free because the cache already held the same tokens in another page."""
-        node, duplicates, stored = self._root, [], []
+        return self._insert(tokens, pages, priority)[0]
+
+    def insert_held(self, tokens: list[int], pages: list[int], priority: int = 0) -> tuple[list[int], list[_Node]]:
+        """`insert`, then a reference on every node of the path (a session keeps them):
+        (pages the caller must free, the nodes now held, to release through `unlock`)."""
+        duplicates, path = self._insert(tokens, pages, priority)
+        for n in path:
+            self._ref(n)
+        return duplicates, path
+
+    def touch_pins(self, nodes: list[_Node]) -> None:
+        """Count a use of `nodes` (taken without `match`, e.g. a session's restore) for
+        the pins they cover."""
+        if nodes and self._pins:
+            self._touch_pins(nodes, next(self._clock))
+
+    def _insert(self, tokens: list[int], pages: list[int], priority: int) -> tuple[list[int], list[_Node]]:
+        node, duplicates, stored, path = self._root, [], [], []
         now = next(self._clock)
         for key, page in zip(self._page_keys(tokens), pages):
             child = node.children.get(key)
@@ -162,10 +187,11 @@ class RadixCache:
             elif child.page != page:
                 duplicates.append(page)
             child.last_access, child.priority = now, priority
+            path.append(child)
             node = child
         if stored:
             self._events.append(KVEvent("stored", stored))
-        return duplicates
+        return duplicates, path
 
     def evict(self, count: int) -> list[int]:
         """Free up to `count` unheld pages: leaves by (priority, last use), lowest first;
@@ -203,7 +229,7 @@ class RadixCache:
             return 0
         if self.pinned_pages + len(added) > self.max_pinned_pages:
             raise PinError(f"pinning {len(added)} more page(s) would exceed the cap of "
-                           f"{self.max_pinned_pages} pinned pages ({self.pinned_pages} pinned)")
+                           f"{self.max_pinned_pages} pinned pages ({self.pinned_pages} pinned)", over_cap=True)
         self._pins[hashes] = _Pin(hashes, next(self._clock))
         for h in hashes:
             self._pinned_hashes[h] += 1

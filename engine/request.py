@@ -49,6 +49,9 @@ class Request:
     # Prefill role: when the request finishes, keep its pages (out of the scheduler)
     # until the owner has shipped them and calls Engine.release_held.
     hold_pages: bool = False
+    # Decode role: the session this request is a turn of ("" for none); its KV stays
+    # with the session when it finishes (engine/sessions.py).
+    session_id: str = ""
     # Images of the prompt, in prompt order, each with its embedding (or only its hash
     # where the KV comes from elsewhere). The prefix cache sees `prompt_cache_keys`:
     # the prompt with image positions keyed by image hash (the prompt itself if none).

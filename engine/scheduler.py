@@ -6,6 +6,10 @@ decoding request, a chunk for one still in prefill), then admits waiting request
 the token budget, `max_num_seqs` and free pages allow. When pages run out for a running
 request, the most recently admitted request is preempted: its computed full pages go
 to the prefix cache (so the recompute is mostly cache hits) and it waits again.
+
+A request of a session (`Request.session_id`) leaves its KV attached to the session when
+it finishes, and the session's next turn starts from it (engine/sessions.py); holds are
+released before any request waits for pages or is preempted.
 """
 from __future__ import annotations
 
@@ -17,6 +21,11 @@ from engine.config import EngineConfig
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.request import Request, RequestStatus
+from engine.sessions import SessionStore
+
+# A session keeps the KV of a turn that ended normally; an aborted or failed one gives
+# its pages back as usual.
+_HOLD_REASONS = ("stop", "length")
 
 
 class PageAccounting(NamedTuple):
@@ -25,6 +34,7 @@ class PageAccounting(NamedTuple):
     cached: int  # held by the radix cache (some may also be in use by requests)
     evictable: int  # cached and unreferenced
     held_by_requests: int  # in requests' page tables and not in the cache
+    held_by_sessions: int = 0  # sessions' partial last pages (their full pages are cached)
 
 
 class _RunningScheduled(NamedTuple):
@@ -37,7 +47,11 @@ class Scheduler:
         self.config = config
         self.page_size = config.page_size
         self.pool = PagePool(config.num_pages)
-        self.cache = RadixCache(config.page_size) if config.enable_prefix_cache else None
+        self.cache: RadixCache | None = None
+        self.sessions: SessionStore | None = None  # needs the cache: holds are paths of it
+        if config.enable_prefix_cache:
+            self.cache = RadixCache(config.page_size, int(config.max_pinned_fraction * config.num_pages))
+            self.sessions = SessionStore(self.pool, self.cache, config.max_sessions, config.session_idle_timeout_s)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         # Out of the batch but holding pages: KV arriving from a remote prefill, or a
@@ -66,9 +80,13 @@ class Scheduler:
         return Batch(scheduled)
 
     def finish(self, request: Request) -> None:
-        """Release a request's pages (cached where possible), wherever it is."""
+        """Release a request's pages (cached where possible), wherever it is; a session's
+        request that ended normally leaves them to its session instead."""
         self._detach(request)
-        self._release(request)
+        held = (request.session_id and self.sessions is not None and request.finish_reason in _HOLD_REASONS
+                and self.sessions.hold(request))
+        if not held:
+            self._release(request)
         request.status = RequestStatus.FINISHED
 
     def park(self, request: Request) -> None:
@@ -119,7 +137,8 @@ class Scheduler:
         evictable = self.cache.evictable_pages if self.cache else 0
         holders = [*self.running, *self.parked.values()]
         held = sum(len(r.pages) - len(r.prefix_nodes) for r in holders)
-        return PageAccounting(self.pool.total_pages, self.pool.free_pages, cached, evictable, held)
+        sessions = self.sessions.held_pages if self.sessions else 0
+        return PageAccounting(self.pool.total_pages, self.pool.free_pages, cached, evictable, held, sessions)
 
     # -- internals ---------------------------------------------------------------------
 
@@ -182,10 +201,12 @@ class Scheduler:
     def _match_prefix(self, request: Request) -> None:
         if self.cache is None or request.pages:
             return
-        # At least the last token is recomputed: its logits produce the next token.
-        match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1], request.params.priority)
-        request.pages, request.prefix_nodes = list(match.pages), match.nodes
-        request.num_computed_tokens = match.num_pages * self.page_size
+        restored = bool(request.session_id) and self.sessions is not None and self.sessions.restore(request)
+        if not restored:
+            # At least the last token is recomputed: its logits produce the next token.
+            match = self.cache.match(request.cache_token_ids[: request.num_tokens - 1], request.params.priority)
+            request.pages, request.prefix_nodes = list(match.pages), match.nodes
+            request.num_computed_tokens = match.num_pages * self.page_size
         if request.num_preemptions == 0 and len(request.output_token_ids) == request.num_resumed_tokens:
             # First admission (a resumed request's too): the prompt tokens the cache served.
             request.num_cached_tokens = min(request.num_computed_tokens, request.num_prompt_tokens)
@@ -198,6 +219,10 @@ class Scheduler:
         shortfall = count - self.pool.free_pages
         if shortfall > 0 and self.cache is not None:
             self.pool.free(self.cache.evict(shortfall))
+            # Still short: session holds go (least recently used first) before the
+            # caller makes a request wait or preempts one.
+            while self.pool.free_pages < count and self.sessions is not None and self.sessions.release_oldest():
+                self.pool.free(self.cache.evict(count - self.pool.free_pages))
         return self.pool.free_pages >= count
 
     def _grow(self, request: Request, count: int) -> None:

@@ -27,6 +27,7 @@ from prefill_worker.ship_stats import ShipStats
 from prefill_worker.images import ImageFetcher
 from proto.convert import images_from_proto, logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
+from worker.pins import check_pin_count
 from worker.runtime import KV_REGION, WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,7 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             await self.runtime.async_engine.run(self.engine.validate_resume, prompt,
                                                 _first_only(params, outputs), outputs)
             self._check_destination(request.destination, len(prompt) + len(outputs))
+            check_pin_count(request.pin_prefix_tokens, len(prompt))
             images = images_from_proto(request.images)
             info = self.engine.multimodal
             check_images(prompt, images, info.image_token_id if info else None)
@@ -121,6 +123,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         except TransferError as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
         job = ShipJob(rid, len(prompt) + len(outputs), request.destination, peer, request.destination.start_page)
+        if request.pin_prefix_tokens:
+            await self.runtime.async_engine.run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
         if images and self.images is not None:
             images = await self.images.fetch(rid, list(request.images), images, span)
         self.ship_stats.seen(peer.descriptor.address)
@@ -214,6 +218,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
     async def FlushCache(self, request: pb.FlushCacheRequest,
                          context: grpc.aio.ServicerContext) -> pb.FlushCacheResponse:
         return pb.FlushCacheResponse(pages_freed=await self.runtime.async_engine.run(self.engine.free_cache))
+
+    async def PinPrefix(self, request: pb.PinPrefixRequest, context: grpc.aio.ServicerContext) -> pb.PinPrefixResponse:
+        return await self.runtime.pins.pin(request, context)
+
+    async def UnpinPrefix(self, request: pb.PinPrefixRequest,
+                          context: grpc.aio.ServicerContext) -> pb.PinPrefixResponse:
+        return await self.runtime.pins.unpin(request, context)
 
     def _drop(self, request_id: str) -> None:
         """Engine thread: give back held pages, or abort a prefill still running."""

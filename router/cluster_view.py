@@ -21,7 +21,8 @@ CLUSTER_FIELDS = ("kv_pages_total", "kv_pages_free", "running", "waiting", "pref
                   "kv_pages_cached", "prefix_hit_tokens_total", "queued_prefill_tokens",
                   "images_encoded_total", "embedding_cache_hits_total", "queued_images",
                   "embedding_bytes_sent_total", "embedding_bytes_received_total",
-                  "embedding_slots_free", "embedding_slots_total")
+                  "embedding_slots_free", "embedding_slots_total", "sessions_open", "session_restores_total",
+                  "session_restored_tokens_total", "pinned_pages", "pinned_pages_resident")
 # Counters turned into per-second rates: (field, rate name).
 RATE_FIELDS = (("kv_bytes_sent_total", "kv_bytes_sent_per_s"), ("kv_bytes_received_total", "kv_bytes_received_per_s"),
                ("prefill_tokens_total", "prefill_tokens_per_s"), ("requests_total", "requests_per_s"),
@@ -132,7 +133,7 @@ class ClusterView:
         service = self.service
         counts = service.metrics.totals()
         return {"requests": service.metrics.outcomes(), "running": service.admission.running,
-                "queued": service.admission.queued, **counts,
+                "queued": service.admission.queued, "sessions_open": len(service.sessions), **counts,
                 "prefix_cache_hit_rate": _ratio(counts["prefix_cache_hit_tokens_total"], counts["prompt_tokens_total"])}
 
     def _errors(self) -> list[dict[str, Any]]:
@@ -156,4 +157,7 @@ def _pool(workers: list[dict[str, Any]]) -> dict[str, Any]:
             "waiting": sum(w["waiting"] for w in workers), "kv_pages_total": total, "kv_pages_used": used,
             "kv_page_utilization": _ratio(used, total), "prefix_cache_hit_rate": _ratio(hits, hits + computed),
             "queued_prefill_tokens": sum(w["queued_prefill_tokens"] for w in workers),
-            "queued_images": sum(w["queued_images"] for w in workers), "rates": rates}
+            "queued_images": sum(w["queued_images"] for w in workers),
+            "sessions_open": sum(w["sessions_open"] for w in workers),
+            "session_restores_total": sum(w["session_restores_total"] for w in workers),
+            "pinned_pages": max((w["pinned_pages"] for w in workers), default=0), "rates": rates}

@@ -54,6 +54,9 @@ class RouterConfig:
     breaker_failures: int = 3              # failures in a row that open a worker's circuit breaker
     breaker_cooldown: float = 5.0          # open this long, then one probe call (router/breaker.py)
     retry_after: float = 1.0               # seconds in Retry-After (HTTP) / retry-after (gRPC) of a 429
+    # Sessions (router/sessions.py): a session's turns stay on its decode (and prefill) worker.
+    max_sessions: int = 65536              # sessions remembered; the least recently used is forgotten
+    session_idle_timeout: float = 300.0    # a session is forgotten this long after its last turn
     first_token_timeout: float = 120.0     # decode stream: until the first token
     token_timeout: float = 60.0            # decode stream: between two later messages
     request_timeout: float = 3600.0        # deadline of one decode stream
@@ -150,6 +153,10 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a breaker stays open before one probe call")
     add("--retry-after", type=float, default=d.retry_after,
         help="seconds a refused (429 / RESOURCE_EXHAUSTED) client is told to wait")
+    add("--max-sessions", type=int, default=d.max_sessions,
+        help="sessions whose turns the router keeps on their workers (least recently used forgotten first)")
+    add("--session-idle-timeout", type=float, default=d.session_idle_timeout,
+        help="seconds after its last turn that a session is forgotten")
     add("--first-token-timeout", type=float, default=d.first_token_timeout)
     add("--token-timeout", type=float, default=d.token_timeout)
     add("--request-timeout", type=float, default=d.request_timeout)
@@ -241,7 +248,7 @@ def validate_config(config: RouterConfig) -> None:
     from router.policies import policy_names
     if config.policy not in policy_names():
         raise ValueError(f"unknown policy {config.policy!r}; choose one of {policy_names()}")
-    for name in ("max_concurrent_requests", "max_request_bytes", "max_prefill_candidates",
+    for name in ("max_concurrent_requests", "max_request_bytes", "max_prefill_candidates", "max_sessions",
                  "max_image_bytes", "max_image_pixels", "max_encode_candidates"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1")
@@ -251,7 +258,7 @@ def validate_config(config: RouterConfig) -> None:
             raise ValueError(f"{name} must be >= 0")
     if config.breaker_failures < 1:
         raise ValueError("breaker_failures must be >= 1")
-    for name in ("migration_timeout", "breaker_cooldown", "retry_after", "first_token_timeout",
+    for name in ("migration_timeout", "breaker_cooldown", "retry_after", "first_token_timeout", "session_idle_timeout",
                  "token_timeout", "request_timeout", "health_timeout", "abort_timeout"):
         if not getattr(config, name) > 0:
             raise ValueError(f"{name} must be > 0")

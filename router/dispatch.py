@@ -12,6 +12,10 @@ open the decode stream, and keep the request alive across worker failures.
   uninterrupted output; seeded: the same draws). At most `max_migrations` times; a
   migrating request waits up to `migration_timeout` for a decode worker to take it.
 
+A turn of a session goes to the session's decode worker (its prefill worker first among
+the candidates) while they are routable; else where the policy says, and the session
+follows (router/sessions.py), its old decode worker told to drop the session's KV.
+
 Every worker call has a deadline; a stream the router stops reading early (client gone,
 stop string, Abort, a silent worker) is cancelled, and its decode worker is told to
 Abort as well, so an old stream never sends into a migrated one. Outcomes feed each
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, AsyncIterator, Protocol, Sequence
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Protocol, Sequence
 
 import grpc
 
@@ -35,6 +39,8 @@ from router.errors import NoHealthyWorkers, Overloaded, RouterError, WorkerFaile
 from router.plan import Plan
 from router.policies import RouteRequest, create_policy
 from router.registry import WorkerHandle, WorkerRegistry
+from router.sessions import SessionDirectory, SessionRoute
+from router.worker_state import WorkerState
 
 if TYPE_CHECKING:
     from router.metrics import RouterMetrics
@@ -89,10 +95,13 @@ def sampling_to_proto(params: SamplingParams) -> epd_pb2.SamplingParams:
 
 
 class Dispatcher:
-    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics) -> None:
+    def __init__(self, config: RouterConfig, registry: WorkerRegistry, metrics: RouterMetrics,
+                 sessions: SessionDirectory | None = None) -> None:
         self.config = config
         self.registry = registry
         self.metrics = metrics
+        self.sessions = sessions if sessions is not None else SessionDirectory(config.max_sessions,
+                                                                               config.session_idle_timeout)
         self.policy = create_policy(config.policy)
         self._background: set[asyncio.Task[None]] = set()
 
@@ -118,18 +127,31 @@ class Dispatcher:
         if not decode:
             raise NoHealthyWorkers("no healthy decode worker is available" if not exclude else
                                    f"no other healthy decode worker to retry on (tried {sorted(exclude)})")
-        chosen = self.policy.rank_decode(route, decode)[0]
+        session = self.sessions.get(route.session_id) if route.session_id else None
+        chosen = _pick(decode, session.decode_id if session else "") or self.policy.rank_decode(route, decode)[0]
         prefill = self.policy.rank_prefill(route, self.registry.routable("prefill"))
+        stuck = _pick(prefill, session.prefill_id if session else "")
+        if stuck is not None:  # the session's prefill worker first: its cache holds the history
+            prefill = [stuck, *(w for w in prefill if w is not stuck)]
         handles = [self.registry.get(w.id) for w in [chosen, *prefill[:self.config.max_prefill_candidates]]]
         if any(h is None for h in handles):
             raise NoHealthyWorkers("the worker set changed while routing; retry")
+        if session is not None:
+            self._follow(session, chosen.id, prefill[0].id if prefill else "")
         return Plan(handles[0], handles[1:], route, self.plan_encoders(num_images))
+
+    def _follow(self, session: SessionRoute, decode_id: str, prefill_id: str) -> None:
+        left = self.sessions.follow(session, decode_id, prefill_id)
+        if left:
+            self.metrics.session_moves.inc()
+            log.info("session %s moves from decode worker %s to %s", session.session_id, left, decode_id)
+            self.send_close_session(left, session.session_id)
 
     async def stream(self, request: GenerationRequest, active: AbortFlag) -> AsyncIterator[epd_pb2.DecodeResponse]:
         """The decode workers' responses for one request, as one stream: retried
         elsewhere before the first token, migrated after it (see the module docstring)."""
         keys = cache_keys(request.prompt_token_ids, request.images) if request.images else None
-        route = RouteRequest(request.prompt_token_ids, keys)
+        route = RouteRequest(request.prompt_token_ids, keys, request.session_id)
         progress = _Progress()
         while not active.aborted:
             plan = await self._next_plan(route, request, progress)
@@ -211,6 +233,7 @@ class Dispatcher:
             sampling=sampling_to_proto(request.params), resume_token_ids=resumed,
             prefill=[epd_pb2.PrefillCandidate(id=h.state.id, address=h.state.address) for h in plan.prefill],
             force_remote_prefill=self.config.force_remote_prefill,
+            session_id=request.session_id, pin_prefix_tokens=request.pin_prefix_tokens,
             images=[epd_pb2.ImageData(data=image.data, hash=image.hash, offset=image.offset,
                                       num_tokens=image.num_tokens,
                                       encoders=[epd_pb2.WorkerCandidate(id=h.state.id, address=h.state.address)
@@ -300,6 +323,38 @@ class Dispatcher:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
+    def send_close_session(self, decode_id: str, session_id: str) -> None:
+        """Tell a decode worker to drop a session's KV, in the background (best effort:
+        a dead worker holds nothing, a live one would release it on its own timeout)."""
+        handle = self.registry.get(decode_id)
+        if handle is not None:
+            self._background_call(handle.stub.CloseSession(epd_pb2.CloseSessionRequest(session_id=session_id),
+                                                           timeout=self.config.abort_timeout), decode_id)
+
+    async def close_session(self, decode_id: str, session_id: str) -> bool:
+        """Ask a decode worker to drop a session's KV; whether it held any (False also
+        when the worker cannot be reached: then it holds nothing we could free)."""
+        handle = self.registry.get(decode_id)
+        if handle is None:
+            return False
+        try:
+            reply = await handle.stub.CloseSession(epd_pb2.CloseSessionRequest(session_id=session_id),
+                                                   timeout=self.config.abort_timeout)
+        except grpc.aio.AioRpcError as exc:
+            log.info("closing session %s on %s: %s", session_id, decode_id, exc.code().name)
+            return False
+        return reply.found
+
+    def _background_call(self, call: Awaitable[object], worker: str) -> None:
+        async def run() -> None:
+            try:
+                await call
+            except grpc.aio.AioRpcError as exc:
+                log.debug("background call to %s: %s", worker, exc.code().name)
+        task = asyncio.ensure_future(run())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
     async def _abort(self, handle: WorkerHandle, request_id: str) -> None:
         try:
             await handle.stub.Abort(epd_pb2.AbortRequest(request_id=request_id), timeout=self.config.abort_timeout)
@@ -309,6 +364,11 @@ class Dispatcher:
     async def close(self) -> None:
         tasks = list(self._background)
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _pick(workers: Sequence[WorkerState], worker_id: str) -> WorkerState | None:
+    """The worker of that id among `workers` (routable ones), if any."""
+    return next((w for w in workers if w.id == worker_id), None) if worker_id else None
 
 
 class _Silence:

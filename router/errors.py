@@ -50,6 +50,32 @@ class ModelNotFound(RouterError):
     metric_label = "not_found"
 
 
+class SessionNotFound(RouterError):
+    """A session id the router does not know (never opened, closed, or expired)."""
+
+    http_status = 404
+    grpc_code = grpc.StatusCode.NOT_FOUND
+    error_type = "invalid_request_error"
+    code = "session_not_found"
+    metric_label = "not_found"
+
+
+class PinNotFound(SessionNotFound):
+    """A pin id the router does not know."""
+
+    code = "pin_not_found"
+
+
+class PinRefused(RouterError):
+    """A pin no worker could take: over every worker's pinned-page cap."""
+
+    http_status = 409
+    grpc_code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    error_type = "invalid_request_error"
+    code = "pin_cap_exceeded"
+    metric_label = "rejected"
+
+
 class RequestTooLarge(RouterError):
     http_status = 413
     grpc_code = grpc.StatusCode.INVALID_ARGUMENT

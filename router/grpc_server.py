@@ -13,6 +13,7 @@ from proto import epd_pb2, epd_pb2_grpc
 from router.errors import InvalidRequest, RouterError
 from router.registry import WorkerRegistry
 from router.service import Finish, GenerationRequest, RouterService, TokenDelta
+from router.sessions import parse_session_id
 
 log = logging.getLogger("router.grpc")
 
@@ -77,7 +78,9 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
         datas = service.images.load(list(request.images), param="images")
         prompt, images = service.images.expand(prompt, datas, param="images")
         request_id = request.request_id or service.new_request_id()
-        return service.prepare(request_id, prompt, sampling_options(request.sampling), images)
+        session = parse_session_id(request.session_id) if request.session_id else ""
+        return service.prepare(request_id, prompt, sampling_options(request.sampling), images, session,
+                               request.pin_prefix_tokens)
 
     async def Generate(self, request: epd_pb2.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[epd_pb2.GenerateResponse]:
@@ -103,6 +106,14 @@ class RouterServicer(epd_pb2_grpc.RouterServicer):
 
     async def Abort(self, request: epd_pb2.AbortRequest, context: grpc.aio.ServicerContext) -> epd_pb2.AbortResponse:
         return epd_pb2.AbortResponse(found=await self._service.abort(request.request_id))
+
+    async def CloseSession(self, request: epd_pb2.CloseSessionRequest,
+                           context: grpc.aio.ServicerContext) -> epd_pb2.CloseSessionResponse:
+        try:
+            await self._service.close_session(request.session_id)
+        except RouterError as exc:
+            await context.abort(exc.grpc_code, exc.message)
+        return epd_pb2.CloseSessionResponse(found=True)
 
     async def Health(self, request: epd_pb2.HealthRequest, context: grpc.aio.ServicerContext) -> epd_pb2.HealthResponse:
         registry = self._service.registry

@@ -25,18 +25,20 @@ from router.admission import Slot
 from router.admin import add_admin_routes
 from router.auth import AccessPolicy, install, require_metrics, require_user
 from router.errors import InvalidRequest, RouterError, WorkerFailed
+from router.sessions import parse_session_id
 from router.cluster_view import ClusterView
 from router.dashboard_page import DASHBOARD_HTML
 from router.metrics import CONTENT_TYPE
 from router.openapi import ERROR_RESPONSES, describe_bodies
 from router.openai_format import Choice, ResponseFormatter, error_body, sse_bytes, usage_body
-from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, chat_logprobs,
-                                    chat_max_tokens, chat_messages, check_body_size, completion_prompts,
-                                    parse_body, sampling_options, validate_model)
+from router.openai_protocol import (ChatCompletionRequest, CompletionRequest, PromptSpec, SamplingFields,
+                                    chat_logprobs, chat_max_tokens, chat_messages, check_body_size,
+                                    completion_prompts, parse_body, sampling_options, validate_model)
 from router.service import OFF_LOOP_BYTES, Finish, GenerationRequest, RouterService, TokenDelta
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+SESSION_HEADER = "X-Session-Id"
 
 def error_response(exc: RouterError) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=exc.http_status, headers=exc.http_headers())
@@ -51,6 +53,7 @@ class Job:
     first_of_prompt: list[bool]  # choice i is the first choice of its prompt (usage counts it)
     stream: bool
     include_usage: bool
+    session_id: str = ""  # echoed in the response's X-Session-Id header
 
 
 class Fanout:
@@ -137,6 +140,31 @@ class SingleStream:
         await self._events.aclose()
 
 
+def _session_id(req: SamplingFields, header: str | None, num_prompts: int) -> str:
+    """The request's session (from `session_id` or the X-Session-Id header; "" for
+    none). A session continues one conversation: one prompt, one choice."""
+    body = parse_session_id(req.session_id) if req.session_id is not None else None
+    given = parse_session_id(header, param=SESSION_HEADER) if header is not None else None
+    if body is not None and given is not None and body != given:
+        raise InvalidRequest(f"the {SESSION_HEADER} header ({given!r}) and session_id ({body!r}) differ",
+                             param="session_id")
+    session = body or given or ""
+    if session and req.n != 1:
+        raise InvalidRequest("a session continues one conversation: n must be 1", param="n")
+    if session and num_prompts != 1:
+        raise InvalidRequest("a session continues one conversation: send one prompt", param="prompt")
+    return session
+
+
+def _pin_count(value: int | str | None) -> int:
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        raise InvalidRequest(f'pin_prefix must be a token count (or "system" for chat messages), got {value!r}',
+                             param="pin_prefix")
+    return value
+
+
 def start_job(service: RouterService, requests: list[GenerationRequest]) -> Fanout | SingleStream:
     return SingleStream(service, requests[0]) if len(requests) == 1 else Fanout(service, requests)
 
@@ -201,53 +229,80 @@ class OpenAIServer:
         return ResponseFormatter(kind, f"{prefix}-{uuid.uuid4().hex}", self.service.model.name, int(time.time()),
                                  self.service.tokenizer, logprobs)
 
-    def _requests(self, formatter: ResponseFormatter, prompts: list[list[int]], n: int, seed: int | None,
-                  options: dict[str, Any], images: Sequence[ImageInput] = ()) -> tuple[list[GenerationRequest], list[bool]]:
+    def _requests(self, formatter: ResponseFormatter, prompts: list[list[int]], req: SamplingFields,
+                  options: dict[str, Any], images: Sequence[ImageInput] = (), session: str = "",
+                  pin: int = 0) -> tuple[list[GenerationRequest], list[bool]]:
         requests, first = [], []
         for p, prompt in enumerate(prompts):
-            for j in range(n):
-                choice_seed = None if seed is None else seed + j
-                index = p * n + j
+            for j in range(req.n):
+                choice_seed = None if req.seed is None else req.seed + j
+                index = p * req.n + j
                 requests.append(self.service.prepare(f"{formatter.response_id}-{index}", prompt,
-                                                     {**options, "seed": choice_seed}, images))
+                                                     {**options, "seed": choice_seed}, images, session, pin))
                 first.append(j == 0)
         return requests, first
 
-    def chat_job(self, body: dict[str, Any]) -> Job:
+    def chat_job(self, body: dict[str, Any], session_header: str | None = None) -> Job:
         req = validate_model(ChatCompletionRequest, body)
         self.service.check_model(req.model)
+        session = _session_id(req, session_header, 1)
         logprobs = chat_logprobs(req)
         options = sampling_options(req, chat_max_tokens(req), logprobs)
         messages, image_urls = chat_messages(req)
         datas = self.service.images.load(image_urls)  # checked before the template runs
         prompt = self.service.encode_chat(messages, req.add_generation_prompt, req.chat_template_kwargs)
+        pin = self._chat_pin(req, messages, prompt)
         prompt, images = self.service.images.expand(prompt, datas)
         formatter = self._formatter("chat", logprobs is not None)
-        requests, first = self._requests(formatter, [prompt], req.n, req.seed, options, images)
-        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        requests, first = self._requests(formatter, [prompt], req, options, images, session, pin)
+        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                   session)
 
-    def completion_job(self, body: dict[str, Any]) -> Job:
+    def _chat_pin(self, req: ChatCompletionRequest, messages: list[dict[str, Any]], prompt: list[int]) -> int:
+        if req.pin_prefix != "system":
+            return _pin_count(req.pin_prefix)
+        system = []
+        for message in messages:
+            if message["role"] not in ("system", "developer"):
+                break
+            system.append(message)
+        if not system:
+            raise InvalidRequest('pin_prefix "system" needs the conversation to start with a system message',
+                                 param="pin_prefix")
+        return self.service.shared_prefix(prompt, self.service.encode_chat(system, False, req.chat_template_kwargs))
+
+    def completion_job(self, body: dict[str, Any], session_header: str | None = None) -> Job:
         req = validate_model(CompletionRequest, body)
         self.service.check_model(req.model)
         options = sampling_options(req, req.max_tokens, req.logprobs)
         prompts = [self.service.images.expand(self._tokens(spec), [], "prompt")[0]
                    for spec in completion_prompts(req)]  # refuses image placeholders: no images here
+        session = _session_id(req, session_header, len(prompts))
         formatter = self._formatter("completion", req.logprobs is not None)
-        requests, first = self._requests(formatter, prompts, req.n, req.seed, options)
-        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage))
+        requests, first = self._requests(formatter, prompts, req, options, session=session,
+                                         pin=_pin_count(req.pin_prefix))
+        return Job(formatter, requests, first, req.stream, bool(req.stream_options and req.stream_options.include_usage),
+                   session)
 
     def _tokens(self, spec: PromptSpec) -> list[int]:
         return self.service.encode_text(spec.text) if spec.text is not None else list(spec.token_ids or [])
 
-    async def handle(self, request: Request, build: Callable[[dict[str, Any]], Job]) -> Response:
+    async def handle(self, request: Request, build: Callable[[dict[str, Any], str | None], Job]) -> Response:
+        session_header = request.headers.get(SESSION_HEADER)
         try:
             body = await self.read_body(request)
             # Image URLs may be fetched (blocking, bounded by a timeout): never on the loop.
             size = len(body) if b"image_url" not in body else OFF_LOOP_BYTES + 1
-            job = await self.service.off_loop(size, lambda: build(parse_body(body)))
+            job = await self.service.off_loop(size, lambda: build(parse_body(body), session_header))
         except RouterError as exc:
             self.service.record_error(exc)
             return error_response(exc)
+        response = await self._answer(request, job)
+        if job.session_id:
+            response.headers[SESSION_HEADER] = job.session_id
+        return response
+
+    async def _answer(self, request: Request, job: Job) -> Response:
         try:
             slot = await self.service.admit()
         except RouterError as exc:
@@ -309,6 +364,24 @@ class OpenAIServer:
         return JSONResponse(job.formatter.response(choices, usage))
 
 
+def add_session_routes(app: FastAPI, service: RouterService, guard: list[Any]) -> None:
+    """`POST /v1/sessions` (a new session, with an id made here), `GET` and `DELETE
+    /v1/sessions/{id}` (404 for one the router does not know)."""
+
+    @app.post("/v1/sessions", dependencies=guard)
+    async def create_session() -> dict[str, Any]:
+        return service.open_session().describe(service.sessions.clock())
+
+    @app.get("/v1/sessions/{session_id}", dependencies=guard)
+    async def get_session(session_id: str) -> dict[str, Any]:
+        return service.session(session_id).describe(service.sessions.clock())
+
+    @app.delete("/v1/sessions/{session_id}", dependencies=guard)
+    async def delete_session(session_id: str) -> dict[str, Any]:
+        route, released = await service.close_session(session_id)
+        return {"id": route.session_id, "object": "session", "deleted": True, "released_kv": released}
+
+
 def create_app(service: RouterService) -> FastAPI:
     app = FastAPI(title="epd-serve router", docs_url=None, redoc_url=None)
     install(app, AccessPolicy.from_config(service.config))
@@ -353,6 +426,7 @@ def create_app(service: RouterService) -> FastAPI:
     async def dashboard() -> HTMLResponse:
         return HTMLResponse(DASHBOARD_HTML, headers={"Cache-Control": "no-store"})
 
+    add_session_routes(app, service, user)
     add_admin_routes(app, service)
 
     @app.get("/metrics", dependencies=[Depends(require_metrics)])

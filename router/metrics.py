@@ -40,13 +40,16 @@ _WORKER_COUNTERS = (
     ("embedding_cache_hits", "embedding_cache_hits_total", "images served from the worker's embedding cache"),
     ("embedding_bytes_sent", "embedding_bytes_sent_total", "image embedding bytes the worker sent"),
     ("embedding_bytes_received", "embedding_bytes_received_total", "image embedding bytes the worker received"),
+    ("session_restores", "session_restores_total", "turns that started from their session's kept KV"),
+    ("session_restored_tokens", "session_restored_tokens_total", "prompt tokens session restores served"),
 )
 # (metric name, WorkerStatus field) of the gauges.
 _WORKER_GAUGES = (("kv_pages_capacity", "kv_pages_total"), ("kv_pages_free", "kv_pages_free"),
                   ("kv_pages_cached", "kv_pages_cached"), ("requests_running", "running"),
                   ("requests_waiting", "waiting"), ("queued_prefill_tokens", "queued_prefill_tokens"),
                   ("queued_images", "queued_images"), ("embedding_slots_free", "embedding_slots_free"),
-                  ("embedding_slots_capacity", "embedding_slots_total"))
+                  ("embedding_slots_capacity", "embedding_slots_total"), ("sessions_open", "sessions_open"),
+                  ("pinned_pages", "pinned_pages"), ("pinned_pages_resident", "pinned_pages_resident"))
 WORKER_PREFIX = "epd_router_worker_"
 
 
@@ -119,6 +122,11 @@ class RouterMetrics:
         self.migrations = Counter("epd_router_migrations",
                                   "requests resumed on another decode worker after tokens had streamed", m,
                                   registry=r).labels(model)
+        self.sessions_open = Gauge("epd_router_sessions_open", "sessions this router keeps on their workers", m,
+                                   registry=r).labels(model)
+        self.session_moves = Counter("epd_router_session_moves",
+                                     "session turns sent to another decode worker than the session's last one "
+                                     "(it was gone, unhealthy, full or failed)", m, registry=r).labels(model)
         self.running = Gauge("epd_router_requests_running", "requests holding a slot", m, registry=r).labels(model)
         self.queued = Gauge("epd_router_requests_queued", "requests waiting for a slot", m,
                             registry=r).labels(model)
@@ -137,7 +145,7 @@ class RouterMetrics:
         """Token counts so far, by their metric names without the prefix."""
         counters = (("prompt_tokens_total", self.prompt_tokens), ("generation_tokens_total", self.generation_tokens),
                     ("prefix_cache_hit_tokens_total", self.cached_tokens), ("decode_retries_total", self.retries),
-                    ("migrations_total", self.migrations))
+                    ("migrations_total", self.migrations), ("session_moves_total", self.session_moves))
         return {name: _value(counter) for name, counter in counters}
 
     def render(self) -> bytes:

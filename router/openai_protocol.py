@@ -68,6 +68,11 @@ class SamplingFields(_Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     priority: int = 0  # prefix-cache eviction: higher keeps its pages longer
+    # A turn of this session (router/sessions.py; also the X-Session-Id header), and how
+    # many leading prompt tokens to pin in the workers' caches ("system": chat's leading
+    # system messages).
+    session_id: str | None = None
+    pin_prefix: int | str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -27,8 +27,10 @@ OWNER_TABLE_SIZE = 4096
 class RouteRequest:
     """A prompt being routed, with its chained page hashes computed once per page size."""
 
-    def __init__(self, prompt_token_ids: Sequence[int], cache_keys: Sequence[int] | None = None) -> None:
+    def __init__(self, prompt_token_ids: Sequence[int], cache_keys: Sequence[int] | None = None,
+                 session_id: str = "") -> None:
         self.prompt_token_ids = list(prompt_token_ids)
+        self.session_id = session_id  # a turn of this session ("" for none): router/sessions.py
         # What the workers' prefix caches key on: the prompt, with image positions keyed
         # by image hash (engine.multimodal.cache_keys) when it has images.
         self.cache_keys = list(cache_keys) if cache_keys is not None else self.prompt_token_ids

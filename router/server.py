@@ -91,6 +91,7 @@ class RouterApp:
     async def start(self) -> None:
         self.monitor.start()
         self.autoscaler.start()
+        self.service.pins.start()
         if self.discovery is not None:
             self.discovery.start()
         self._grpc = grpc.aio.server(options=[*CHANNEL_OPTIONS, *SERVER_KEEPALIVE],
@@ -131,6 +132,7 @@ class RouterApp:
         if self._grpc is not None:
             await self._grpc.stop(grace)
         await self.autoscaler.stop()
+        await self.service.pins.stop()
         await self.service.pools.close()
         if self.discovery is not None:
             await self.discovery.stop()

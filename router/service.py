@@ -27,9 +27,12 @@ from router.detokenize import TextStream
 from router.dispatch import Dispatcher
 from router.plan import Plan
 from router.images import ImageLoader
-from router.errors import ContextLengthExceeded, InvalidRequest, ModelNotFound, RouterError, WorkerFailed
+from router.errors import (ContextLengthExceeded, InvalidRequest, ModelNotFound, RouterError, SessionNotFound,
+                           WorkerFailed)
 from router.metrics import RouterMetrics
+from router.pins import PinManager
 from router.registry import WorkerRegistry
+from router.sessions import SessionDirectory, SessionRoute, parse_session_id
 from router.autoscaler import RecentLatency
 from router.cluster_view import RecentErrors
 
@@ -65,6 +68,8 @@ class GenerationRequest:
     params: SamplingParams
     arrival: float = field(default_factory=time.monotonic)
     images: tuple[ImageInput, ...] = ()  # with their bytes, over expanded placeholders
+    session_id: str = ""  # a turn of this session (router/sessions.py); "" for none
+    pin_prefix_tokens: int = 0  # pin this many leading prompt tokens on the workers it reaches
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class RouterService:
         self.images = ImageLoader(config, multimodal)
         self.registry = registry
         self.pools: PoolManager | None = None  # set by RouterApp (router/pools.py)
+        self.pins = PinManager(registry, config)  # prefixes pinned through the admin API
         self.latency = RecentLatency(config.autoscale_window)  # what the autoscaler reads
         self.tokenizer = tokenizer
         self.model = model
@@ -122,7 +128,9 @@ class RouterService:
         self.admission = Admission(config.max_concurrent_requests, config.max_queued_requests, config.retry_after)
         metrics.running.set_function(lambda: self.admission.running)
         metrics.queued.set_function(lambda: self.admission.queued)
-        self.dispatcher = Dispatcher(config, registry, metrics)
+        self.sessions = SessionDirectory(config.max_sessions, config.session_idle_timeout)
+        metrics.sessions_open.set_function(lambda: len(self.sessions))
+        self.dispatcher = Dispatcher(config, registry, metrics, self.sessions)
         self._active: dict[str, _Active] = {}
         self._ids = itertools.count()
 
@@ -160,16 +168,30 @@ class RouterService:
             raise InvalidRequest(str(exc), param="messages") from exc
         return self.tokenizer.encode(text, add_special_tokens=False)
 
+    @staticmethod
+    def shared_prefix(prompt: list[int], prefix: list[int]) -> int:
+        """Leading tokens `prompt` shares with `prefix` (a rendered system prompt may end
+        in tokens that merge differently once more text follows)."""
+        n = min(len(prompt), len(prefix))
+        return n if prompt[:n] == prefix[:n] else next(i for i in range(n) if prompt[i] != prefix[i])
+
     def new_request_id(self, prefix: str = "req") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:16]}-{next(self._ids)}"
 
     def prepare(self, request_id: str, prompt_token_ids: Sequence[int], sampling: dict[str, Any],
-                images: Sequence[ImageInput] = ()) -> GenerationRequest:
+                images: Sequence[ImageInput] = (), session_id: str = "",
+                pin_prefix_tokens: int = 0) -> GenerationRequest:
         """Validate a prompt and sampling options (SamplingParams' fields; `max_tokens`
         None means the rest of the context) into a GenerationRequest. `images`: from
-        `self.images.expand`, over the prompt's expanded placeholders."""
+        `self.images.expand`, over the prompt's expanded placeholders. `session_id`
+        (checked already, see `parse_session_id`) and `pin_prefix_tokens`: see
+        GenerationRequest."""
         prompt = list(prompt_token_ids)
-        self._check_prompt(prompt)
+        self.check_prompt(prompt)
+        if isinstance(pin_prefix_tokens, bool) or not isinstance(pin_prefix_tokens, int) or not (
+                0 <= pin_prefix_tokens <= len(prompt)):
+            raise InvalidRequest(f"pin_prefix must be a token count in [0, {len(prompt)}] (the prompt's length), "
+                                 f"got {pin_prefix_tokens!r}", param="pin_prefix")
         options = dict(sampling)
         options["max_tokens"] = self._resolve_max_tokens(len(prompt), options.get("max_tokens"))
         try:
@@ -178,9 +200,10 @@ class RouterService:
             raise InvalidRequest(str(exc), param=_param_of(str(exc), options)) from exc
         except TypeError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-        return GenerationRequest(request_id, prompt, params, images=tuple(images))
+        return GenerationRequest(request_id, prompt, params, images=tuple(images), session_id=session_id,
+                                 pin_prefix_tokens=pin_prefix_tokens)
 
-    def _check_prompt(self, prompt: list[int]) -> None:
+    def check_prompt(self, prompt: list[int]) -> None:
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         vocab = self.model.vocab_size
@@ -234,6 +257,28 @@ class RouterService:
             self.dispatcher.send_abort(active.plan.decode_id, request_id)
         return True
 
+    # -- sessions --------------------------------------------------------------------
+
+    def session(self, session_id: str) -> SessionRoute:
+        """A known session (SessionNotFound otherwise)."""
+        route = self.sessions.get(parse_session_id(session_id))
+        if route is None:
+            raise SessionNotFound(f"no session {session_id!r}: never opened here, closed, or idle for longer "
+                                  f"than {self.config.session_idle_timeout:g} s", param="session_id")
+        return route
+
+    def open_session(self) -> SessionRoute:
+        """A new session with an id made here (clients may also pick their own)."""
+        return self.sessions.open(f"sess-{uuid.uuid4().hex}")
+
+    async def close_session(self, session_id: str) -> tuple[SessionRoute, bool]:
+        """Forget a session and release its KV on its decode worker; (its route,
+        whether the worker held KV for it)."""
+        route = self.session(session_id)
+        self.sessions.close(route.session_id)
+        released = bool(route.decode_id) and await self.dispatcher.close_session(route.decode_id, route.session_id)
+        return route, released
+
     # -- generation ------------------------------------------------------------------
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[Event]:
@@ -245,12 +290,16 @@ class RouterService:
         active = _Active()
         self._active[request.request_id] = active
         run = _Run(self, request, active)
+        if request.session_id:
+            self.sessions.open(request.session_id).turns += 1
         try:
             async with aclosing(run.events()) as events:
                 async for event in events:
                     yield event
         finally:
             self._active.pop(request.request_id, None)
+            if request.session_id:
+                self.sessions.touch(request.session_id)
 
 
 class _Run:

@@ -32,6 +32,10 @@ class WorkerConfig:
     transfer_timeout_s: float = 10.0
     prefill_timeout_s: float = 60.0
     local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
+    # Sessions (decode, engine/sessions.py): turns' KV kept at most for this many sessions
+    # (least recently used released first), each released after this long without a turn.
+    max_sessions: int = 1024
+    session_idle_timeout_s: float = 300.0
     heartbeat_interval_s: float = 1.0
     drain_timeout_s: float = 600.0  # SIGTERM or Drain: how long running requests may take to finish
     # Bounded queue: calls admitted beyond those the engine runs at once (max_num_seqs;
@@ -52,7 +56,9 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
-        for name in ("transfer_timeout_s", "prefill_timeout_s"):
+        if self.max_sessions < 0:
+            raise ValueError(f"--max-sessions must be >= 0, got {self.max_sessions}")
+        for name in ("transfer_timeout_s", "prefill_timeout_s", "session_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
@@ -90,6 +96,11 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
                         help="decode: prompts with fewer uncached tokens are prefilled locally")
+    parser.add_argument("--max-sessions", type=int, default=1024,
+                        help="decode: sessions whose last turn's KV is kept (least recently used released "
+                             "first; 0: none)")
+    parser.add_argument("--session-idle-timeout", type=float, default=300.0, dest="session_idle_timeout_s",
+                        help="decode: seconds a session's kept KV outlives its last turn")
     parser.add_argument("--encode-max-batch", type=int, default=32,
                         help="encode: images per vision-tower forward, at most")
     parser.add_argument("--embedding-slots", type=int, default=32,

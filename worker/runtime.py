@@ -27,6 +27,7 @@ from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
 from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, Sample,
                             families, status_samples)
+from worker.pins import Pins, pin_counts
 from worker.registration import deregister, register_loop
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ async def _maybe_await(value: Any) -> Any:
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
-        self.engine = Engine(config.model, EngineConfig(), **config.engine_options)
+        self.engine = Engine(config.model, EngineConfig(), **{
+            **config.engine_options, "max_sessions": config.max_sessions,
+            "session_idle_timeout_s": config.session_idle_timeout_s})
         self.async_engine = AsyncEngine(self.engine)
         # "none": an aggregated worker (decode that prefills everything itself).
         self.transfer: TransferBackend | None = None
@@ -68,6 +71,8 @@ class WorkerRuntime:
                               self.engine.config.max_num_seqs + config.max_queued_requests)
         self._http: WorkerHTTPServer | None = None
         self.metric_sources.extend(self._observe_metrics())
+        self.pins = Pins(self)  # PinPrefix / UnpinPrefix and requests' own pins
+        self.metric_sources += [self.pins.samples, self._session_samples]
 
     def _observe_metrics(self) -> list[MetricSource]:
         """Histograms of this worker's admission calls and of its KV transfer writes."""
@@ -157,7 +162,12 @@ class WorkerRuntime:
         if cache is not None:
             self.events.extend(cache.drain_events())
         acct = engine.page_accounting()
+        sessions = engine.scheduler.sessions
         return dict(
+            sessions_open=sessions.open if sessions else 0,
+            session_restores_total=sessions.restores_total if sessions else 0,
+            session_restored_tokens_total=sessions.restored_tokens_total if sessions else 0,
+            **pin_counts(engine),
             kv_pages_total=acct.total, kv_pages_free=acct.free,
             kv_pages_cached=acct.cached, running=len(engine.scheduler.running),
             waiting=len(engine.scheduler.waiting) + len(engine.scheduler.parked),
@@ -184,14 +194,25 @@ class WorkerRuntime:
             metrics_address=f"{self.config.public_host}:{self._http.port if self._http else 0}",
             transfer=self.config.transfer,
             transfer_address=self.transfer.descriptor().address if self.transfer else "",
-            draining=self.life.gate.draining, **counts)
+            pins=cache.pin_tails() if cache else [], draining=self.life.gate.draining, **counts)
 
     async def status(self, request: pb.StatusRequest) -> pb.WorkerStatus:
         return await self.async_engine.run(self._status_on_engine, request.after_event)
 
+    def _tick(self) -> dict[str, Any]:
+        """Engine thread, twice a second: release idle sessions, then the counts."""
+        self.engine.expire_sessions()
+        return self._counts()
+
+    def _session_samples(self) -> list[Sample]:
+        sessions = self.engine.scheduler.sessions
+        releases = dict(sessions.releases) if sessions else {}
+        return [Sample("session_releases_total", float(releases.get(reason, 0)), (("reason", reason),), True)
+                for reason in ("closed", "expired", "evicted", "pressure", "diverged", "replaced")]
+
     async def _refresh_snapshot(self) -> None:
         while True:
-            counts = await self.async_engine.run(self._counts)
+            counts = await self.async_engine.run(self._tick)
             if self.transfer is not None:
                 counts["kv_bytes_sent_total"] = self.transfer.bytes_sent_total
                 counts["kv_bytes_received_total"] = self.transfer.bytes_received_total
@@ -207,7 +228,8 @@ class WorkerRuntime:
 
 _COUNTERS = ("prefill_tokens_total", "requests_total", "kv_bytes_sent_total", "kv_bytes_received_total",
              "images_encoded_total", "embedding_cache_hits_total", "embedding_bytes_received_total",
-             "prefix_hit_tokens_total", "generated_tokens_total", "kv_transfer_seconds_total")
+             "prefix_hit_tokens_total", "generated_tokens_total", "kv_transfer_seconds_total",
+             "session_restores_total", "session_restored_tokens_total")
 
 
 class _WorkerCollector:

@@ -9,6 +9,7 @@ from typing import Callable
 
 import grpc
 
+from engine.radix_cache import page_hashes
 from proto import epd_pb2, epd_pb2_grpc
 
 SCRIPT_TEXT = "Hello world! The quick brown fox jumps over the lazy dog. "
@@ -60,6 +61,9 @@ class _FakeWorker:
         self.status_delay = 0.0
         self.events: list[tuple[str, int]] = []  # ("stored" | "removed", hash), event i has seq i + 1
         self.aborts: list[str] = []
+        self.pinned: list[tuple[int, ...]] = []  # PinPrefix calls' prefixes (unpinned ones removed)
+        self.pin_calls = 0
+        self.pin_failure: grpc.StatusCode | None = None  # PinPrefix fails with this code
         self.address = ""
         self._server: grpc.aio.Server | None = None
         self._port = 0
@@ -90,7 +94,8 @@ class _FakeWorker:
             queued_prefill_tokens=f.queued_prefill_tokens, page_size=f.page_size, max_model_len=f.max_model_len,
             prefill_tokens_total=f.prefill_tokens_total, kv_bytes_sent_total=f.kv_bytes_sent_total,
             kv_bytes_received_total=f.kv_bytes_received_total, prefix_hit_tokens_total=f.prefix_hit_tokens_total,
-            model="tiny", event_seq=len(self.events))
+            model="tiny", event_seq=len(self.events),
+            pins=[page_hashes(list(p), f.page_size)[-1] for p in self.pinned if len(p) >= f.page_size])
         if after_event == 0:  # a snapshot: the hashes held now
             held: dict[int, None] = {}
             for kind, h in self.events:
@@ -115,6 +120,25 @@ class _FakeWorker:
         self.aborts.append(request.request_id)
         return epd_pb2.AbortResponse(found=True)
 
+    async def PinPrefix(self, request: epd_pb2.PinPrefixRequest,
+                        context: grpc.aio.ServicerContext) -> epd_pb2.PinPrefixResponse:
+        self.pin_calls += 1
+        if self.pin_failure is not None:
+            await context.abort(self.pin_failure, "fake pin refusal: over the cap")
+        prefix = tuple(request.token_ids)
+        added = 0 if prefix in self.pinned else len(prefix) // self.fields.page_size
+        if prefix not in self.pinned:
+            self.pinned.append(prefix)
+        return epd_pb2.PinPrefixResponse(pages_added=added, pinned_pages=sum(len(p) // 16 for p in self.pinned))
+
+    async def UnpinPrefix(self, request: epd_pb2.PinPrefixRequest,
+                          context: grpc.aio.ServicerContext) -> epd_pb2.PinPrefixResponse:
+        prefix = tuple(request.token_ids)
+        found = prefix in self.pinned
+        if found:
+            self.pinned.remove(prefix)
+        return epd_pb2.PinPrefixResponse(found=found)
+
 
 class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
     role = "decode"
@@ -125,10 +149,16 @@ class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
         self.requests: list[epd_pb2.DecodeRequest] = []
         self.cancelled: dict[str, float] = {}  # request id -> monotonic time the stream was cancelled
         self.completed: list[str] = []
+        self.closed_sessions: list[str] = []
         self.on_request: Callable[[epd_pb2.DecodeRequest], None] | None = None
 
     def _add_to(self, server: grpc.aio.Server) -> None:
         epd_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
+
+    async def CloseSession(self, request: epd_pb2.CloseSessionRequest,
+                           context: grpc.aio.ServicerContext) -> epd_pb2.CloseSessionResponse:
+        self.closed_sessions.append(request.session_id)
+        return epd_pb2.CloseSessionResponse(found=any(r.session_id == request.session_id for r in self.requests))
 
     def tokens_for(self, request: epd_pb2.DecodeRequest) -> list[int]:
         """The whole output the script gives this prompt, less what a migrated request
