@@ -52,6 +52,12 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         if self.max_queued_requests < 0:
             raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
+        tp = self.engine_options.get("tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"--tensor-parallel-size must be a positive integer, got {tp!r}")
+        if tp > 1 and self.role == "encode":
+            raise ValueError("--tensor-parallel-size applies to prefill and decode workers; "
+                             "an encode worker runs its vision tower on one device")
         for name in ("transfer_timeout_s", "prefill_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be > 0, got {getattr(self, name)}")
