@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import datetime
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -27,6 +28,7 @@ import torch.distributed as dist
 from engine.errors import EngineError
 
 IDLE_TIMEOUT = datetime.timedelta(days=3650)  # a follower waiting for the next step
+EXPLAIN_WAIT_S = 1.0
 
 
 class TensorParallelError(EngineError):
@@ -68,6 +70,11 @@ class TPGroup:
         try:
             start().wait()
         except RuntimeError as exc:  # gloo/nccl: a peer closed, timed out or errored
+            # A closed peer has usually died: give rank 0's process monitor a moment to
+            # report which rank and how, the clearer first failure.
+            deadline = time.monotonic() + EXPLAIN_WAIT_S
+            while self.failure is None and self.rank == 0 and time.monotonic() < deadline:
+                time.sleep(0.02)
             raise self.fail(TensorParallelError(f"tensor-parallel {what} failed on rank {self.rank}: {exc}")) from exc
 
     def broadcast_control(self, tensor: torch.Tensor) -> None:
