@@ -44,13 +44,17 @@ class WorkerRuntime:
         self.async_engine = AsyncEngine(self.engine)
         # "none": an aggregated worker (decode that prefills everything itself).
         self.transfer: TransferBackend | None = None
-        if config.transfer != "none":
-            # Bind where gRPC binds, publish the address peers dial.
-            self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
-                                           host=config.host, advertise_host=config.public_host,
-                                           **config.transfer_options)
-        elif config.role == "prefill":
-            raise ValueError("a prefill worker needs a transfer backend (--transfer)")
+        try:
+            if config.transfer != "none":
+                # Bind where gRPC binds, publish the address peers dial.
+                self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
+                                               host=config.host, advertise_host=config.public_host,
+                                               **config.transfer_options)
+            elif config.role == "prefill":
+                raise ValueError("a prefill worker needs a transfer backend (--transfer)")
+        except BaseException:
+            self.engine.close()  # its tensor-parallel ranks, if any
+            raise
         self.events = KVEventLog()
         self.server = grpc.aio.server(options=[*GRPC_MESSAGE_OPTIONS, *SERVER_KEEPALIVE],
                                       interceptors=server_interceptors(config.cluster_token))

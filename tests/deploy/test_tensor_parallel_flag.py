@@ -26,6 +26,7 @@ def test_a_size_the_model_cannot_split_is_an_error(capsys: pytest.CaptureFixture
 @pytest.mark.parametrize("args, message", [
     (["worker", "encode", "--tensor-parallel-size", "2"], "applies to prefill and decode workers"),
     (["worker", "prefill", "--tensor-parallel-size", "0"], "must be a positive integer"),
+    (["worker", "prefill", "--tensor-parallel-size", "2", "--device", "cuda"], "only with --transfer none"),
 ])
 def test_worker_flags_that_cannot_work_are_usage_errors(args: list[str], message: str,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
