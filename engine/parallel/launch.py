@@ -50,6 +50,11 @@ def rank_devices(device: str, size: int) -> list[torch.device]:
     return [torch.device("cuda", first + rank) for rank in range(size)]
 
 
+def cpu_threads(size: int) -> int:
+    """Torch threads of each of `size` CPU ranks on this host."""
+    return max(1, (os.cpu_count() or 1) // size)
+
+
 def kv_shape(config: ModelConfig, layout: TPLayout, engine: EngineConfig) -> tuple[int, ...]:
     """One rank's KV cache (engine.kv_cache's page-major layout, its KV heads only)."""
     return (engine.num_pages, config.num_layers, 2, engine.page_size, layout.kv_heads_per_rank, config.head_dim)
@@ -85,6 +90,12 @@ class TensorParallel:
         self.group: TPGroup | None = None
         self._fds: list[int] = []
         self._closing = False
+        # CPU ranks share the host's cores: each runs torch with cores/N threads (rank 0 too,
+        # while this engine is open; more threads than cores make every rank's OpenMP
+        # spin against the others).
+        self._threads = torch.get_num_threads()
+        if self.devices[0].type == "cpu":
+            torch.set_num_threads(cpu_threads(self.layout.size))
         timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
         self.store = dist.TCPStore("127.0.0.1", 0, self.layout.size, True, timeout=timeout, wait_for_workers=False)
         try:
@@ -173,6 +184,7 @@ class TensorParallel:
             os.close(fd)
         self._fds.clear()
         self.group = None
+        torch.set_num_threads(self._threads)
 
 
 def _child_env() -> dict[str, str]:

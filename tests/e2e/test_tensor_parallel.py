@@ -12,6 +12,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine import LLM, SamplingParams
 from proto import epd_pb2 as pb
@@ -22,6 +23,9 @@ pytestmark = pytest.mark.timeout(300)
 # Small pages and chunks: a prompt ships in several chunks, and through more than one
 # round of the staging area (49 pages at most per round: 48 tokens / 8 + 1).
 ENGINE = ("--page-size", "8", "--num-pages", "256", "--max-num-batched-tokens", "48")
+# Four processes (router, prefill, decode, one more rank) share the CI machine's cores:
+# one torch thread each keeps their OpenMP threads from spinning against each other.
+ENV = {"OMP_NUM_THREADS": "1"}
 
 
 def _workload() -> list[tuple[list[int], int]]:
@@ -35,9 +39,14 @@ def _workload() -> list[tuple[list[int], int]]:
 @pytest.fixture(scope="module")
 def expected(tiny_model_path) -> list[list[int]]:  # noqa: ANN001
     work = _workload()
-    llm = LLM(tiny_model_path, page_size=8, num_pages=256, max_num_batched_tokens=48)
-    results = llm.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
-                                                   for _, m in work])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(tiny_model_path, page_size=8, num_pages=256, max_num_batched_tokens=48)
+        results = llm.generate([p for p, _ in work], [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True)
+                                                       for _, m in work])
+    finally:
+        torch.set_num_threads(threads)
     return [r.outputs[0].token_ids for r in results]
 
 
@@ -62,22 +71,23 @@ def _check_disaggregated(cluster, expected: list[list[int]]) -> None:  # noqa: A
     assert 0 < prefill["kv_bytes_sent_total"] == decode["kv_bytes_received_total"]
 
 
-def test_prefill_tp1_into_decode_tp2_and_a_dead_rank_fails_the_worker(tmp_path: Path, expected) -> None:  # noqa: ANN001
-    with make_cluster(tmp_path, worker_args=ENGINE, decode_args=_tp(2), local_prefill_threshold=1) as cluster:
+def test_prefill_tp1_into_decode_tp2_and_sigterm_stops_the_ranks(tmp_path: Path, expected) -> None:  # noqa: ANN001
+    with make_cluster(tmp_path, env=ENV, worker_args=ENGINE, decode_args=_tp(2), local_prefill_threshold=1) as cluster:
         _check_disaggregated(cluster, expected)
         decode = cluster.processes["decode-0"]
         (rank1,) = child_pids(decode.pid)
-        os.kill(rank1, signal.SIGKILL)
-        assert decode.wait(timeout=30) == 1  # loudly: not up with an engine that cannot step
-        log = (tmp_path / "logs" / "decode-0.log").read_text()
-        assert "tensor-parallel rank 1" in log and "exited with code -9" in log
+        decode.send_signal(signal.SIGTERM)  # drain (nothing runs), stop, exit
+        assert decode.wait(timeout=30) == 0
+        wait_gone(rank1, 10)
+        assert "tensor-parallel rank 1 stopping after" in (tmp_path / "logs" / "decode-0.log").read_text()
 
 
-def test_prefill_tp2_into_decode_tp1_and_sigterm_stops_the_ranks(tmp_path: Path, expected) -> None:  # noqa: ANN001
-    with make_cluster(tmp_path, worker_args=ENGINE, prefill_args=_tp(2), local_prefill_threshold=1) as cluster:
+def test_prefill_tp2_into_decode_tp1_and_a_dead_rank_fails_the_worker(tmp_path: Path, expected) -> None:  # noqa: ANN001
+    with make_cluster(tmp_path, env=ENV, worker_args=ENGINE, prefill_args=_tp(2), local_prefill_threshold=1) as cluster:
         _check_disaggregated(cluster, expected)
         prefill = cluster.processes["prefill-0"]
         (rank1,) = child_pids(prefill.pid)
-        prefill.send_signal(signal.SIGTERM)
-        assert prefill.wait(timeout=30) == 0
-        wait_gone(rank1, 10)
+        os.kill(rank1, signal.SIGKILL)
+        assert prefill.wait(timeout=30) == 1  # loudly: not up with an engine that cannot step
+        log = (tmp_path / "logs" / "prefill-0.log").read_text()
+        assert "tensor-parallel rank 1" in log and "exited with code -9" in log

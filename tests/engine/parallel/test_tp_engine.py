@@ -25,6 +25,17 @@ pytestmark = pytest.mark.timeout(180)
 VARIED = {"page_size": 8, "num_pages": 128, "max_num_batched_tokens": 48, "max_num_seqs": 4}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():  # noqa: ANN202
+    """The TP=1 references on one torch thread too, as each TP rank of a 2-core host runs
+    (engine.parallel.launch.cpu_threads): the tiny model gains nothing from a second
+    thread, and OpenMP threads spinning against the other rank's cost seconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _prompts(seed: int = 0) -> list[list[int]]:
     """Lengths 1..150 (chunked at 48 tokens), two sharing a 64-token prefix (cache hits)."""
     rng = random.Random(seed)
@@ -137,7 +148,7 @@ time.sleep(600)
 def test_followers_exit_when_rank0_is_killed(tiny_model_path, tmp_path: Path) -> None:  # noqa: ANN001
     root = str(Path(__file__).resolve().parents[3])
     rank0 = subprocess.Popen([sys.executable, "-c", RANK0, str(tiny_model_path)], stdout=subprocess.PIPE,
-                             env={**os.environ, "PYTHONPATH": root})
+                             env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"})
     try:
         assert rank0.stdout is not None
         (pid,) = map(int, rank0.stdout.readline().split())
