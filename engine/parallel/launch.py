@@ -96,6 +96,8 @@ class TensorParallel:
         self._threads = torch.get_num_threads()
         if self.devices[0].type == "cpu":
             torch.set_num_threads(cpu_threads(self.layout.size))
+        else:  # NCCL binds each rank's communicator to its current device
+            torch.cuda.set_device(self.devices[0])
         timeout = datetime.timedelta(seconds=START_TIMEOUT_S)
         self.store = dist.TCPStore("127.0.0.1", 0, self.layout.size, True, timeout=timeout, wait_for_workers=False)
         try:

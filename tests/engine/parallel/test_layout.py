@@ -109,3 +109,17 @@ def test_engine_refuses_bad_sizes_before_starting_ranks(tiny_model_path) -> None
     if torch.cuda.device_count() < 4:  # the tiny model splits 4 ways; more GPUs than this host has
         with pytest.raises(ConfigError, match=r"needs CUDA devices 0\.\.3"):
             Engine(tiny_model_path, tensor_parallel_size=4, device="cuda")
+
+
+def test_size_one_builds_nothing_parallel(tiny_model_path) -> None:  # noqa: ANN001
+    """TP=1 (every default, bench.engine_bench) runs the plain classes: no ranks, no
+    groups, no broadcast in the step, one KV region of every head."""
+    from engine.model_runner import ModelRunner
+    from engine.models.llama import CausalLM
+    engine = Engine(tiny_model_path, num_pages=8)
+    assert engine.tp is None
+    assert type(engine.runner) is ModelRunner and type(engine.runner.model) is CausalLM
+    (buffer,) = engine.kv_buffers()
+    assert buffer is engine.kv_cache.buffer
+    assert engine.kv_cache.buffer.shape[4] == engine.model_config.num_kv_heads
+    engine.close()  # nothing to stop
