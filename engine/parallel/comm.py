@@ -36,6 +36,8 @@ class TensorParallelError(EngineError):
 
 
 class TPGroup:
+    """The process groups of one rank of a tensor-parallel engine (see the module docstring)."""
+
     def __init__(self, store: dist.Store, rank: int, size: int, device: torch.device,
                  timeout_s: float) -> None:
         self.rank, self.size, self.device = rank, size, device
