@@ -30,7 +30,8 @@ from proto import tracing
 from proto.auth import cluster_channel
 from proto.convert import logprob_from_proto
 from worker.config import GRPC_MESSAGE_OPTIONS
-from worker.runtime import KV_REGION, WorkerRuntime
+from worker.kv_layout import KV_REGION, KVTarget, targets
+from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 FirstToken = tuple[int, TokenLogprob | None]
@@ -50,6 +51,7 @@ class RemotePrefiller:
         self.runtime = runtime
         self.stats = stats
         self._generations = itertools.count(1)
+        self.tp_size = runtime.engine.config.tensor_parallel_size
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     async def run(self, request: pb.DecodeRequest, reservation: RemoteReservation,
@@ -83,11 +85,11 @@ class RemotePrefiller:
         room = f"{request.request_id}#{generation}"
         transfer = self.runtime.transfer
         assert transfer is not None
-        transfer.reserve_room(room, generation, KV_REGION, reservation.page_ids)
+        rooms = self._reserve(room, generation, reservation.page_ids)
         report = pb.PrefillAttempt(id=candidate.id, address=candidate.address)
         call = asyncio.ensure_future(self._call(candidate, request, reservation, room, generation, span))
         try:
-            response = await self._landed(room, call, self._first_chunk_timeout(request))
+            response = await self._landed(rooms, call, self._first_chunk_timeout(request))
             span.event("kv_landed")
             logprob = logprob_from_proto(response.logprob) if response.HasField("logprob") else None
             report.ok = True
@@ -100,16 +102,41 @@ class RemotePrefiller:
         finally:
             call.cancel()  # a no-op once it returned; else the prefill worker aborts it
             await asyncio.gather(call, return_exceptions=True)
-            transfer.release_room(room)  # late writes of this generation are fenced off
+            for target in rooms:
+                transfer.release_room(target.room_id)  # late writes of this generation are fenced off
+
+    def _reserve(self, room: str, generation: int, page_ids: list[int]) -> list[KVTarget]:
+        """One room per tensor-parallel rank of this worker over the same pages (the room
+        itself, in region "kv", at size 1)."""
+        transfer = self.runtime.transfer
+        assert transfer is not None
+        rooms = targets(room, self.tp_size)
+        try:
+            for target in rooms:
+                transfer.reserve_room(target.room_id, generation, target.region, page_ids)
+        except BaseException:
+            for target in rooms:
+                transfer.release_room(target.room_id)
+            raise
+        return rooms
 
     def _first_chunk_timeout(self, request: pb.DecodeRequest) -> float:
         config = self.runtime.config
         return config.prefill_timeout_s if request.images else config.transfer_timeout_s
 
-    async def _landed(self, room: str, call: asyncio.Future[pb.PrefillResponse],
+    async def _landed(self, rooms: list[KVTarget], call: asyncio.Future[pb.PrefillResponse],
                       first_timeout: float) -> pb.PrefillResponse:
-        """Wait for the final chunk (each within its progress timeout), failing as soon
-        as the call does; then the call's answer, which follows the final chunk."""
+        """Wait for the final chunk of every rank's room (each chunk within its progress
+        timeout), failing as soon as the call does; then the call's answer, which follows
+        the final chunk. Rank 0's room is followed as it fills; the sender writes the
+        other ranks' chunks alongside, so theirs are in by then or just behind."""
+        for index, target in enumerate(rooms):
+            await self._room_landed(target.room_id, call,
+                                    first_timeout if index == 0 else self.runtime.config.transfer_timeout_s)
+        async with asyncio.timeout(self.runtime.config.transfer_timeout_s):
+            return await asyncio.shield(call)
+
+    async def _room_landed(self, room: str, call: asyncio.Future[pb.PrefillResponse], first_timeout: float) -> None:
         transfer, timeout = self.runtime.transfer, first_timeout
         assert transfer is not None
         while True:
@@ -123,8 +150,6 @@ class RemotePrefiller:
             finally:
                 note.cancel()
             timeout = self.runtime.config.transfer_timeout_s
-        async with asyncio.timeout(self.runtime.config.transfer_timeout_s):
-            return await asyncio.shield(call)
 
     async def _call(self, candidate: pb.PrefillCandidate, request: pb.DecodeRequest,
                     reservation: RemoteReservation, room: str, generation: int,
@@ -134,6 +159,8 @@ class RemotePrefiller:
         destination = pb.KVDestination(
             endpoint_json=json.dumps(transfer.descriptor().to_dict()), room_id=room, generation=generation,
             start_page=reservation.start_page, page_ids=reservation.page_ids, region=KV_REGION)
+        if self.tp_size > 1:
+            destination.tp_size = self.tp_size
         stub = pb_grpc.PrefillWorkerStub(self._channel(candidate.address))
         return await stub.Prefill(pb.PrefillRequest(
             request_id=request.request_id, prompt_token_ids=request.prompt_token_ids,

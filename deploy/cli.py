@@ -53,6 +53,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                              "kernels that --attention-backend triton on CUDA turns on (for A/B runs)")
     parser.add_argument("--overlap-schedule", action="store_true",
                         help="prepare step N+1 on the CPU while the GPU runs step N (greedy requests)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                        help="run the model on N ranks (processes; one GPU each on CUDA): attention heads, "
+                             "KV heads, MLP rows and the LM head split across them")
+    parser.add_argument("--tensor-parallel-timeout", type=float, default=120.0, metavar="S",
+                        dest="tensor_parallel_timeout_s",
+                        help="bound of every collective of a tensor-parallel step (a hung rank fails the worker)")
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -63,7 +69,9 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 max_pinned_fraction=args.max_pinned_fraction,
                 attention_backend=args.attention_backend, cuda_graphs=args.cuda_graphs,
                 overlap_schedule=args.overlap_schedule,
-                triton_kernels=False if args.no_triton_kernels else None)
+                triton_kernels=False if args.no_triton_kernels else None,
+                tensor_parallel_size=args.tensor_parallel_size,
+                tensor_parallel_timeout_s=args.tensor_parallel_timeout_s)
 
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:

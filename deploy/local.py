@@ -284,6 +284,12 @@ def _engine_flags(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(flags)
 
 
+def _tensor_parallel_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """For prefill and decode workers (encode workers run the vision tower unsplit)."""
+    return ("--tensor-parallel-size", str(args.tensor_parallel_size),
+            "--tensor-parallel-timeout", str(args.tensor_parallel_timeout_s))
+
+
 def _up(args: argparse.Namespace) -> int:
     from kv_transfer import TransferOptionError
     if args.prefill < 0 or args.decode < 1 or args.encode < 0:
@@ -302,7 +308,9 @@ def _up(args: argparse.Namespace) -> int:
                        port=args.port, grpc_port=args.grpc_port, model=model, transfer=args.transfer,
                        transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
-                       decode_args=_session_flags(args, decode=True), log_dir=args.log_dir,
+                       prefill_args=_tensor_parallel_flags(args),
+                       decode_args=(*_session_flags(args, decode=True), *_tensor_parallel_flags(args)),
+                       log_dir=args.log_dir,
                        router_args=(*_session_flags(args, decode=False), *_router_flags(args)), **_secrets_from_env())
     _check_autoscale(args)
     if args.ray:

@@ -25,7 +25,7 @@ async def start_worker(config: WorkerConfig):  # noqa: ANN201 - WorkerRuntime or
 
 async def run_worker(config: WorkerConfig, ready_file: str | None = None,
                      drain: asyncio.Event | None = None, stop: asyncio.Event | None = None,
-                     started: Callable[[Any], None] | None = None) -> None:
+                     started: Callable[[Any], None] | None = None) -> str | None:
     """Serve until told to go. SIGTERM (or `terminate`) drains first: no new requests,
     the running ones finish (up to --drain-timeout), then the worker deregisters and
     exits; SIGINT, or a second SIGTERM, stops at once. A Drain call with exit=True ends it
@@ -52,6 +52,7 @@ async def run_worker(config: WorkerConfig, ready_file: str | None = None,
     for task in waits:
         task.cancel()
     await runtime.stop()
+    return runtime.life.fatal_error  # None: stopped as asked
 
 
 def main(config: WorkerConfig) -> int:
@@ -65,7 +66,10 @@ def main(config: WorkerConfig) -> int:
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(levelname)s %(name)s: %(message)s")
     try:
         with tracing.enabled(provider):
-            asyncio.run(run_worker(config))
+            fatal = asyncio.run(run_worker(config))
+        if fatal is not None:
+            print(f"epd worker: error: {fatal}", file=sys.stderr, flush=True)
+            return 1
     except TransferError as exc:  # e.g. the backend cannot start with these options
         print(f"epd worker: error: transfer backend {config.transfer!r}: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -218,6 +218,11 @@ class EngineConfig:
     cuda_graphs: bool = False
     cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
     overlap_schedule: bool = False
+    # Tensor parallelism (issue 18, engine/parallel/): ranks of one engine, rank 0 in this
+    # process and the others as child processes; 1 builds none of it. The timeout bounds
+    # every collective of a step (and the ranks' start-up handshake).
+    tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 120.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> EngineConfig:
@@ -244,3 +249,15 @@ class EngineConfig:
             raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
         if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):
             raise ConfigError("cuda_graphs needs device 'cuda' and attention_backend 'triton'")
+        self._validate_tensor_parallel()
+
+    def _validate_tensor_parallel(self) -> None:
+        """What can be checked without the model (engine.parallel.layout checks the
+        model's heads and widths)."""
+        size = self.tensor_parallel_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ConfigError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+        if not self.tensor_parallel_timeout_s > 0:
+            raise ConfigError(f"tensor_parallel_timeout_s must be > 0, got {self.tensor_parallel_timeout_s!r}")
+        if size > 1 and (self.cuda_graphs or self.overlap_schedule):
+            raise ConfigError("tensor_parallel_size > 1 does not run with cuda_graphs or overlap_schedule yet")

@@ -21,7 +21,9 @@ from engine.kv_cache import KVCache
 from engine.loader import load_model
 from engine.model_path import resolve_model_path
 from engine.model_runner import ModelRunner
+from engine.models.llama import CausalLM
 from engine.multimodal import ImageInput, MultimodalInfo, cache_keys, check_images, read_multimodal_info
+from engine.parallel.layout import TPLayout
 from engine.radix_cache import PinError
 from engine.request import Request, RequestStatus, TokenLogprob
 from engine.sampler import Sampler
@@ -32,6 +34,7 @@ from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from engine.overlap import OverlapScheduler
+    from engine.parallel.launch import TensorParallel
     from engine.vision_encoder import VisionEncoder
 
 
@@ -77,9 +80,14 @@ class Engine:
         self.device = torch.device(config.device)
         self.tokenizer = Tokenizer.from_pretrained(self.model_path)
         torch.manual_seed(config.seed)
-        model_module = load_model(self.model_path, self.model_config, self.device, config.load_format, config.seed)
-        self.kv_cache = KVCache(self.model_config, config.num_pages, config.page_size,
-                                self.device, self.model_config.torch_dtype)
+        # Tensor parallelism (engine/parallel/): None at size 1, where none of it runs.
+        self.tp: TensorParallel | None = None
+        if config.tensor_parallel_size == 1:
+            model_module = load_model(self.model_path, self.model_config, self.device, config.load_format, config.seed)
+            self.kv_cache = KVCache(self.model_config, config.num_pages, config.page_size,
+                                    self.device, self.model_config.torch_dtype)
+        else:
+            model_module = self._start_tensor_parallel()
         model_module.rotary.build_table(self.config.max_model_len, self.model_config.torch_dtype)
         backend = create_attention_backend(config.attention_backend)
         attention = backend(self.kv_cache, self.model_config.head_dim**-0.5)
@@ -90,7 +98,12 @@ class Engine:
         if config.cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
             graphs = DecodeGraphs.build(self.config, model_module, attention)
-        self.runner = ModelRunner(model_module, attention, self.device, graphs)
+        if self.tp is None:
+            self.runner = ModelRunner(model_module, attention, self.device, graphs)
+        else:
+            from engine.parallel.runner import ParallelModelRunner
+            assert self.tp.group is not None
+            self.runner = ParallelModelRunner(model_module, attention, self.device, self.tp.group)
         self.scheduler = Scheduler(self.config)
         self.sampler = Sampler(config.seed)
         self.requests: dict[str, Request] = {}
@@ -110,6 +123,43 @@ class Engine:
         if config.overlap_schedule:
             from engine.overlap import OverlapScheduler  # imports this module
             self.overlap = OverlapScheduler(self)
+
+    def _start_tensor_parallel(self) -> CausalLM:
+        """Start ranks 1..N-1, load rank 0's shard and KV cache meanwhile, and wait for
+        the others to be ready; the ranks are stopped again if any of it fails."""
+        from engine.parallel.launch import TensorParallel
+        create_attention_backend(self.config.attention_backend)  # a bad name fails before any rank starts
+        self.tp = TensorParallel(self.model_path, self.model_config, self.config)
+        try:
+            model = self.tp.load_model(self.model_path, self.config.load_format, self.config.seed)
+            self.kv_cache = KVCache(self.tp.local_config, self.config.num_pages, self.config.page_size,
+                                    self.device, self.model_config.torch_dtype)
+            self.tp.wait_ready()
+        except BaseException:
+            self.tp.close()
+            raise
+        return model
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (nothing to do at size 1). Idempotent; a
+        tensor-parallel engine cannot step afterwards."""
+        if self.tp is not None:
+            self.tp.close()
+
+    @property
+    def tp_layout(self) -> TPLayout:
+        """Which KV heads each rank holds (one rank holding all of them at size 1)."""
+        return TPLayout.of(self.model_config, self.config.tensor_parallel_size)
+
+    def kv_buffers(self) -> list[torch.Tensor]:
+        """Every rank's KV cache tensor as this process sees it, in rank order (rank 0's
+        is kv_cache.buffer). Other ranks' caches are visible here only on CPU."""
+        if self.tp is None:
+            return [self.kv_cache.buffer]
+        if len(self.tp.follower_kv) != self.tp.layout.size - 1:
+            raise ConfigError("on CUDA the other tensor-parallel ranks' KV pages are not mapped into rank 0: "
+                              "KV transfer with tensor_parallel_size > 1 needs device 'cpu' for now")
+        return [self.kv_cache.buffer, *self.tp.follower_kv]
 
     @property
     def max_model_len(self) -> int:

@@ -18,6 +18,14 @@ class KVCache:
         shape = (num_pages, config.num_layers, 2, page_size, config.num_kv_heads, config.head_dim)
         self.buffer = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def over(cls, buffer: torch.Tensor, page_size: int) -> KVCache:
+        """A cache over an existing buffer of the layout above (a tensor-parallel rank's
+        shared-memory pages, engine.parallel.launch)."""
+        cache = cls.__new__(cls)
+        cache.num_pages, cache.page_size, cache.buffer = buffer.shape[0], page_size, buffer
+        return cache
+
     @property
     def page_bytes(self) -> int:
         return self.buffer[0].numel() * self.buffer.element_size()

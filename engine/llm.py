@@ -42,6 +42,16 @@ class LLM:
     def __init__(self, model: str | Path | None = None, **options: Any) -> None:
         self.engine = Engine(model, EngineConfig(), **options)
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks, if any (Engine.close)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
     def get_tokenizer(self):  # noqa: ANN201 - the engine's Tokenizer
         return self.engine.tokenizer
 

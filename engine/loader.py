@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -68,7 +69,11 @@ def safetensors_files(path: Path) -> list[Path]:
     return files
 
 
-def load_weights(model: CausalLM, path: Path) -> None:
+def load_weights(model: CausalLM, path: Path,
+                 shard: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> None:
+    """Fill every parameter of `model` from the checkpoint at `path`. `shard` (a tensor-
+    parallel rank's loader, engine.parallel.model) cuts each tensor, by its name, to the
+    part the rank holds before it is copied."""
     params = dict(model.named_parameters())
     filled: dict[str, int] = {name: 0 for name in params}
     slices = _shard_slices(model.config)
@@ -82,7 +87,10 @@ def load_weights(model: CausalLM, path: Path) -> None:
                 name, start, end = _target(text_name, slices)
                 if name not in params:
                     raise ConfigError(f"unexpected tensor {hf_name!r} in {file.name}")
-                _copy(params[name], handle.get_tensor(hf_name), start, end, hf_name)
+                tensor = handle.get_tensor(hf_name)
+                if shard is not None:
+                    tensor = shard(text_name, tensor)
+                _copy(params[name], tensor, start, end, hf_name)
                 filled[name] += params[name].numel() if start is None else (end - start) * (
                     params[name].numel() // params[name].shape[0])
     missing = [n for n, count in filled.items() if count != params[n].numel()]

@@ -25,10 +25,11 @@ from proto import epd_pb2_grpc as pb_grpc
 from proto import tracing
 from prefill_worker.ship_stats import ShipStats
 from prefill_worker.images import ImageFetcher
+from prefill_worker.kv_fanout import Fanout, FanoutPlanner
 from proto.convert import images_from_proto, logprob_to_proto, params_from_proto
 from worker.config import WorkerConfig
 from worker.pins import check_pin_count
-from worker.runtime import KV_REGION, WorkerRuntime
+from worker.runtime import WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class ShipJob:
     destination: pb.KVDestination
     peer: PeerHandle
     next_page: int
+    fanout: Fanout  # the receiving ranks (one at TP size 1) and the stage pages pass through
     seq: int = 0
     done: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     bytes_sent: int = 0
@@ -74,6 +76,8 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         self.engine = runtime.engine
         self.jobs: dict[str, ShipJob] = {}
         self.page_size = self.engine.config.page_size
+        assert runtime.transfer is not None  # WorkerRuntime refuses a prefill worker without one
+        self.fanouts = FanoutPlanner(self.engine, runtime.transfer)
         self.ship_stats = ShipStats()
         runtime.metric_sources.append(self.ship_stats.samples)
         runtime.set_step_hook(self._ship)
@@ -118,11 +122,13 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             check_images(prompt, images, info.image_token_id if info else None)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        dst = request.destination
         try:
-            peer = await self._connect(request.destination)
-        except TransferError as exc:
+            peer = await self._connect(dst)
+            fanout = await self.fanouts.plan(dst.room_id, dst.region, dst.tp_size, peer.descriptor)
+        except (TransferError, InvalidRequestError) as exc:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"cannot reach KV destination: {exc}")
-        job = ShipJob(rid, len(prompt) + len(outputs), request.destination, peer, request.destination.start_page)
+        job = ShipJob(rid, len(prompt) + len(outputs), dst, peer, dst.start_page, fanout)
         if request.pin_prefix_tokens:
             await self.runtime.async_engine.run(self.runtime.pins.apply, prompt, request.pin_prefix_tokens, rid)
         if images and self.images is not None:
@@ -252,9 +258,9 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
 
     async def _ship(self, outputs: list[StepOutput]) -> None:
         sends = [self._plan(job) for job in list(self.jobs.values())]
-        await asyncio.gather(*(self._send(job, runs, final) for job, runs, final in filter(None, sends)))
+        await asyncio.gather(*(self._send(job, src, dst, final) for job, src, dst, final in filter(None, sends)))
 
-    def _plan(self, job: ShipJob) -> tuple[ShipJob, list[PageRun], bool] | None:
+    def _plan(self, job: ShipJob) -> tuple[ShipJob, list[int], list[int], bool] | None:
         """Pages computed since the last send; read synchronously, before any await."""
         if job.done.done():
             return None
@@ -270,17 +276,23 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
         src = request.pages[job.next_page:limit]
         dst = list(job.destination.page_ids[job.next_page - start:limit - start])
         job.next_page = max(job.next_page, limit)
-        return job, coalesce(src, dst), final
+        return job, src, dst, final
 
-    async def _send(self, job: ShipJob, runs: list[PageRun], final: bool) -> None:
-        dst = job.destination
-        note = Notification(room_id=dst.room_id, generation=dst.generation, seq=job.seq, payload=b"", final=final)
-        job.seq += 1
+    async def _send(self, job: ShipJob, src: list[int], dst: list[int], final: bool) -> None:
+        """Pages `src` here into pages `dst` of every receiving rank, straight from this
+        worker's regions or through a stage (kv_fanout.py)."""
         try:
-            sent = await self.runtime.transfer.write(
-                job.peer, room_id=dst.room_id, generation=dst.generation, region=dst.region or KV_REGION,
-                runs=runs, notification=note, timeout=self.runtime.config.transfer_timeout_s)
-            job.bytes_sent += int(sent or 0)
+            stage = job.fanout.stage
+            if stage is None:
+                await self._write_round(job, coalesce(src, dst), final)
+            else:
+                async with stage.lock:
+                    for start in range(0, max(len(src), 1), stage.slots):
+                        pages = src[start:start + stage.slots]
+                        if pages:
+                            stage.fill(pages)
+                        runs = coalesce(range(len(pages)), dst[start:start + stage.slots])
+                        await self._write_round(job, runs, final and start + stage.slots >= len(src))
             if final and not job.done.done():  # the Prefill call may be gone (cancelled) already
                 job.done.set_result(job.bytes_sent)
         except TransferError as exc:
@@ -290,6 +302,23 @@ class PrefillService(pb_grpc.PrefillWorkerServicer):
             logger.exception("shipping KV of %s failed", job.request_id)
             if not job.done.done():
                 job.done.set_exception(TransferError(f"shipping KV failed: {exc!r}"))
+
+    async def _write_round(self, job: ShipJob, runs: list[PageRun], final: bool) -> None:
+        """One write per receiving rank, with the same runs and notification number."""
+        dst, seq, timeout = job.destination, job.seq, self.runtime.config.transfer_timeout_s
+        job.seq += 1
+        writes = [self.runtime.transfer.write(
+            job.peer, room_id=target.room_id, generation=dst.generation, region=target.region, runs=runs,
+            notification=Notification(room_id=target.room_id, generation=dst.generation, seq=seq, payload=b"",
+                                       final=final), timeout=timeout) for target in job.fanout.targets]
+        if len(writes) == 1:
+            job.bytes_sent += int(await writes[0] or 0)
+            return
+        results = await asyncio.gather(*writes, return_exceptions=True)  # all end (bounded) before any error
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        job.bytes_sent += sum(int(sent or 0) for sent in results)  # type: ignore[arg-type]
 
 
 async def serve_prefill(config: WorkerConfig) -> WorkerRuntime:

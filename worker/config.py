@@ -58,6 +58,15 @@ class WorkerConfig:
             raise ValueError(f"--max-queued-requests must be >= 0, got {self.max_queued_requests}")
         if self.max_sessions < 0:
             raise ValueError(f"--max-sessions must be >= 0, got {self.max_sessions}")
+        tp = self.engine_options.get("tensor_parallel_size", 1)
+        if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+            raise ValueError(f"--tensor-parallel-size must be a positive integer, got {tp!r}")
+        if tp > 1 and self.role == "encode":
+            raise ValueError("--tensor-parallel-size applies to prefill and decode workers; "
+                             "an encode worker runs its vision tower on one device")
+        if tp > 1 and str(self.engine_options.get("device", "cpu")).startswith("cuda") and self.transfer != "none":
+            raise ValueError("--tensor-parallel-size > 1 on CUDA runs only with --transfer none for now "
+                             "(the ranks' KV pages are not shared with the transfer endpoint there)")
         for name in ("transfer_timeout_s", "prefill_timeout_s", "session_idle_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be > 0, got {getattr(self, name)}")

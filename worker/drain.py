@@ -91,6 +91,15 @@ class Lifecycle:
         self.ready = False  # the gRPC server is up
         self.exit_requested = asyncio.Event()
         self.default_timeout_s = default_timeout_s
+        self.fatal_error: str | None = None  # why the worker stops itself (its exit status is then 1)
+
+    def fail(self, message: str) -> None:
+        """The worker cannot serve any more (e.g. a tensor-parallel rank died): stop now."""
+        if self.fatal_error is None:
+            logger.error("worker %s cannot go on: %s; stopping", self.gate.worker_id, message)
+            self.fatal_error = message
+        self.ready = False
+        self.exit_requested.set()
 
     def health(self) -> tuple[int, str]:
         """200 while serving; 503 while starting or draining."""

@@ -25,13 +25,13 @@ from worker.config import GRPC_MESSAGE_OPTIONS, WorkerConfig
 from worker.drain import Lifecycle
 from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
+from worker.kv_layout import KV_REGION, kv_regions  # noqa: F401 - KV_REGION re-exported
 from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, Sample,
                             families, status_samples)
 from worker.pins import Pins, pin_counts
 from worker.registration import deregister, register_loop
 
 logger = logging.getLogger(__name__)
-KV_REGION = "kv"
 
 
 async def _maybe_await(value: Any) -> Any:
@@ -47,13 +47,17 @@ class WorkerRuntime:
         self.async_engine = AsyncEngine(self.engine)
         # "none": an aggregated worker (decode that prefills everything itself).
         self.transfer: TransferBackend | None = None
-        if config.transfer != "none":
-            # Bind where gRPC binds, publish the address peers dial.
-            self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
-                                           host=config.host, advertise_host=config.public_host,
-                                           **config.transfer_options)
-        elif config.role == "prefill":
-            raise ValueError("a prefill worker needs a transfer backend (--transfer)")
+        try:
+            if config.transfer != "none":
+                # Bind where gRPC binds, publish the address peers dial.
+                self.transfer = create_backend(config.transfer, compat_hash=self.compat_hash(),
+                                               host=config.host, advertise_host=config.public_host,
+                                               **config.transfer_options)
+            elif config.role == "prefill":
+                raise ValueError("a prefill worker needs a transfer backend (--transfer)")
+        except BaseException:
+            self.engine.close()  # its tensor-parallel ranks, if any
+            raise
         self.events = KVEventLog()
         self.server = grpc.aio.server(options=[*GRPC_MESSAGE_OPTIONS, *SERVER_KEEPALIVE],
                                       interceptors=server_interceptors(config.cluster_token))
@@ -111,15 +115,20 @@ class WorkerRuntime:
         mc, ec = self.engine.model_config, self.engine.config
         return compat_hash(architecture=mc.architecture, dtype=mc.dtype, num_layers=mc.num_layers,
                            num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, page_size=ec.page_size,
-                           vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, tp="1")
+                           vocab_size=mc.vocab_size, hidden_size=mc.hidden_size,
+                           # Not the TP size: peers of different sizes convert (worker/kv_layout.py);
+                           # the rule that splits KV heads over ranks must be the same.
+                           kv_heads_split="engine.parallel.layout/1")
 
     def set_step_hook(self, hook: StepHook) -> None:
         self.async_engine = AsyncEngine(self.engine, after_step=hook)
 
     async def start(self) -> None:
+        self._watch_ranks()
         if self.transfer is not None:
             await _maybe_await(self.transfer.start())
-            await _maybe_await(self.transfer.register_region(KV_REGION, self.engine.kv_cache.buffer))
+            for name, tensor in kv_regions(self.engine):  # one per tensor-parallel rank ("kv" alone at size 1)
+                await _maybe_await(self.transfer.register_region(name, tensor))
         for start in self.starters:
             await start()
         await self.async_engine.start()
@@ -152,6 +161,18 @@ class WorkerRuntime:
             await close()
         if self.transfer is not None:
             await _maybe_await(self.transfer.close())
+        self.engine.close()  # stops the tensor-parallel ranks; the engine thread is done by now
+
+    def _watch_ranks(self) -> None:
+        """A tensor-parallel rank that dies or hangs fails the worker loudly (exit status 1)
+        rather than leaving it up with an engine that can no longer step."""
+        tp = self.engine.tp
+        if tp is None or tp.group is None:
+            return
+        loop = asyncio.get_running_loop()
+        tp.group.on_failure = lambda error: loop.call_soon_threadsafe(self.life.fail, str(error))
+        if tp.group.failure is not None:  # it failed before anyone listened
+            self.life.fail(str(tp.group.failure))
 
     # -- status ------------------------------------------------------------------------
 

@@ -49,12 +49,17 @@ def _randomize(model: torch.nn.Module, seed: int) -> None:
 
 def save_hf_checkpoint(arch: str, directory: Path, seed: int = 0) -> Path:
     """Write a checkpoint with save_pretrained plus the tiny model's tokenizer files."""
+    return save_hf_config(_config(arch), directory, seed, arch)
+
+
+def save_hf_config(config, directory: Path, seed: int = 0, tag: str = "model") -> Path:  # noqa: ANN001
+    """As save_hf_checkpoint, for any transformers config of a supported architecture."""
     from transformers import AutoModelForCausalLM
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomize(model, seed)
     model.save_pretrained(directory)
-    tokenizer_source = create_tiny_model(directory.parent / f"_tok_{arch}")
+    tokenizer_source = create_tiny_model(directory.parent / f"_tok_{tag}")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tokenizer_source / name, directory / name)
     return directory
