@@ -10,8 +10,12 @@ It builds the engine from the same flags the worker gets and measures, in this o
 - one request of the workload alone, stepping the engine by hand: the time from adding it
   to its first token (prefill + one step: what TTFT at concurrency 1 is compared with),
   and the median time between its later tokens (the batch-1 step, with CUDA graphs and
-  overlap if the flags ask: what ITL at concurrency 1 is compared with);
-- `LLM.generate` of every request of the workload at once: output tokens per second.
+  overlap if the flags ask: what ITL at concurrency 1 is compared with); `--repeats`
+  different prompts, each figure the median over them (one request's first token moved
+  by a factor of 1.7 between runs);
+- `LLM.generate` of every request of the workload at once: output tokens per second, and
+  the time between each request's tokens as the engine hands them out (the engine's own
+  ITL under that load, which the served ITL percentiles are compared with).
 The last line printed is one JSON object of these figures.
 """
 from __future__ import annotations
@@ -37,6 +41,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, argparse.Namespace]:
     parser.add_argument("--output-len", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="single requests timed (median taken)")
     parser.add_argument("--skip-throughput", action="store_true", help="measure the single request only")
     args = parser.parse_args(own)
     args.images, args.distinct_images, args.image_size = 0, 0, 0
@@ -66,14 +71,46 @@ def single_request(llm: object, prompt: list[int], output_len: int) -> dict[str,
     return {"first_token_s": token_times[0] - start, "step_s": statistics.median(gaps)}
 
 
+def single_requests(llm: object, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    """`single_request` for each prompt (no cache hits between them); medians."""
+    runs = []
+    for prompt in prompts:
+        llm.engine.free_cache()  # type: ignore[attr-defined]
+        runs.append(single_request(llm, prompt, output_len))
+    return {"first_token_s": statistics.median(r["first_token_s"] for r in runs),
+            "step_s": statistics.median(r["step_s"] for r in runs),
+            "first_token_runs_s": [r["first_token_s"] for r in runs]}
+
+
 def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[str, float]:
+    """`LLM.generate` of every prompt at once. Its engine's `step` is wrapped to note when
+    each request's tokens come out (a few microseconds a step), for the engine's ITL."""
     from engine import SamplingParams
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    start = time.perf_counter()
-    results = llm.generate(prompts, params)  # type: ignore[attr-defined]
-    wall = time.perf_counter() - start
+    engine = llm.engine  # type: ignore[attr-defined]
+    token_times: dict[str, list[float]] = {}
+    step = engine.step
+
+    def timed_step() -> list:
+        outputs = step()
+        now = time.perf_counter()
+        for out in outputs:
+            token_times.setdefault(out.request_id, []).extend([now] * len(out.new_token_ids))
+        return outputs
+
+    engine.step = timed_step
+    try:
+        start = time.perf_counter()
+        results = llm.generate(prompts, params)  # type: ignore[attr-defined]
+        wall = time.perf_counter() - start
+    finally:
+        del engine.step
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
-    return {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
+    itls = sorted(b - a for times in token_times.values() for a, b in zip(times, times[1:]))
+    figures = {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
+    if itls:
+        figures.update({"engine_itl_p50_s": itls[len(itls) // 2], "engine_itl_p99_s": itls[int(len(itls) * 0.99)]})
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,13 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     warm = [[(t * 7 + 3) % args.vocab for t in p] for p in prompts[:2]]
     throughput(llm, warm, 8)  # first uses compile kernels: not measured
     figures = {"requests": len(prompts), "input_len": args.input_len, "output_len": args.output_len}
-    figures.update(single_request(llm, [(t * 5 + 1) % args.vocab for t in prompts[0]], args.output_len))
+    singles = [[(t * (5 + 2 * i) + 1 + i) % args.vocab for t in prompts[0]] for i in range(args.repeats)]
+    figures.update(single_requests(llm, singles, args.output_len))
     if not args.skip_throughput:
         llm.engine.free_cache()  # the warm-up and single request must give the workload no hits
         figures.update(throughput(llm, prompts, args.output_len))
     print(f"offline: first token {figures['first_token_s'] * 1e3:.2f} ms, step {figures['step_s'] * 1e3:.3f} ms"
           + (f", LLM.generate {figures['output_tokens_per_s']:.1f} output tokens/s over "
-             f"{figures['generate_wall_s']:.2f} s" if "output_tokens_per_s" in figures else ""), flush=True)
+             f"{figures['generate_wall_s']:.2f} s" if "output_tokens_per_s" in figures else "")
+          + (f", engine ITL p50 / p99 {figures['engine_itl_p50_s'] * 1e3:.1f} / "
+             f"{figures['engine_itl_p99_s'] * 1e3:.1f} ms" if "engine_itl_p50_s" in figures else ""), flush=True)
+    print("offline: first token of each single request (ms): "
+          + ", ".join(f"{t * 1e3:.2f}" for t in figures["first_token_runs_s"]), flush=True)
     print(json.dumps(figures), flush=True)
     return 0
 

@@ -37,15 +37,19 @@ class LoopStats:
         self.steps = 0
         self.step_s = 0.0
         self.gap_s = 0.0
+        self.max_step_s = 0.0  # the tails say more than the means about ITL under load
+        self.max_gap_s = 0.0
         self._last_end: float | None = None
         self._logged_at = time.monotonic()
 
     def record(self, start: float, end: float) -> None:
         if self._last_end is not None:
             self.gap_s += start - self._last_end
+            self.max_gap_s = max(self.max_gap_s, start - self._last_end)
         self._last_end = end
         self.steps += 1
         self.step_s += end - start
+        self.max_step_s = max(self.max_step_s, end - start)
         if time.monotonic() - self._logged_at >= STATS_LOG_INTERVAL_S:
             self.log(time.monotonic())
 
@@ -55,9 +59,11 @@ class LoopStats:
 
     def log(self, now: float) -> None:
         if self.steps > 1:
-            logger.info("engine loop: %d steps, step %.3f ms mean, gap between steps %.3f ms mean",
-                        self.steps, self.step_s / self.steps * 1e3, self.gap_s / (self.steps - 1) * 1e3)
+            logger.info("engine loop: %d steps, step %.3f ms mean (max %.1f), gap between steps %.3f ms mean "
+                        "(max %.1f)", self.steps, self.step_s / self.steps * 1e3, self.max_step_s * 1e3,
+                        self.gap_s / (self.steps - 1) * 1e3, self.max_gap_s * 1e3)
         self.steps, self.step_s, self.gap_s, self._logged_at = 0, 0.0, 0.0, now
+        self.max_step_s = self.max_gap_s = 0.0
 
 
 def merge_outputs(first: StepOutput, then: StepOutput) -> StepOutput:
