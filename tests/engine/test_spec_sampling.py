@@ -50,7 +50,8 @@ def test_chi2_helper_against_known_values() -> None:
     assert abs(chi2_sf(11.070497693516351, 5) - 0.05) < 1e-9
 
 
-def _check_rule(draft_probs: torch.Tensor | None, target: torch.Tensor, drafts: list[int], trials: int) -> None:
+def _check_rule(draft_probs: torch.Tensor | None, target: torch.Tensor, drafts: list[int], trials: int,
+                check_second: bool = True) -> None:
     generator = torch.Generator().manual_seed(1234)
     vocab = target.shape[1]
     first = torch.zeros(vocab)
@@ -64,7 +65,7 @@ def _check_rule(draft_probs: torch.Tensor | None, target: torch.Tensor, drafts: 
         if out[0] == drafts[0] and len(out) > 1:
             second[out[1]] += 1
     assert goodness_of_fit(first, target[0]) > 0.01
-    if draft_probs is None:  # the first draft fixed: the next token must follow target row 1
+    if draft_probs is None and check_second:  # the first draft fixed: the next token must follow target row 1
         assert second.sum() > 1000
         assert goodness_of_fit(second, target[1]) > 0.01
 
@@ -74,7 +75,7 @@ def test_rejection_sampling_with_a_point_mass_draft_matches_target() -> None:
     drafts = [int(target[0].argmax()), int(target[1].argmin())]
     _check_rule(None, target, drafts, 6000)
     # A draft the target finds unlikely: mostly rejected, the distribution still exact.
-    _check_rule(None, target, [int(target[0].argmin()), 0], 6000)
+    _check_rule(None, target, [int(target[0].argmin()), 0], 6000, check_second=False)
 
 
 def test_rejection_sampling_with_a_draft_distribution_matches_target() -> None:
@@ -92,15 +93,21 @@ def test_rejection_sampling_detects_a_wrong_rule() -> None:
     assert goodness_of_fit(counts, target[0]) < 1e-6
 
 
-PROMPT = [7, 8, 9, 10, 11] * 6 + [7, 8]
 POSITIONS = 5
+
+
+def _looping_prompt(model) -> list[int]:  # noqa: ANN001
+    """A prompt that ends in the model's own greedy loop: sampled continuations often
+    follow it, so n-gram lookup proposes tokens the target gives real probability."""
+    greedy = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    return [5, 6, 7] + LLM(model).generate([[5, 6, 7]], greedy)[0].outputs[0].token_ids
 
 
 def _sample_counts(model, seeds: range, vocab: int, **options) -> tuple[torch.Tensor, object]:  # noqa: ANN001
     llm = LLM(model, **options)
     params = [SamplingParams(temperature=0.9, top_k=6, max_tokens=POSITIONS, seed=s, ignore_eos=True) for s in seeds]
     counts = torch.zeros(POSITIONS, vocab)
-    for result in llm.generate([PROMPT] * len(seeds), params):
+    for result in llm.generate([_looping_prompt(model)] * len(seeds), params):
         for position, token in enumerate(result.outputs[0].token_ids):
             counts[position, token] += 1
     acct = llm.engine.check_page_invariants()
