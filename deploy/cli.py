@@ -13,7 +13,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from engine.errors import EngineError
+from engine.errors import ConfigError, EngineError
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -59,6 +59,36 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-parallel-timeout", type=float, default=120.0, metavar="S",
                         dest="tensor_parallel_timeout_s",
                         help="bound of every collective of a tensor-parallel step (a hung rank fails the worker)")
+    parser.add_argument("--speculative", choices=["ngram", "draft"], default=None,
+                        help="speculative decoding: 'ngram' (prompt lookup over the request's own tokens) or "
+                             "'draft' (a smaller model with the same tokenizer, --speculative-draft-model)")
+    parser.add_argument("--num-speculative-tokens", type=_positive_int, default=3, metavar="K",
+                        help="drafts verified per request and step (one target forward over K+1 positions)")
+    parser.add_argument("--speculative-draft-model", default=None, metavar="DIR",
+                        help="the draft checkpoint of --speculative draft")
+    parser.add_argument("--speculative-ngram-max", type=_positive_int, default=3, metavar="N",
+                        help="--speculative ngram: the longest suffix looked up (down to 1 token)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def speculative_options(args: argparse.Namespace) -> dict[str, object]:
+    """The speculation settings; ConfigError (printed as a CLI error) when they clash."""
+    if args.speculative == "draft" and not args.speculative_draft_model:
+        raise ConfigError("--speculative draft needs --speculative-draft-model DIR")
+    if args.speculative_draft_model and args.speculative != "draft":
+        raise ConfigError("--speculative-draft-model needs --speculative draft")
+    return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
+                speculative_draft_model=args.speculative_draft_model,
+                speculative_ngram_max=args.speculative_ngram_max)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:
@@ -71,7 +101,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, object]:
                 overlap_schedule=args.overlap_schedule,
                 triton_kernels=False if args.no_triton_kernels else None,
                 tensor_parallel_size=args.tensor_parallel_size,
-                tensor_parallel_timeout_s=args.tensor_parallel_timeout_s)
+                tensor_parallel_timeout_s=args.tensor_parallel_timeout_s, **speculative_options(args))
 
 
 def _add_generate_command(sub: argparse._SubParsersAction) -> None:

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-from deploy.cli import add_engine_arguments
+from deploy.cli import add_engine_arguments, speculative_options
+from engine.errors import ConfigError
 from deploy.launcher import LaunchError, LauncherServer
 from worker.config import free_port, transfer_options
 
@@ -290,11 +291,26 @@ def _tensor_parallel_flags(args: argparse.Namespace) -> tuple[str, ...]:
             "--tensor-parallel-timeout", str(args.tensor_parallel_timeout_s))
 
 
+def _speculative_flags(args: argparse.Namespace) -> tuple[str, ...]:
+    """For decode workers only: prefill samples one token a request and never drafts."""
+    if args.speculative is None:
+        return ()
+    flags = ["--speculative", args.speculative, "--num-speculative-tokens", str(args.num_speculative_tokens),
+             "--speculative-ngram-max", str(args.speculative_ngram_max)]
+    if args.speculative_draft_model:
+        flags += ["--speculative-draft-model", str(args.speculative_draft_model)]
+    return tuple(flags)
+
+
 def _up(args: argparse.Namespace) -> int:
     from kv_transfer import TransferOptionError
     if args.prefill < 0 or args.decode < 1 or args.encode < 0:
         raise SystemExit("epd up: --decode must be >= 1, --prefill and --encode >= 0")
     try:  # before any process starts: a bad option would fail every worker
+        speculative_options(args)
+    except ConfigError as exc:
+        args.usage_error(str(exc))
+    try:
         options = transfer_options(args.transfer, args.transfer_option)
     except TransferOptionError as exc:
         args.usage_error(str(exc))
@@ -309,7 +325,8 @@ def _up(args: argparse.Namespace) -> int:
                        transfer_options=tuple(args.transfer_option), policy=args.policy,
                        local_prefill_threshold=args.local_prefill_threshold, worker_args=_engine_flags(args),
                        prefill_args=_tensor_parallel_flags(args),
-                       decode_args=(*_session_flags(args, decode=True), *_tensor_parallel_flags(args)),
+                       decode_args=(*_session_flags(args, decode=True), *_tensor_parallel_flags(args),
+                                    *_speculative_flags(args)),
                        log_dir=args.log_dir,
                        router_args=(*_session_flags(args, decode=False), *_router_flags(args)), **_secrets_from_env())
     _check_autoscale(args)

@@ -22,6 +22,10 @@ class ScheduledRequest:
     # After this step every known token is computed: the step samples a new token. Fixed
     # when the item is made, before the step moves the request's counts (`of` computes it).
     completes_prompt: bool
+    # Speculation: the last num_draft_tokens of num_new_tokens are the request's
+    # draft_token_ids (positions past its known tokens); every one of the
+    # 1 + num_draft_tokens last positions gets a logits row, in order.
+    num_draft_tokens: int = 0
 
     @classmethod
     def of(cls, request: Request, num_new_tokens: int) -> ScheduledRequest:

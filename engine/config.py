@@ -223,6 +223,14 @@ class EngineConfig:
     # every collective of a step (and the ranks' start-up handshake).
     tensor_parallel_size: int = 1
     tensor_parallel_timeout_s: float = 120.0
+    # Speculative decoding (issue 17, engine/spec/): None (off) or a drafter's registry
+    # name ("ngram": prompt lookup over the request's own tokens; "draft": a smaller
+    # checkpoint with the same tokenizer, `speculative_draft_model`). Each decode step
+    # verifies up to num_speculative_tokens drafts per request in one target forward.
+    speculative: str | None = None
+    num_speculative_tokens: int = 3
+    speculative_draft_model: str | None = None
+    speculative_ngram_max: int = 3  # longest suffix n-gram looked up (down to 1)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> EngineConfig:
@@ -250,6 +258,26 @@ class EngineConfig:
         if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):
             raise ConfigError("cuda_graphs needs device 'cuda' and attention_backend 'triton'")
         self._validate_tensor_parallel()
+        self._validate_speculative()
+
+    def _validate_speculative(self) -> None:
+        """What can be checked without loading anything (engine/spec/draft_model.py
+        checks the draft checkpoint's vocabulary against the target's)."""
+        if self.speculative is None:
+            return
+        from engine.spec.drafter import drafter_names  # deferred: the router reads configs without torch
+        if self.speculative not in drafter_names():
+            raise ConfigError(f"unknown speculative method {self.speculative!r}; available: {drafter_names()}")
+        k = self.num_speculative_tokens
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"num_speculative_tokens must be a positive integer, got {k!r}")
+        n = self.speculative_ngram_max
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"speculative_ngram_max must be a positive integer, got {n!r}")
+        if self.speculative == "draft" and not self.speculative_draft_model:
+            raise ConfigError("speculative 'draft' needs speculative_draft_model (a checkpoint directory)")
+        if self.speculative != "draft" and self.speculative_draft_model:
+            raise ConfigError(f"speculative_draft_model is set but speculative is {self.speculative!r}, not 'draft'")
 
     def _validate_tensor_parallel(self) -> None:
         """What can be checked without the model (engine.parallel.layout checks the

@@ -30,11 +30,13 @@ from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import PageAccounting, Scheduler
 from engine.sessions import check_session_id
+from engine.spec.drafter import DrafterSetup
 from engine.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from engine.overlap import OverlapScheduler
     from engine.parallel.launch import TensorParallel
+    from engine.spec.speculation import Speculation, Verified
     from engine.vision_encoder import VisionEncoder
 
 
@@ -106,6 +108,13 @@ class Engine:
             self.runner = ParallelModelRunner(model_module, attention, self.device, self.tp.group)
         self.scheduler = Scheduler(self.config)
         self.sampler = Sampler(config.seed)
+        # Speculative decoding (engine/spec/): None when off.
+        self.speculation: Speculation | None = None
+        if config.speculative is not None:
+            from engine.spec.speculation import Speculation
+            self.speculation = Speculation(
+                DrafterSetup(self.config, self.model_config, self.model_path, self.tokenizer, self.device),
+                self.sampler, self._context_limit)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.eos_token_ids = set(self.model_config.eos_token_ids)
@@ -360,6 +369,8 @@ class Engine:
             return False
         request.finish_reason = "abort"
         self.scheduler.finish(request)
+        if self.speculation is not None:
+            self.speculation.release(request)
         return True
 
     # -- sessions and pinned prefixes -------------------------------------------------
@@ -400,6 +411,8 @@ class Engine:
     def step(self) -> list[StepOutput]:
         if self.overlap is not None:
             return self.overlap.step()
+        if self.speculation is not None:
+            self.speculation.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         self.last_batch = batch
         if not batch.scheduled:
@@ -426,8 +439,31 @@ class Engine:
             self.counters.prefill_tokens_total += max(
                 0, min(start + item.num_new_tokens, request.num_prompt_tokens) - start)
             request.num_computed_tokens += item.num_new_tokens
+        if self.speculation is not None:
+            return [self._append_verified(v) for v in self.speculation.verify(batch, logits)]
         samples = self.sampler.sample(logits, sampling)
         return [self._append_token(r, token, lp) for r, (token, lp) in zip(sampling, samples)]
+
+    def _append_verified(self, verified: Verified) -> StepOutput:
+        """Append a step's tokens up to the first that stops the request, then roll the
+        computed count back to num_tokens - 1: the KV of rejected drafts (and of tokens
+        past a stop) is no longer the request's (speculation.py states why that is safe)."""
+        request, emitted, reason = verified.request, [], None
+        for index, token in enumerate(verified.token_ids):
+            request.output_token_ids.append(token)
+            emitted.append(token)
+            if verified.logprobs:
+                request.logprobs.append(verified.logprobs[index])
+            reason = self._check_stop(request, token)
+            if reason is not None:
+                break
+        self.counters.generated_tokens_total += len(emitted)
+        request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens - 1)
+        request.draft_token_ids = []
+        if reason is not None:
+            self._finish(request, reason)
+        return StepOutput(request.request_id, emitted, list(verified.logprobs[:len(emitted)]),
+                          reason is not None, reason, request)
 
     def _append_token(self, request: Request, token: int, logprob: TokenLogprob | None) -> StepOutput:
         request.output_token_ids.append(token)
@@ -443,6 +479,8 @@ class Engine:
     def _finish(self, request: Request, reason: str) -> None:
         request.finish_reason = reason
         self.requests.pop(request.request_id, None)
+        if self.speculation is not None:
+            self.speculation.release(request)
         if request.hold_pages:  # prefill role: pages stay until release_held
             self.scheduler.park(request)
             request.status = RequestStatus.FINISHED

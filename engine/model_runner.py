@@ -126,16 +126,21 @@ class ModelRunner:
             end = start + count
             if start < request.images_end:
                 _image_parts(request, start, end, len(ids), image_rows, image_embeds)
-            ids.extend(token_slice(request, start, end))
+            drafts = item.num_draft_tokens
+            ids.extend(token_slice(request, start, end - drafts))
+            if drafts:
+                ids.extend(request.draft_token_ids)  # exactly `drafts` of them (the scheduler's cut)
             starts.append(start)
             batch.query_lens.append(count)
             batch.seq_lens.append(end)
             rows.append(page_rows.get(request, -(-end // page_size)))
             source = sources.get(request)
-            if source is not None:
-                fill_rows.append(len(ids) - 1)
+            if source is not None:  # the placeholder is the last known token: no drafts follow it
+                fill_rows.append(len(ids) - 1 - drafts)
                 fill_sources.append(source)
-            if item.completes_prompt:
+            if drafts:
+                logits_indices.extend(range(len(ids) - 1 - drafts, len(ids)))
+            elif item.completes_prompt:
                 logits_indices.append(len(ids) - 1)
         if len(page_rows) > 2 * len(rows) + 32:
             page_rows.drop_stale()
@@ -175,7 +180,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, batch: Batch, carried: CarriedTokens | None = None) -> torch.Tensor:
-        """Logits [sequences completing their known tokens, vocab] in batch order."""
+        """Logits [sequences completing their known tokens, vocab] in batch order (a
+        sequence with drafts: 1 + num_draft_tokens rows, its last known token's first)."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch, carried)
         self.prepare(batch, carried)

@@ -13,7 +13,9 @@ was already scheduled once more: that step's work is discarded (its KV writes la
 pages that later steps may reuse only after it, in stream order).
 
 Only batches whose sampling is plain greedy take this path; any other batch first
-resolves the step in flight and then runs as `Engine.step` does.
+resolves the step in flight and then runs as `Engine.step` does. With speculation on,
+every step resolves the one in flight before drafting, and verify steps run
+synchronously (`_step_speculative`): correct and exact, but without the overlap.
 """
 from __future__ import annotations
 
@@ -70,6 +72,8 @@ class OverlapScheduler:
         return self.in_flight is not None and not all(r.finished for r in self.in_flight.requests)
 
     def step(self) -> list[StepOutput]:
+        if self.engine.speculation is not None:
+            return self._step_speculative()
         start = time.perf_counter()
         wait_before = self.timings.wait
         batch = self.engine.scheduler.schedule()
@@ -83,6 +87,25 @@ class OverlapScheduler:
             self.timings.launch += time.perf_counter() - launch_start
             outputs = self._resolve()
             self.in_flight = launched
+        self.timings.steps += 1
+        self.timings.cpu += time.perf_counter() - start - (self.timings.wait - wait_before)
+        return outputs
+
+    def _step_speculative(self) -> list[StepOutput]:
+        """With speculation the host drafts from tokens it has read: the step in flight is
+        resolved before drafting, and a batch that verifies drafts runs synchronously
+        (its accepted tokens decide the next step's inputs and page needs). A batch
+        without drafts still launches asynchronously and is read at the next step."""
+        engine, start = self.engine, time.perf_counter()
+        wait_before = self.timings.wait
+        outputs = self._resolve()
+        assert engine.speculation is not None
+        engine.speculation.propose(engine.scheduler.running)
+        batch = engine.scheduler.schedule()
+        if any(item.num_draft_tokens for item in batch.scheduled) or not self._can_overlap(batch):
+            outputs += self._run_synchronously(batch)
+        elif batch.scheduled:
+            self.in_flight = self._launch(batch)
         self.timings.steps += 1
         self.timings.cpu += time.perf_counter() - start - (self.timings.wait - wait_before)
         return outputs

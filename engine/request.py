@@ -52,6 +52,11 @@ class Request:
     # Decode role: the session this request is a turn of ("" for none); its KV stays
     # with the session when it finishes (engine/sessions.py).
     session_id: str = ""
+    # Speculation (engine/spec/): tokens proposed after the known ones, set by the
+    # engine's Speculation before a step is scheduled and cleared when it is processed
+    # (the scheduler may shorten the list to its budget). Never part of num_tokens; the
+    # runner feeds them after the last known token.
+    draft_token_ids: list[int] = field(default_factory=list)
     # Images of the prompt, in prompt order, each with its embedding (or only its hash
     # where the KV comes from elsewhere). The prefix cache sees `prompt_cache_keys`:
     # the prompt with image positions keyed by image hash (the prompt itself if none).

@@ -5,6 +5,8 @@ samples do not depend on what else is in the batch, nor on preemption and recomp
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from engine.request import Request, TokenLogprob
@@ -73,24 +75,55 @@ class Sampler:
         results = []
         for row, request in zip(logits, requests):
             token = self._sample_row(row.clone(), request)
-            results.append((token, _logprob_entry(raw_logprobs[len(results)], token, request.params)))
+            results.append((token, logprob_entry(raw_logprobs[len(results)], token, request.params)))
         return results
 
     def _sample_row(self, row: torch.Tensor, request: Request) -> int:
-        row = finite_logits(apply_penalties(row, request))
-        if request.params.greedy:
-            return int(torch.argmax(row))
-        probs = torch.softmax(filter_logits(row, request.params), dim=-1).cpu()
-        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
-            return int(torch.argmax(row))  # nothing left to draw from: the best remaining token
-        generator = self._generator
-        if request.params.seed is not None:
-            generator = torch.Generator().manual_seed(
-                (request.params.seed * 1_000_003 + len(request.output_token_ids)) % (2**63))
-        return int(torch.multinomial(probs, 1, generator=generator))
+        choice = sampling_choice(row, request)
+        if choice.token is not None:
+            return choice.token
+        assert choice.probs is not None
+        generator = self.generator_for(request, len(request.output_token_ids))
+        return int(torch.multinomial(choice.probs, 1, generator=generator))
+
+    def generator_for(self, request: Request, output_index: int, stream: int = 0) -> torch.Generator:
+        """The generator that draws output token number `output_index`: seeded by
+        (seed, index, stream) for a seeded request, else the sampler's own. `stream`
+        separates independent draws of one position (speculation: the drafter's sample
+        must not be correlated with the verifier's)."""
+        seed = request.params.seed
+        if seed is None:
+            return self._generator
+        return seeded_generator(seed, output_index, stream)
 
 
-def _logprob_entry(logprobs: torch.Tensor, token: int, params: SamplingParams) -> TokenLogprob | None:
+def seeded_generator(seed: int, output_index: int, stream: int = 0) -> torch.Generator:
+    """The generator of a seeded request's output token number `output_index`; stream 0
+    is what plain sampling uses (its samples depend on nothing else)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + output_index + stream * 7_919_000_011) % (2**63))
+
+
+class SamplingChoice(NamedTuple):
+    """What one row's sampling reduces to: the distribution to draw from (CPU, float),
+    or, when that is None, the one token it must be (greedy, or nothing left to draw)."""
+
+    probs: torch.Tensor | None
+    token: int | None  # set exactly when probs is None
+
+
+def sampling_choice(row: torch.Tensor, request: Request) -> SamplingChoice:
+    """Penalties, temperature and filters on one logits row (modified in place), as
+    sampling applies them; speculation's verifier reads the same distribution."""
+    row = finite_logits(apply_penalties(row, request))
+    if request.params.greedy:
+        return SamplingChoice(None, int(torch.argmax(row)))
+    probs = torch.softmax(filter_logits(row, request.params), dim=-1).cpu()
+    if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0.0:
+        return SamplingChoice(None, int(torch.argmax(row)))  # nothing left to draw from: the best remaining token
+    return SamplingChoice(probs, None)
+
+
+def logprob_entry(logprobs: torch.Tensor, token: int, params: SamplingParams) -> TokenLogprob | None:
     if params.logprobs is None:
         return None
     top: list[tuple[int, float]] = []

@@ -155,6 +155,11 @@ class Scheduler:
             computed = request.num_computed_tokens
             remaining = request.num_tokens - computed
             count = remaining if remaining <= budget else budget
+            drafts = request.draft_token_ids
+            if drafts:  # only a decoding request (remaining 1) has drafts: verify them too
+                if len(drafts) >= budget:
+                    del drafts[budget - 1:]
+                count += len(drafts)
             needed = -(-(computed + count) // page_size) - len(request.pages)  # as _pages_needed
             if needed > 0:
                 if not self._reserve(needed):
@@ -167,7 +172,7 @@ class Scheduler:
                         break
                     continue
                 request.pages.extend(self.pool.allocate(needed))
-            scheduled.append(ScheduledRequest(request, count, count == remaining))
+            scheduled.append(ScheduledRequest(request, count, count >= remaining, len(drafts)))
             budget -= count
             index += 1
         return _RunningScheduled(preempted, budget)
@@ -230,6 +235,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        request.draft_token_ids = []
         self._release(request)
         request.status = RequestStatus.WAITING
         request.num_preemptions += 1

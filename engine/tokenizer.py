@@ -59,6 +59,10 @@ class Tokenizer:
             raise ConfigError(f"cannot read tokenizer in {path}: {exc}") from exc
         return Tokenizer(backend, config)
 
+    def vocab(self) -> dict[str, int]:
+        """Token text -> id, added tokens included."""
+        return self._backend.get_vocab(with_added_tokens=True)
+
     @property
     def vocab_size(self) -> int:
         return self._backend.get_vocab_size(with_added_tokens=True)

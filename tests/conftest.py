@@ -17,3 +17,17 @@ def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 def tiny_model_path() -> Path:
     from engine.model_path import default_model_path
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def loopy_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with weak attention: n-gram speculation accepts part of its output."""
+    from tests.engine.spec_models import write_loopy
+    return write_loopy(tmp_path_factory.mktemp("loopy"))
+
+
+@pytest.fixture(scope="session")
+def small_draft_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer draft model with the tiny tokenizer."""
+    from tests.engine.spec_models import write_small_draft
+    return write_small_draft(tmp_path_factory.mktemp("small-draft"))

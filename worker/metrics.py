@@ -17,7 +17,12 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from engine.spec.stats import SpecStats
 
 PREFIX = "epd_worker_"
 # A worker's requests: decode streams last seconds to minutes, prefill and encode calls
@@ -164,3 +169,34 @@ def status_samples(snapshot: dict[str, float], counters: Iterable[str], backend:
         used = capacity - snapshot.get("kv_pages_free", 0) - snapshot.get("kv_pages_cached", 0)
         out += [Sample("kv_pages_used", float(used)), Sample("kv_page_utilization", used / capacity)]
     return out
+
+
+def _cumulative(bounds: Iterable[float], counts: list[int]) -> tuple[tuple[str, float], ...]:
+    out, running = [], 0
+    for bound, count in zip([*(f"{b:g}" for b in bounds), "+Inf"], list(counts)):
+        running += count
+        out.append((bound, float(running)))
+    return tuple(out)
+
+
+def spec_samples(stats: SpecStats) -> list[Sample | HistogramSample]:
+    """Speculative decoding (engine/spec/stats.py), read live from the engine's counts:
+    `spec_acceptance_length` (tokens a verify step emitted per request, 1 .. K+1),
+    `spec_accepted_tokens_per_step` (drafts accepted over one engine step's batch),
+    `spec_drafter_seconds` (the drafter's time per engine step), and counters."""
+    from engine.spec.stats import ACCEPTED_PER_STEP_BOUNDS, DRAFTER_SECONDS_BOUNDS
+    lengths = list(stats.acceptance_length_counts)
+    length_bounds = range(1, len(lengths) - 1)  # bucket n counts steps that emitted n tokens (0 is unused)
+    length_sum = float(sum(n * c for n, c in enumerate(lengths)))
+    per_step = list(stats.accepted_per_step_counts)
+    return [
+        HistogramSample("spec_acceptance_length", _cumulative(length_bounds, lengths[1:]), length_sum),
+        HistogramSample("spec_accepted_tokens_per_step", _cumulative(ACCEPTED_PER_STEP_BOUNDS, per_step),
+                        float(stats.accepted_tokens_total)),
+        HistogramSample("spec_drafter_seconds", _cumulative(DRAFTER_SECONDS_BOUNDS, list(stats.drafter_seconds_counts)),
+                        stats.drafter_seconds_total),
+        Sample("spec_draft_tokens_total", float(stats.draft_tokens_total), counter=True),
+        Sample("spec_accepted_tokens_total", float(stats.accepted_tokens_total), counter=True),
+        Sample("spec_verify_steps_total", float(stats.verify_steps_total), counter=True),
+        Sample("spec_mean_acceptance_length", stats.mean_acceptance_length),
+    ]

@@ -27,7 +27,7 @@ from worker.events import KVEventLog
 from worker.http import WorkerHTTPServer
 from worker.kv_layout import KV_REGION, kv_regions  # noqa: F401 - KV_REGION re-exported
 from worker.metrics import (REQUEST_BUCKETS, TRANSFER_BUCKETS, CountsBy, DurationHistogram, MetricSource, Sample,
-                            families, status_samples)
+                            families, spec_samples, status_samples)
 from worker.pins import Pins, pin_counts
 from worker.registration import deregister, register_loop
 
@@ -41,8 +41,11 @@ async def _maybe_await(value: Any) -> Any:
 class WorkerRuntime:
     def __init__(self, config: WorkerConfig) -> None:
         self.config = config
+        options = dict(config.engine_options)
+        if config.role != "decode":  # prefill samples a request's first token only; encode none: no drafting
+            options.update(speculative=None, speculative_draft_model=None)
         self.engine = Engine(config.model, EngineConfig(), **{
-            **config.engine_options, "max_sessions": config.max_sessions,
+            **options, "max_sessions": config.max_sessions,
             "session_idle_timeout_s": config.session_idle_timeout_s})
         self.async_engine = AsyncEngine(self.engine)
         # "none": an aggregated worker (decode that prefills everything itself).
@@ -77,6 +80,9 @@ class WorkerRuntime:
         self.metric_sources.extend(self._observe_metrics())
         self.pins = Pins(self)  # PinPrefix / UnpinPrefix and requests' own pins
         self.metric_sources += [self.pins.samples, self._session_samples]
+        if self.engine.speculation is not None:
+            stats = self.engine.speculation.stats
+            self.metric_sources.append(lambda: spec_samples(stats))
 
     def _observe_metrics(self) -> list[MetricSource]:
         """Histograms of this worker's admission calls and of its KV transfer writes."""

@@ -1,0 +1,192 @@
+"""Speculative decoding's inter-token latency (issue 17), offline on one engine.
+
+For each setting (no speculation; n-gram with K in --ngram-k; a draft model with K in
+--draft-k) and each batch size, runs B greedy requests of a repetitive workload and
+prints the mean ITL beside the measured acceptance length (tokens a verify step emits
+per request; 1.0 = nothing accepted). The draft model is a 1-layer model of the
+target's hidden shape (random weights, like the target's with --load-format dummy).
+
+Workload: each prompt is a random segment repeated --repeats times. n-gram lookup
+proposes from the prompt and the output; whatever is accepted is what the target
+itself produced (random-weight models under greedy decoding fall into loops, which
+lookup catches): acceptance is measured, never assumed.
+
+  python -m bench.spec_bench --model tiny                      # CPU smoke run
+  python -m bench.spec_bench --model llama-3.1-8b --device cuda # the GPU run (bench/spec_gpu.sh)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import Engine, SamplingParams
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Result:
+    setting: str
+    batch: int
+    itl_ms: float
+    acceptance_length: float  # 1.0 without speculation
+    tokens: int
+
+
+def write_models(model: str, root: Path) -> tuple[Path, Path]:
+    """(target, 1-layer draft) checkpoint directories for a preset or the tiny model."""
+    root.mkdir(parents=True, exist_ok=True)
+    if model == "tiny":
+        from engine.model_path import default_model_path
+        from engine.tiny import create_tiny_model
+        draft = create_tiny_model(root / "tiny-draft", seed=11)
+        _keep_one_layer(draft)
+        return default_model_path(), draft
+    from bench.presets import write_model_dir
+    target = write_model_dir(model, root / model)
+    draft = write_model_dir(model, root / f"{model}-draft-1layer")
+    config = json.loads((draft / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (draft / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return target, draft
+
+
+def _keep_one_layer(directory: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    config = json.loads((directory / "config.json").read_text())
+    config["num_hidden_layers"] = 1
+    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    weights = load_file(str(directory / "model.safetensors"))
+    kept = {k: v for k, v in weights.items() if not k.startswith("model.layers.") or k.startswith("model.layers.0.")}
+    save_file(kept, str(directory / "model.safetensors"))
+
+
+def workload(batch: int, prompt_len: int, repeats: int, vocab: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    segment_len = max(1, prompt_len // repeats)
+    return [[rng.randrange(3, min(vocab, 500)) for _ in range(segment_len)] * repeats for _ in range(batch)]
+
+
+def run_batch(engine: Engine, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
+    """Mean ITL (s) over the requests: (last token time - first token time) / (tokens - 1)."""
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    counts = dict.fromkeys(ids, 0)
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            if out.new_token_ids:
+                first.setdefault(out.request_id, now)
+                last[out.request_id] = now
+                counts[out.request_id] += len(out.new_token_ids)
+    itls = [(last[r] - first[r]) / (counts[r] - 1) for r in ids if counts[r] > 1]
+    return sum(itls) / len(itls), sum(counts.values())
+
+
+def measure(target: Path, setting: Setting, args: argparse.Namespace, batches: list[int]) -> list[Result]:
+    engine = Engine(target, **engine_options(args), **setting.options)
+    try:
+        vocab = engine.model_config.vocab_size
+        run_batch(engine, workload(max(batches), args.prompt_len, args.repeats, vocab, 99), 8)  # warm-up
+        results = []
+        for batch in batches:
+            stats = engine.speculation.stats if engine.speculation is not None else None
+            before = (stats.accepted_tokens_total, stats.verify_steps_total) if stats else (0, 0)
+            itl, tokens = run_batch(engine, workload(batch, args.prompt_len, args.repeats, vocab, batch), args.output_len)
+            length = 1.0
+            if stats is not None and stats.verify_steps_total > before[1]:
+                steps = stats.verify_steps_total - before[1]
+                length = (stats.accepted_tokens_total - before[0] + steps) / steps
+            results.append(Result(setting.name, batch, itl * 1e3, length, tokens))
+        engine.check_page_invariants()
+        return results
+    finally:
+        engine.close()
+        del engine
+        _empty_cuda_cache()
+
+
+def _empty_cuda_cache() -> None:
+    import torch
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = dict(device=args.device, num_pages=args.num_pages, max_model_len=args.max_model_len,
+                                   max_num_seqs=max(16, max(int(b) for b in args.batches.split(","))))
+    if args.model != "tiny":
+        options.update(load_format="dummy")
+    if args.device.startswith("cuda"):
+        options.update(attention_backend="triton", dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
+                       overlap_schedule=not args.no_overlap)
+    return options
+
+
+def settings(args: argparse.Namespace, draft: Path) -> list[Setting]:
+    out = [Setting("none", {})]
+    out += [Setting(f"ngram-k{k}", {"speculative": "ngram", "num_speculative_tokens": k}) for k in _ints(args.ngram_k)]
+    out += [Setting(f"draft-k{k}", {"speculative": "draft", "num_speculative_tokens": k,
+                                    "speculative_draft_model": str(draft)}) for k in _ints(args.draft_k)]
+    return out
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def report(results: list[Result]) -> None:
+    base = {r.batch: r.itl_ms for r in results if r.setting == "none"}
+    print(f"{'setting':<12} {'batch':>5} {'ITL ms':>9} {'speedup':>8} {'accept len':>10} {'tokens':>7}")
+    for r in results:
+        speedup = base[r.batch] / r.itl_ms if r.batch in base and r.itl_ms > 0 else float("nan")
+        print(f"{r.setting:<12} {r.batch:>5} {r.itl_ms:>9.3f} {speedup:>7.2f}x {r.acceptance_length:>10.2f} "
+              f"{r.tokens:>7}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-3.1-8b", help="'tiny' or a bench.presets name")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--ngram-k", default="3,5")
+    parser.add_argument("--draft-k", default="3")
+    parser.add_argument("--prompt-len", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=4, help="the prompt is one segment repeated this often")
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--num-pages", type=int, default=4096)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    parser.add_argument("--no-cuda-graphs", action="store_true")
+    parser.add_argument("--no-overlap", action="store_true")
+    parser.add_argument("--work-dir", type=Path, default=Path("/tmp/spec-bench"))
+    parser.add_argument("--out", type=Path, help="also write the results as JSON here")
+    args = parser.parse_args(argv)
+    print("command:", shlex.join([sys.executable, "-m", "bench.spec_bench", *(argv if argv is not None else sys.argv[1:])]))
+    target, draft = write_models(args.model, args.work_dir)
+    batches = _ints(args.batches)
+    print(f"model {args.model} on {args.device}; options {engine_options(args)}; prompt {args.prompt_len} "
+          f"({args.repeats} repeats), output {args.output_len}", flush=True)
+    results = [r for s in settings(args, draft) for r in measure(target, s, args, batches)]
+    report(results)
+    if args.out:
+        args.out.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

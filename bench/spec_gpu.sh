@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Issue 17 on one GPU (H200 or H100) through the device tool, one command:
+#   bash bench/spec_gpu.sh
+# 1. the speculation GPU tests (graphs + overlap + Triton, greedy exact vs no speculation);
+# 2. bench.spec_bench on Llama-3.1-8B (random weights) with a 1-layer draft of its shape:
+#    ITL at batch 1 and 16 for none / ngram K=3,5 / draft K=3, beside the acceptance length.
+# Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels grpcio==1.85.3
+# grpcio-tools==1.85.1 protobuf==7.36.2 pytest pytest-timeout) as bench/serving_speed.sh does.
+set -uo pipefail
+out=${OUT:-/tmp/out}
+mkdir -p "$out"
+[ -d /tmp/site/grpc ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+  --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
+python3 -m proto.build >/dev/null || exit 1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/machine.log"
+python3 -m pytest -q -p no:cacheprovider tests/engine/test_spec_gpu.py tests/engine/test_triton_engine.py 2>&1 \
+  | tee "$out/spec-gpu-tests.log"
+python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
+  --ngram-k 3,5 --draft-k 3 --prompt-len 512 --repeats 4 --output-len 256 --num-pages 8192 \
+  --out "$out/spec-bench.json" 2>&1 | tee "$out/spec-bench.log"
