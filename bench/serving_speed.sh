@@ -10,7 +10,7 @@
 #   c256       512 x 1,024 in / 256 out at concurrency 256, with --offline-baseline;
 #              py-spy samples the worker and the router for 10 s of the load
 #   c256-B     the same at a token budget of B (--max-num-batched-tokens B)
-# Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels grpcio==1.85.3
+# Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels httptools==0.9.0 grpcio==1.85.3
 # grpcio-tools==1.85.1 protobuf==7.36.2 py-spy).
 set -uo pipefail
 out=${OUT:-/tmp/out}

@@ -121,7 +121,12 @@ def measure(target: Path, setting: Setting, args: argparse.Namespace, batches: l
 
 
 def _empty_cuda_cache() -> None:
+    """Give the engine's memory back before the next one loads: its parts refer to each
+    other (runner, graphs, drafter), so only a collection frees them."""
+    import gc
+
     import torch
+    gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
@@ -181,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     batches = _ints(args.batches)
     print(f"model {args.model} on {args.device}; options {engine_options(args)}; prompt {args.prompt_len} "
           f"({args.repeats} repeats), output {args.output_len}", flush=True)
-    results = [r for s in settings(args, draft) for r in measure(target, s, args, batches)]
+    results: list[Result] = []
+    for setting in settings(args, draft):
+        measured = measure(target, setting, args, batches)
+        for r in measured:  # as they come: a later setting's failure loses none of these
+            print(f"measured: {r}", flush=True)
+        results += measured
     report(results)
     if args.out:
         args.out.write_text(json.dumps([r.__dict__ for r in results], indent=2) + "\n")
