@@ -12,13 +12,7 @@
 #   c256-B     the same at a token budget of B (--max-num-batched-tokens B)
 # Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels httptools==0.9.0 grpcio==1.85.3
 # grpcio-tools==1.85.1 protobuf==7.36.2 py-spy).
-set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-[ -d /tmp/site/grpc ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-python3 -m proto.build >/dev/null || exit 1
+source "$(dirname "$0")/device_env.sh"
 [ -f /tmp/l8b/config.json ] || python3 -c "from bench.presets import write_model_dir; from pathlib import Path; \
 write_model_dir('llama-3.1-8b', Path('/tmp/l8b'))" || exit 1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$out/machine.log"

@@ -6,13 +6,7 @@
 #    ITL at batch 1 and 16 for none / ngram K=3,5 / draft K=3, beside the acceptance length.
 # Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels grpcio==1.85.3
 # grpcio-tools==1.85.1 protobuf==7.36.2 pytest pytest-timeout) as bench/serving_speed.sh does.
-set -uo pipefail
-out=${OUT:-/tmp/out}
-mkdir -p "$out"
-[ -d /tmp/site/grpc ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-  --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 PATH=/tmp/site/bin:$PATH
-python3 -m proto.build >/dev/null || exit 1
+source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/machine.log"
 python3 -m pytest -q -p no:cacheprovider tests/engine/test_spec_gpu.py tests/engine/test_triton_engine.py 2>&1 \
   | tee "$out/spec-gpu-tests.log"
