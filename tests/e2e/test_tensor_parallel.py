@@ -64,10 +64,16 @@ def _tp(size: int) -> tuple[str, ...]:
 
 def _check_disaggregated(cluster, expected: list[list[int]]) -> None:  # noqa: ANN001
     assert asyncio.run(_run(cluster.grpc_address)) == expected
-    wait_for(lambda: all(e["running"] == 0 and e["waiting"] == 0 for e in cluster_status(cluster)), 10)
+    # The router refreshes worker status every half second: wait until its snapshot shows
+    # an idle cluster and the prefill worker's counts (the prompts were prefilled remotely).
+    def settled() -> bool:
+        status = cluster_status(cluster)
+        return all(e["running"] == 0 and e["waiting"] == 0 for e in status) \
+            and by_role(status, "prefill")[0]["prefill_tokens_total"] > 0 \
+            and by_role(status, "prefill")[0]["kv_bytes_sent_total"] == by_role(status, "decode")[0]["kv_bytes_received_total"]
+    wait_for(settled, 10)  # a count that never arrives (or bytes that never match) times out: a failure
     status = cluster_status(cluster)
     (prefill,), (decode,) = by_role(status, "prefill"), by_role(status, "decode")
-    assert prefill["prefill_tokens_total"] > 0  # every prompt was prefilled remotely
     assert 0 < prefill["kv_bytes_sent_total"] == decode["kv_bytes_received_total"]
 
 
