@@ -155,31 +155,18 @@ class AsyncEngine:
                 queue.put_nowait(out)
 
     async def _loop(self) -> None:
-        """Step, publish, repeat. Without an after-step hook the next step is handed to the
-        engine thread before this step's outputs are published: the streams' per-token work
-        on this loop (one message per request per step) then runs while the engine prepares
-        and launches the next step, instead of between steps. Work that callers queue with
-        `run` still runs on the engine thread between two steps, in the order queued. With a
-        hook (a prefill worker shipping KV of the prompts a step finished) each step waits
-        for the hook before the next one starts."""
         loop = asyncio.get_running_loop()
-        pending: asyncio.Future[list[StepOutput] | None] | None = None
         while True:
             try:
-                if pending is None:
-                    pending = loop.run_in_executor(self._executor, self._step_if_work)
-                outputs = await pending
+                outputs = await loop.run_in_executor(self._executor, self._step_if_work)
             except Exception as exc:  # noqa: BLE001 - fail the live requests, keep serving
                 logger.exception("engine step failed")
                 self.step_error = exc
                 outputs = await self.run(self._fail_all, f"engine step failed: {exc}")
-            pending = None
             if outputs is None:  # nothing to do: sleep until a caller adds work
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self._after_step is None:
-                pending = loop.run_in_executor(self._executor, self._step_if_work)
             self.publish(outputs)
             if self._after_step is not None:
                 try:
