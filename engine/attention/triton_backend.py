@@ -30,6 +30,7 @@ from engine.models.ops import TorchOps
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class TritonAttentionMetadata:
     page_table: torch.Tensor  # [B, W] int32; row i's first ceil(seq_lens[i] / page) entries are valid
@@ -37,8 +38,9 @@ class TritonAttentionMetadata:
     query_start: torch.Tensor  # [B + 1] int32 offsets of each sequence's new tokens
     max_query_len: int
     num_splits: int  # decode only: context splits, fixed per CUDA graph
-    # Lengths of the prompts when the batch is a few whole prompts with nothing cached:
-    # their K/V are the step's own k/v, and torch's fused SDPA is faster there (measured).
+    # Lengths of the prompts when the batch is a few whole prompts with nothing cached and
+    # the flash varlen path is off: their K/V are the step's own k/v, and torch's fused
+    # SDPA is faster there than the Triton kernel (measured).
     whole_prompts: tuple[int, ...] | None = None
     # A mixed batch (decode rows first, as the scheduler orders them, then prefill chunks):
     # the decode rows take the decode kernel, the rest the prefill kernel. Through the
