@@ -26,6 +26,7 @@ import torch
 
 from bench.presets import PRESETS, write_model_dir
 from engine.batch import Batch, ScheduledRequest
+from engine.config import ModelConfig
 from engine.engine import Engine
 from engine.request import Request
 from engine.sampling_params import SamplingParams
@@ -123,28 +124,72 @@ def bench_prefill(engine: Engine, matmul_rate: float, prompts: int, length: int,
     seconds = mean_time(run, iters=5)
     layer_params, head_params = linear_params(engine)
     tokens = prompts * length
-    attention_flops = prompts * length * (length + 1) // 2 * 4 * cfg.num_heads * cfg.head_dim * cfg.num_layers
-    flops = 2 * layer_params * tokens + 2 * head_params * prompts + attention_flops
-    rows.append(Row("prefill", f"{prompts} x {length} tokens: time", seconds * 1e3, "ms", "mean of 5 back-to-back"))
+    attention = attention_flops([length] * prompts, [length] * prompts, cfg.num_heads, cfg.head_dim) * cfg.num_layers
+    flops = 2 * layer_params * tokens + 2 * head_params * prompts + attention
+    path = "flash varlen attention" if engine.runner.attention.flash_prefill else "flash prefill unavailable"
+    rows.append(Row("prefill", f"{prompts} x {length} tokens: time", seconds * 1e3, "ms",
+                    f"mean of 5 back-to-back; {path}"))
     rows.append(Row("prefill", "throughput", tokens / seconds, "tokens/s"))
     rows.append(Row("prefill", "achieved", flops / seconds / 1e12, "TFLOP/s",
                     f"2*params*tokens + attention ({flops / 1e12:.1f} TFLOP)"))
     rows.append(Row("prefill", "MFU vs measured matmul rate", flops / seconds / matmul_rate, "fraction"))
+    if engine.runner.attention.flash_prefill:  # the path before it, in the same run
+        engine.runner.attention.flash_prefill = False
+        try:
+            before = mean_time(run, iters=5)
+        finally:
+            engine.runner.attention.flash_prefill = True
+        rows.append(Row("prefill", "MFU with flash prefill off (SDPA per prompt)", flops / before / matmul_rate,
+                        "fraction", f"{before * 1e3:.1f} ms"))
     release(engine, requests)
     return requests, logits
 
 
+def attention_flops(query_lens: list[int], seq_lens: list[int], heads: int, head_dim: int) -> int:
+    """Causal attention FLOPs (QK^T and PV) of queries at the last positions of their sequences."""
+    visible = sum(q * (s - q) + q * (q + 1) // 2 for q, s in zip(query_lens, seq_lens))
+    return 4 * heads * head_dim * visible
+
+
+def engine_attention(engine: Engine, requests: list[Request], flash: bool) -> tuple[Callable[[], object], str]:
+    """One layer of the attention the engine runs for these requests' next step, on a
+    prepared batch (K/V writes excluded: the new rows are already in the pages), with the
+    flash prefill path on or off; and the path's name."""
+    cfg, attention = engine.model_config, engine.runner.attention
+    batch = batch_of(requests)
+    attention.flash_prefill, chosen = flash, attention.flash_prefill
+    engine.runner.prepare(batch)
+    attention.prepare(batch)
+    attention.flash_prefill = chosen
+    meta = batch.attention_metadata
+    path = ("flash varlen" + (" + gather" if meta.varlen.gather_rows is not None else "")) if meta.varlen \
+        else "SDPA per prompt" if meta.whole_prompts else "triton paged kernel"
+    tokens = batch.num_tokens
+    # q, k, v as the model hands them over: strided views of one projection's output.
+    qkv = torch.randn(tokens, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, device=engine.device,
+                      dtype=engine.kv_cache.buffer.dtype)
+    q, k, v = qkv.split([cfg.num_heads * cfg.head_dim] + [cfg.num_kv_heads * cfg.head_dim] * 2, dim=-1)
+    q = q.view(tokens, cfg.num_heads, cfg.head_dim)
+    k, v = (t.view(tokens, cfg.num_kv_heads, cfg.head_dim) for t in (k, v))
+    return (lambda: attention._attend(0, q, k, v, batch)), path
+
+
 def bench_prefill_attention(engine: Engine, prompts: int, length: int, rows: list[Row]) -> None:
-    """The Triton prefill kernel (keys through pages) against torch's fused SDPA
-    (contiguous keys, one call per sequence), same shapes."""
+    """One layer of prefill attention, 4 x 2,048 fresh prompts: the engine's path, the
+    Triton prefill kernel (keys through pages) and torch's fused SDPA (contiguous keys,
+    one call per sequence), same shapes; then chunks over a cached prefix (half of each
+    sequence): the engine's path against the Triton kernel's."""
     import torch.nn.functional as F
 
     from engine.kernels.prefill_attention import prefill_attention
     cfg = engine.model_config
     requests = make_requests(engine, [length] * prompts, [0] * prompts, seed=2)
     batch = batch_of(requests)
+    attention = engine.runner.attention
+    attention.flash_prefill, chosen = False, attention.flash_prefill
     engine.runner.prepare(batch)
-    engine.runner.attention.prepare(batch)
+    attention.prepare(batch)
+    attention.flash_prefill = chosen
     meta = batch.attention_metadata
     k_pages, v_pages = engine.kv_cache.layer_views(0)
     q = torch.randn(prompts * length, cfg.num_heads, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -152,20 +197,69 @@ def bench_prefill_attention(engine: Engine, prompts: int, length: int, rows: lis
     # Each timing covers BACK_TO_BACK calls, as a prefill's layers run: a call's host
     # launch overlaps the one before on the GPU (alone, a Triton launch's Python time
     # would be timed as GPU idle).
-    triton_s = median_time(lambda: [prefill_attention(q, k_pages, v_pages, meta.page_table, meta.query_start,
-                                                      meta.seq_lens, length, scale)
-                                    for _ in range(BACK_TO_BACK)], 10) / BACK_TO_BACK
+    per_call = lambda fn: median_time(lambda: [fn() for _ in range(BACK_TO_BACK)], 10) / BACK_TO_BACK  # noqa: E731
+    triton_s = per_call(lambda: prefill_attention(q, k_pages, v_pages, meta.page_table, meta.query_start,
+                                                  meta.seq_lens, length, scale))
     qs = q.view(prompts, length, cfg.num_heads, cfg.head_dim).transpose(1, 2)
     kv = torch.randn(prompts, cfg.num_kv_heads, length, cfg.head_dim, device="cuda", dtype=torch.bfloat16)
     sdpa = lambda: [F.scaled_dot_product_attention(qs[i:i + 1], kv[i:i + 1], kv[i:i + 1], is_causal=True,  # noqa: E731
                                                    scale=scale, enable_gqa=True)
-                    for _ in range(BACK_TO_BACK) for i in range(prompts)]
-    sdpa_s = median_time(sdpa, 10) / BACK_TO_BACK
-    flops = prompts * length * (length + 1) // 2 * 4 * cfg.num_heads * cfg.head_dim
-    rows.append(Row("prefill attention", "triton paged kernel (one layer)", flops / triton_s / 1e12, "TFLOP/s",
+                    for i in range(prompts)]
+    sdpa_s = per_call(sdpa)
+    flops = attention_flops([length] * prompts, [length] * prompts, cfg.num_heads, cfg.head_dim)
+    tflops = lambda seconds: flops / seconds / 1e12  # noqa: E731
+    section = "prefill attention"
+    rows.append(Row(section, "triton paged kernel (one layer)", tflops(triton_s), "TFLOP/s",
                     f"{triton_s * 1e6:.0f} us"))
-    rows.append(Row("prefill attention", "torch SDPA, contiguous K/V (one layer)", flops / sdpa_s / 1e12, "TFLOP/s",
+    rows.append(Row(section, "torch SDPA, contiguous K/V (one layer)", tflops(sdpa_s), "TFLOP/s",
                     f"{sdpa_s * 1e6:.0f} us"))
+    engine_s = None
+    for flash in dict.fromkeys((chosen, False)):  # the engine's choice first; then without flash
+        fn, path = engine_attention(engine, requests, flash)
+        seconds = per_call(fn)
+        engine_s = seconds if engine_s is None else engine_s
+        label = "engine path" if flash == chosen else "engine path, flash prefill off"
+        rows.append(Row(section, f"{label}: {path} (one layer)", tflops(seconds), "TFLOP/s",
+                        f"{seconds * 1e6:.0f} us"))
+    rows.append(Row(section, "engine path / torch SDPA", sdpa_s / engine_s, "x", "acceptance: >= 1"))
+    cudnn_row(rows, qs, kv, scale, cfg, per_call, tflops)
+    release(engine, requests)
+    bench_prefix_attention(engine, prompts, length, rows, per_call)
+
+
+def cudnn_row(rows: list[Row], qs: torch.Tensor, kv: torch.Tensor, scale: float, cfg: ModelConfig,
+              per_call: Callable[[Callable[[], object]], float], tflops: Callable[[float], float]) -> None:
+    """For information: torch SDPA forced onto cuDNN (K/V heads repeated, one call per
+    sequence). Not an engine path."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    group = cfg.num_heads // cfg.num_kv_heads
+    full = kv.repeat_interleave(group, dim=1)
+    try:
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            seconds = per_call(lambda: [F.scaled_dot_product_attention(qs[i:i + 1], full[i:i + 1], full[i:i + 1],
+                                                                       is_causal=True, scale=scale)
+                                        for i in range(qs.shape[0])])
+        rows.append(Row("prefill attention", "torch SDPA on cuDNN, K/V heads repeated (one layer)", tflops(seconds),
+                        "TFLOP/s", f"{seconds * 1e6:.0f} us; for information"))
+    except RuntimeError as exc:
+        rows.append(Row("prefill attention", f"torch SDPA on cuDNN: unavailable ({exc})"[:100], float("nan"), ""))
+
+
+def bench_prefix_attention(engine: Engine, prompts: int, length: int, rows: list[Row],
+                           per_call: Callable[[Callable[[], object]], float]) -> None:
+    """Chunks of length / 2 new tokens over length / 2 cached ones (their K/V in the pages)."""
+    cfg = engine.model_config
+    cached = length // 2
+    requests = make_requests(engine, [length] * prompts, [cached] * prompts, seed=4)
+    flops = attention_flops([length - cached] * prompts, [length] * prompts, cfg.num_heads, cfg.head_dim)
+    chosen = engine.runner.attention.flash_prefill
+    for flash in dict.fromkeys((chosen, False)):
+        fn, path = engine_attention(engine, requests, flash)
+        seconds = per_call(fn)
+        label = "engine path" if flash == chosen else "engine path, flash prefill off"
+        name = f"{prompts} x ({cached} cached + {length - cached} new), {label}: {path}"
+        rows.append(Row("prefill attention", name, flops / seconds / 1e12, "TFLOP/s", f"{seconds * 1e6:.0f} us"))
     release(engine, requests)
 
 

@@ -38,6 +38,21 @@ class KVCache:
         """Strided views [num_pages, page_size, KV, D] of one layer's keys and values."""
         return self.buffer[:, layer, 0], self.buffer[:, layer, 1]
 
+    @property
+    def rows_per_page(self) -> int:
+        """Rows between one page's first token and the next page's in `token_rows`."""
+        return self.buffer[0].numel() // self.buffer.shape[-1] // self.buffer.shape[-2]
+
+    def token_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [R, KV, D] of one layer's keys and values in which token o of page p is
+        row p * rows_per_page + o (rows between are other layers' tokens: never index
+        them). For gathering tokens of many pages with one index_select."""
+        assert self.buffer.is_contiguous()
+        k_pages, v_pages = self.layer_views(layer)
+        rows = (self.num_pages - 1) * self.rows_per_page + self.page_size
+        shape, strides = (rows, *k_pages.shape[2:]), (k_pages.stride(1), *k_pages.stride()[2:])
+        return k_pages.as_strided(shape, strides), v_pages.as_strided(shape, strides)
+
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store new K/V [T, KV, D] at flat slots (page * page_size + offset)."""
         pages, offsets = slots // self.page_size, slots % self.page_size

@@ -186,5 +186,4 @@ class ModelRunner:
             return self.graphs.run(batch, carried)
         self.prepare(batch, carried)
         self.attention.prepare(batch)
-        hidden = self.model(batch, self.attention)
-        return self.model.compute_logits(hidden[batch.logits_indices])
+        return self.model.compute_logits(self.model(batch, self.attention, batch.logits_indices))

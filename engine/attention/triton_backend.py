@@ -1,12 +1,19 @@
-"""The GPU attention backend: Triton kernels over the paged KV cache.
+"""The GPU attention backend: Triton kernels over the paged KV cache, FlashAttention for
+prefill.
 
 A step's metadata (padded page table, offsets) is built once in `prepare` and shared by
-all layers. A batch of single-token queries takes the split-K decode kernel; any other
-batch (prefill chunks, mixed with decodes) takes the ragged prefill kernel. Triton is
-imported when the backend is created, so registering it costs nothing on CPU.
+all layers. A batch of single-token queries takes the split-K decode kernel. Prefill
+sequences (fresh prompts, chunks over a cached prefix) take FlashAttention-2's varlen
+forward through torch (`engine.attention.varlen`) where the cache's device and dtype
+allow; otherwise (and for few queries over long prefixes) the ragged Triton prefill
+kernel. In a mixed batch the leading decode rows keep the decode kernel. Which prefill
+path a backend takes is decided, and logged, once when it is created. Triton is imported
+when the backend is created, so registering it costs nothing on CPU.
 """
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,10 +21,14 @@ import torch
 import torch.nn.functional as F
 
 from engine.attention.base import AttentionBackend, register_attention_backend
+from engine.attention.varlen import (VarlenMetadata, VarlenPlan, flash_unavailable, flash_varlen, plan_varlen,
+                                     worth_varlen)
 from engine.batch import Batch
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.models.ops import TorchOps
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -27,13 +38,17 @@ class TritonAttentionMetadata:
     query_start: torch.Tensor  # [B + 1] int32 offsets of each sequence's new tokens
     max_query_len: int
     num_splits: int  # decode only: context splits, fixed per CUDA graph
-    # Lengths of the prompts when the batch is a few whole prompts with nothing cached:
-    # their K/V are the step's own k/v, and torch's fused SDPA is faster there (measured).
+    # Lengths of the prompts when the batch is a few whole prompts with nothing cached and
+    # the flash varlen path is off: their K/V are the step's own k/v, and torch's fused
+    # SDPA is faster there than the Triton kernel (measured).
     whole_prompts: tuple[int, ...] | None = None
     # A mixed batch (decode rows first, as the scheduler orders them, then prefill chunks):
     # the decode rows take the decode kernel, the rest the prefill kernel. Through the
     # prefill kernel a decode row would fill one row of a 128-row tile.
     split: MixedSplit | None = None
+    # The prefill sequences (all but a mixed batch's leading decode rows) through one
+    # FlashAttention varlen call; None: the Triton prefill kernel (or SDPA) takes them.
+    varlen: VarlenMetadata | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -92,6 +107,24 @@ class TritonAttention(AttentionBackend):
         device = kv_cache.buffer.device
         self.num_sms = (torch.cuda.get_device_properties(device).multi_processor_count
                         if device.type == "cuda" else 4)
+        # Prefill through FlashAttention varlen where it can serve this cache; a benchmark
+        # may turn it off to time the Triton kernel on the same batch.
+        self.flash_prefill = self._choose_flash_prefill()
+
+    def _choose_flash_prefill(self) -> bool:
+        buffer = self.kv_cache.buffer
+        kv_heads, head_dim = buffer.shape[-2], buffer.shape[-1]
+        reason: str | None
+        if os.environ.get("EPD_FLASH_PREFILL", "1") == "0":
+            reason = "EPD_FLASH_PREFILL=0"
+        elif not buffer.is_contiguous():
+            reason = "the KV cache buffer is not contiguous"
+        else:  # the backend is not told the query heads: the check call uses groups of 4
+            reason = flash_unavailable(buffer.device, buffer.dtype, 4 * kv_heads, kv_heads, head_dim)
+        if buffer.device.type == "cuda":  # on CPU there is no choice to report
+            logger.info("prefill attention: %s", "FlashAttention varlen (torch)" if reason is None
+                        else f"Triton paged kernel ({reason})")
+        return reason is None
 
     def num_splits(self, num_seqs: int, max_seq_len: int) -> int:
         return self._decode.choose_num_splits(num_seqs, self.kv_cache.buffer.shape[4], max_seq_len, self.num_sms)
@@ -103,25 +136,39 @@ class TritonAttention(AttentionBackend):
         np.cumsum(batch.query_lens, out=query_start[1:])
         decode_rows = leading_decode_rows(batch.query_lens)
         mixed = 0 < decode_rows < len(batch.query_lens)
+        plan = self._varlen_plan(batch, page_table, decode_rows)
         arrays = [page_table, seq_lens, query_start] + ([query_start[decode_rows:] - decode_rows] if mixed else [])
+        if plan is not None:
+            arrays += [plan.cu_seq_q, plan.cu_seq_k] + ([] if plan.gather_rows is None else [plan.gather_rows])
         page_table_dev, seq_lens_dev, query_start_dev, *rest = pack_int32(arrays, self.kv_cache.buffer.device)
-        whole = batch.query_lens == batch.seq_lens and 1 < max(batch.query_lens, default=0) and \
+        whole = plan is None and batch.query_lens == batch.seq_lens and 1 < max(batch.query_lens, default=0) and \
             len(batch.query_lens) <= self.sdpa_max_prompts
         split = None
         if mixed:
             split = MixedSplit(decode_rows, self.num_splits(decode_rows, max(batch.seq_lens[:decode_rows])),
-                               rest[0], max(batch.query_lens[decode_rows:]))
+                               rest.pop(0), max(batch.query_lens[decode_rows:]))
+        flash = None if plan is None else VarlenMetadata(plan.first_token, rest[0], rest[1], plan.max_q, plan.max_k,
+                                                         rest[2] if plan.gather_rows is not None else None)
         batch.attention_metadata = TritonAttentionMetadata(
             page_table_dev, seq_lens_dev, query_start_dev, max(batch.query_lens, default=0),
             self.num_splits(len(batch.seq_lens), max(batch.seq_lens, default=1)),
-            tuple(batch.query_lens) if whole else None, split)
+            tuple(batch.query_lens) if whole else None, split, flash)
+
+    def _varlen_plan(self, batch: Batch, page_table: np.ndarray, decode_rows: int) -> VarlenPlan | None:
+        """The flash call for every sequence after the leading decode rows, if it should
+        take one (None: a decode batch, flash unavailable, or too few queries per key)."""
+        if not self.flash_prefill or decode_rows == len(batch.query_lens) or \
+                not worth_varlen(batch.query_lens[decode_rows:], batch.seq_lens[decode_rows:]):
+            return None
+        return plan_varlen(batch.query_lens, batch.seq_lens, page_table, self.kv_cache.page_size,
+                           self.kv_cache.rows_per_page, decode_rows)
 
     def forward(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch
     ) -> torch.Tensor:
         k_pages, v_pages = self.kv_cache.layer_views(layer)
         self._write.write_kv(k, v, k_pages, v_pages, batch.slot_mapping)
-        return self._attend(q, k, v, k_pages, v_pages, batch)
+        return self._attend(layer, q, k, v, batch)
 
     def rotate_and_attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -131,20 +178,43 @@ class TritonAttention(AttentionBackend):
             return super().rotate_and_attend(layer, q, k, v, cos_sin, batch, ops)
         k_pages, v_pages = self.kv_cache.layer_views(layer)
         self._rotary.rotary_and_write_kv(q, k, v, *cos_sin, k_pages, v_pages, batch.slot_mapping)
-        return self._attend(q, k, v, k_pages, v_pages, batch)
+        return self._attend(layer, q, k, v, batch)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pages: torch.Tensor,
-                v_pages: torch.Tensor, batch: Batch) -> torch.Tensor:
+    def _attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Attention of the step's (rotated) q over keys whose new rows k/v are already in
+        the pages."""
         meta: TritonAttentionMetadata = batch.attention_metadata
+        k_pages, v_pages = self.kv_cache.layer_views(layer)
         if meta.is_decode:
             return self._decode.decode_attention(q, k_pages, v_pages, meta.page_table, meta.seq_lens,
                                                  self.scale, meta.num_splits)
+        if meta.varlen is not None:
+            return self._varlen(layer, q, k, v, meta, meta.varlen)
         if meta.whole_prompts is not None:
             return self._whole_prompts(q, k, v, meta.whole_prompts)
         if meta.split is not None:
             return self._mixed(q, k_pages, v_pages, meta, meta.split)
         return self._prefill.prefill_attention(q, k_pages, v_pages, meta.page_table, meta.query_start,
                                                meta.seq_lens, meta.max_query_len, self.scale)
+
+    def _varlen(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                meta: TritonAttentionMetadata, plan: VarlenMetadata) -> torch.Tensor:
+        first = plan.first_token
+        if plan.gather_rows is None:  # nothing cached: the keys are the step's own
+            keys, values = k[first:], v[first:]
+        else:
+            k_rows, v_rows = self.kv_cache.token_rows(layer)
+            keys, values = k_rows.index_select(0, plan.gather_rows), v_rows.index_select(0, plan.gather_rows)
+        attended = flash_varlen(q[first:], keys, values, plan, self.scale)
+        if first == 0:
+            return attended
+        assert meta.split is not None  # the leading decode rows
+        out = torch.empty_like(q)
+        k_pages, v_pages = self.kv_cache.layer_views(layer)
+        self._decode.decode_attention(q[:first], k_pages, v_pages, meta.page_table[:first], meta.seq_lens[:first],
+                                      self.scale, meta.split.decode_splits, out=out[:first])
+        out[first:] = attended
+        return out
 
     def _mixed(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
                meta: TritonAttentionMetadata, split: MixedSplit) -> torch.Tensor:

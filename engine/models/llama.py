@@ -117,8 +117,10 @@ class CausalLM(nn.Module):
             config.hidden_size, config.vocab_size, bias=False)
         self.ops: TorchOps = TORCH_OPS
 
-    def forward(self, batch: Batch, attention: AttentionBackend) -> torch.Tensor:
-        """Hidden states [T, hidden] for every token of the batch."""
+    def forward(self, batch: Batch, attention: AttentionBackend, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states [T, hidden] of every token of the batch, or of `rows` only
+        [len(rows), hidden] (the final norm then skips the others: a prefill's logits
+        need its last rows only)."""
         x = self.embed_tokens(batch.input_ids)
         if batch.image_rows is not None:  # image positions take the image's embeddings
             x[batch.image_rows] = batch.image_embeds.to(x.dtype)
@@ -126,6 +128,8 @@ class CausalLM(nn.Module):
         delta: torch.Tensor | None = None
         for layer in self.layers:
             x, delta = layer(x, delta, cos_sin, batch, attention)
+        if rows is not None:
+            x, delta = x[rows], None if delta is None else delta[rows]
         return self.norm.add_and_norm(x, delta)[1]
 
     def use_ops(self, ops: TorchOps) -> None:

@@ -34,8 +34,7 @@ class ParallelModelRunner(ModelRunner):
         try:
             send_step(self.group, batch, self.page_size, self.model.config.torch_dtype)
             self.attention.prepare(batch)
-            hidden = self.model(batch, self.attention)
-            return self.model.compute_logits(hidden[batch.logits_indices])
+            return self.model.compute_logits(self.model(batch, self.attention, batch.logits_indices))
         except TensorParallelError:
             raise
         except BaseException as exc:
@@ -51,7 +50,6 @@ def serve_steps(group: TPGroup, model: ParallelCausalLM, attention: AttentionBac
     dtype = model.config.torch_dtype
     while (batch := receive_step(group, dtype)) is not None:
         attention.prepare(batch)
-        hidden = model(batch, attention)
-        model.compute_logits(hidden[batch.logits_indices])  # its part of the gather
+        model.compute_logits(model(batch, attention, batch.logits_indices))  # its part of the gather
         steps += 1
     return steps

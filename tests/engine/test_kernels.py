@@ -112,6 +112,7 @@ def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], spl
     k = torch.randn(tokens, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
     v = torch.randn_like(k)
     backend = TritonAttention(cache, s.head_dim**-0.5)
+    backend.flash_prefill = False  # these cases test the Triton kernels (and SDPA); varlen has its own
     backend.prepare(batch)
     assert (batch.attention_metadata.split is not None) == mixed
     if splits is not None:
