@@ -10,7 +10,8 @@
 # grpcio-tools==1.85.1 protobuf==7.36.2 pytest pytest-timeout) as bench/serving_speed.sh does.
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/machine.log"
-python3 -m pytest -q -p no:cacheprovider tests/engine/test_spec_gpu.py tests/engine/test_triton_engine.py tests/engine/test_kernels.py 2>&1 \
+python3 -m pytest -q -p no:cacheprovider tests/engine/test_spec_gpu.py tests/engine/test_triton_engine.py \
+  tests/engine/test_kernels.py 2>&1 \
   | tee "$out/spec-gpu-tests.log"
 python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
   --ngram-k 3,5 --draft-k 3 --prompt-len 512 --output-len 256 --num-pages 8192 \
