@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import time
+from typing import NamedTuple
 
 from bench.serving_bench import workload
 
@@ -89,28 +90,73 @@ def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[s
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     engine = llm.engine  # type: ignore[attr-defined]
     token_times: dict[str, list[float]] = {}
-    step = engine.step
+    step, schedule = engine.step, engine.scheduler.schedule
+    scheduled: list[tuple[int, int, int]] = []  # batches scheduled during the current step call
+    steps: list[StepShape] = []
+
+    def noted_schedule() -> object:
+        batch = schedule()
+        decode = sum(1 for item in batch.scheduled if item.num_new_tokens == 1 and item.request.output_token_ids)
+        tokens = sum(item.num_new_tokens for item in batch.scheduled)
+        scheduled.append((decode, tokens - decode, len(batch.scheduled) - decode))
+        return batch
 
     def timed_step() -> list:
+        begin = time.perf_counter()
         outputs = step()
         now = time.perf_counter()
         for out in outputs:
             token_times.setdefault(out.request_id, []).extend([now] * len(out.new_token_ids))
+        decode, prefill, chunks = (max(s[0] for s in scheduled), sum(s[1] for s in scheduled),
+                                   sum(s[2] for s in scheduled)) if scheduled else (0, 0, 0)
+        steps.append(StepShape(now - begin, decode, prefill, chunks))
+        scheduled.clear()
         return outputs
 
-    engine.step = timed_step
+    engine.step, engine.scheduler.schedule = timed_step, noted_schedule
     try:
         start = time.perf_counter()
         results = llm.generate(prompts, params)  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
     finally:
-        del engine.step
+        del engine.step, engine.scheduler.schedule
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     itls = sorted(b - a for times in token_times.values() for a, b in zip(times, times[1:]))
     figures = {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
     if itls:
         figures.update({"engine_itl_p50_s": itls[len(itls) // 2], "engine_itl_p99_s": itls[int(len(itls) * 0.99)]})
+    figures.update(step_shapes(steps))
     return figures
+
+
+class StepShape(NamedTuple):
+    """One `engine.step` call under LLM.generate: its wall time and what it scheduled
+    (with the overlap scheduler a call launches one batch and reads the one before)."""
+
+    seconds: float
+    decode_rows: int
+    prefill_tokens: int
+    prefill_chunks: int
+
+
+def step_shapes(steps: list[StepShape]) -> dict[str, object]:
+    """Step-time percentiles, for steps with and without prefill work, and the slowest
+    steps' shapes: what the engine's ITL tail is made of."""
+    if not steps:
+        return {}
+    def pct(values: list[float], q: float) -> float:
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+    mixed = [s.seconds for s in steps if s.prefill_tokens]
+    pure = [s.seconds for s in steps if not s.prefill_tokens]
+    slowest = sorted(steps, key=lambda s: s.seconds, reverse=True)[:max(1, len(steps) // 100)]
+    return {"steps": len(steps), "prefill_tokens_total": sum(s.prefill_tokens for s in steps),
+            "step_p50_s": pct([s.seconds for s in steps], 0.5), "step_p99_s": pct([s.seconds for s in steps], 0.99),
+            "steps_with_prefill": len(mixed), "step_with_prefill_p50_s": pct(mixed, 0.5) if mixed else None,
+            "step_with_prefill_p99_s": pct(mixed, 0.99) if mixed else None,
+            "step_decode_only_p50_s": pct(pure, 0.5) if pure else None,
+            "step_decode_only_p99_s": pct(pure, 0.99) if pure else None,
+            "slowest_steps": [s._asdict() for s in slowest[:12]]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +178,15 @@ def main(argv: list[str] | None = None) -> int:
              f"{figures['generate_wall_s']:.2f} s" if "output_tokens_per_s" in figures else "")
           + (f", engine ITL p50 / p99 {figures['engine_itl_p50_s'] * 1e3:.1f} / "
              f"{figures['engine_itl_p99_s'] * 1e3:.1f} ms" if "engine_itl_p50_s" in figures else ""), flush=True)
+    if "steps" in figures:
+        ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+        print(f"offline: {figures['steps']} steps, p50 / p99 {ms(figures['step_p50_s'])} / "
+              f"{ms(figures['step_p99_s'])} ms; {figures['steps_with_prefill']} with prefill "
+              f"{ms(figures['step_with_prefill_p50_s'])} / {ms(figures['step_with_prefill_p99_s'])} ms; decode only "
+              f"{ms(figures['step_decode_only_p50_s'])} / {ms(figures['step_decode_only_p99_s'])} ms", flush=True)
+        print("offline: slowest steps (ms, decode rows, prefill tokens, prefill chunks): " + "; ".join(
+            f"{s['seconds'] * 1e3:.1f} {s['decode_rows']} {s['prefill_tokens']} {s['prefill_chunks']}"
+            for s in figures["slowest_steps"]), flush=True)
     print("offline: first token of each single request (ms): "
           + ", ".join(f"{t * 1e3:.2f}" for t in figures["first_token_runs_s"]), flush=True)
     print(json.dumps(figures), flush=True)

@@ -96,6 +96,10 @@ class Engine:
         if config.uses_triton_kernels:
             from engine.kernels.ops import TRITON_OPS  # needs triton: imported only when asked
             model_module.use_ops(TRITON_OPS)
+        if config.attention_backend == "triton" and self.device.type == "cuda" and self.tp is None:
+            from engine.kernels import decode_attention  # mixed steps run it eagerly, any split count
+            decode_attention.warm_up(*self.kv_cache.layer_views(0), self.model_config.num_heads,
+                                     self.model_config.torch_dtype)
         graphs = verify_graphs = None
         if config.cuda_graphs:
             from engine.cuda_graph import DecodeGraphs

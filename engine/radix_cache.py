@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -27,9 +28,10 @@ PageKey = tuple[int, ...]
 
 
 def chain_hash(parent: int, tokens: PageKey) -> int:
-    digest = hashlib.blake2b(digest_size=8)
-    digest.update(parent.to_bytes(8, "little"))
-    digest.update(b"".join(t.to_bytes(4, "little") for t in tokens))
+    """blake2b-64 of the parent's hash (8 bytes) and the page's tokens (4 bytes each),
+    little-endian."""
+    digest = hashlib.blake2b(parent.to_bytes(8, "little"), digest_size=8)
+    digest.update(struct.pack(f"<{len(tokens)}I", *tokens))
     return int.from_bytes(digest.digest(), "little")
 
 
@@ -102,6 +104,13 @@ class RadixCache:
         self._pins: dict[tuple[int, ...], _Pin] = {}
         self._pinned_hashes: Counter[int] = Counter()  # hash -> pins naming it
         self._nodes_by_hash: dict[int, _Node] = {}
+        # Eviction candidates, kept as nodes change instead of walking the tree on every
+        # eviction: (eviction key, push order, node), pushed whenever a node may have become
+        # an unheld leaf or changed its key while one. Entries go stale (the node got a
+        # child, was held, re-keyed or evicted); `evict` skips those, and the heap is
+        # rebuilt from the tree once stale entries outnumber the nodes.
+        self._leaf_heap: list[tuple[tuple[int, int], int, _Node]] = []
+        self._pushes = itertools.count()
 
     @property
     def cached_pages(self) -> int:
@@ -151,6 +160,7 @@ class RadixCache:
             n.ref_count -= 1
             if n.ref_count == 0 and not n.pinned:
                 self._num_held -= 1
+                self._candidate(n)
 
     def insert(self, tokens: list[int], pages: list[int], priority: int = 0) -> list[int]:
         """Cache the full pages of `tokens` held in `pages`; return the pages the caller
@@ -189,6 +199,8 @@ class RadixCache:
             child.last_access, child.priority = now, priority
             path.append(child)
             node = child
+        if path:  # the only node of the path that can be a leaf
+            self._candidate(path[-1])
         if stored:
             self._events.append(KVEvent("stored", stored))
         return duplicates, path
@@ -197,11 +209,14 @@ class RadixCache:
         """Free up to `count` unheld pages: leaves by (priority, last use), lowest first;
         a parent becomes a candidate once its last child is gone."""
         freed: list[int] = []
-        heap = [(n.eviction_key(), id(n), n) for n in self._evictable_leaves()]
-        heapq.heapify(heap)
         removed: list[int] = []
+        if len(self._leaf_heap) > 2 * self._num_nodes + 64:
+            self._rebuild_leaf_heap()
+        heap = self._leaf_heap
         while heap and len(freed) < count:
-            leaf = heapq.heappop(heap)[2]
+            key, _, leaf = heapq.heappop(heap)
+            if not self._evictable_leaf(leaf) or key != leaf.eviction_key():
+                continue  # stale: a newer entry names it if it is a candidate now
             parent = leaf.parent
             assert parent is not None
             del parent.children[leaf.key]
@@ -209,8 +224,8 @@ class RadixCache:
             self._num_nodes -= 1
             freed.append(leaf.page)
             removed.append(leaf.hash)
-            if parent is not self._root and not parent.children and not parent.held:
-                heapq.heappush(heap, (parent.eviction_key(), id(parent), parent))
+            if parent is not self._root:
+                self._candidate(parent)
         if removed:
             self._events.append(KVEvent("removed", removed))
         return freed
@@ -272,6 +287,7 @@ class RadixCache:
         was_held = node.held
         node.pinned = pinned
         self._num_held += int(node.held) - int(was_held)
+        self._candidate(node)
 
     def _touch_pins(self, nodes: list[_Node], now: int) -> None:
         """A match that covers a pin's prefix, or ends inside it, counts as a use."""
@@ -301,12 +317,21 @@ class RadixCache:
         size = self.page_size
         return [tuple(tokens[i:i + size]) for i in range(0, len(tokens) - size + 1, size)]
 
-    def _evictable_leaves(self) -> list[_Node]:
-        out, stack = [], list(self._root.children.values())
+    def _evictable_leaf(self, node: _Node) -> bool:
+        """In the tree (not evicted), no children, neither referenced nor pinned."""
+        return not node.children and not node.held and self._nodes_by_hash.get(node.hash) is node
+
+    def _candidate(self, node: _Node) -> None:
+        if self._evictable_leaf(node):
+            heapq.heappush(self._leaf_heap, (node.eviction_key(), next(self._pushes), node))
+
+    def _rebuild_leaf_heap(self) -> None:
+        heap, stack = [], list(self._root.children.values())
         while stack:
             node = stack.pop()
             if node.children:
                 stack.extend(node.children.values())
             elif not node.held:
-                out.append(node)
-        return out
+                heap.append((node.eviction_key(), next(self._pushes), node))
+        heapq.heapify(heap)
+        self._leaf_heap = heap

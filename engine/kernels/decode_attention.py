@@ -20,7 +20,9 @@ from engine.kernels.pdl import wait_and_release
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# The page-table row stride (the batch's widest sequence in pages) changes from step to
+# step: not specialised on, so it costs no recompilation.
+@triton.jit(do_not_specialize=["stride_pt"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr, scale,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pt,
@@ -106,9 +108,29 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
                       block_n: int = 64) -> int:
     """About one program per multiprocessor, never a split shorter than one block; large
     batches need no split (and so no merge kernel). Measured at batch 1 x 1,024 on an
-    H200 (bench/kernel_sweep.py, BENCHMARKS.md): 16 splits beat 33 and 64."""
+    H200 (bench/kernel_sweep.py, BENCHMARKS.md): 16 splits beat 33 and 64.
+    Rounded down to a power of two (SPLIT_COUNTS): NUM_SPLITS is a compile-time constant,
+    so every distinct count is a kernel to compile, and a mixed step meeting a new count
+    waited ~1 s for it under load; `warm_up` compiles these few at start."""
     wanted = math.ceil(num_sms / max(1, num_seqs * num_kv_heads))
-    return max(1, min(wanted, math.ceil(max_seq_len / block_n), 64))
+    count = max(1, min(wanted, math.ceil(max_seq_len / block_n), 64))
+    return 1 << (count.bit_length() - 1)
+
+
+SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def warm_up(k_pages: torch.Tensor, v_pages: torch.Tensor, num_heads: int, dtype: torch.dtype,
+            max_splits: int = 64) -> None:
+    """Compile the kernels for every split count up to `max_splits` before serving: one
+    padding row (seq_len 0, nothing read) per count."""
+    device = k_pages.device
+    q = torch.zeros((1, num_heads, k_pages.shape[3]), dtype=dtype, device=device)
+    page_table = torch.zeros((1, 1), dtype=torch.int32, device=device)
+    seq_lens = torch.zeros(1, dtype=torch.int32, device=device)
+    for splits in SPLIT_COUNTS:
+        if splits <= max_splits:
+            decode_attention(q, k_pages, v_pages, page_table, seq_lens, 1.0, splits)
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

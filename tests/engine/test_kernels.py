@@ -203,3 +203,13 @@ def test_rotary_table_gathers_exactly_what_cos_sin_computes(device: str) -> None
     other = torch.float16 if s.dtype != torch.float16 else torch.float32  # no table for it: computed
     fresh = RotaryEmbedding(model_config(s).rope, s.head_dim).to(device)
     assert all(torch.equal(a, b) for a, b in zip(rotary.cos_sin(positions, other), fresh.cos_sin(positions, other)))
+
+
+def test_split_counts_are_the_few_that_warm_up_compiles() -> None:
+    """Every split count the decode kernel can be asked for is one `warm_up` compiles at
+    start (a count first met under load stalled a step for the compile)."""
+    from engine.kernels.decode_attention import SPLIT_COUNTS, choose_num_splits
+    seen = {choose_num_splits(seqs, kv_heads, seq_len, sms)
+            for seqs in range(1, 300, 7) for kv_heads in (1, 2, 8) for seq_len in (1, 63, 64, 65, 1000, 4096, 131072)
+            for sms in (4, 108, 132)}
+    assert seen <= set(SPLIT_COUNTS) and {1, 16} <= seen

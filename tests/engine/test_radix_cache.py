@@ -120,3 +120,71 @@ def test_request_priority_reaches_the_cache(tiny_model_path) -> None:  # noqa: A
     assert not set(freed) & set(important_pages)
     with pytest.raises(InvalidRequestError, match="priority"):
         SamplingParams(priority=2**31)
+
+
+def _oracle_eviction(cache: RadixCache, count: int) -> list[int]:
+    """The eviction order by definition, from a walk of the whole tree each time: the
+    lowest (priority, last use) unheld leaf, repeatedly (a parent joins once bare)."""
+    children: dict[int, set[int]] = {}
+    info: dict[int, tuple[tuple[int, int], bool, int]] = {}  # node id -> (key, held, page)
+    parent_of: dict[int, int] = {}
+    stack = [(cache._root, None)]
+    while stack:
+        node, parent = stack.pop()
+        if parent is not None:
+            info[id(node)] = (node.eviction_key(), node.held, node.page)
+            parent_of[id(node)] = id(parent)
+            children.setdefault(id(parent), set()).add(id(node))
+        children.setdefault(id(node), set())
+        stack.extend((child, node) for child in node.children.values())
+    freed: list[int] = []
+    while len(freed) < count:
+        leaves = [n for n, (_, held, _) in info.items() if not held and not children[n]]
+        if not leaves:
+            break
+        leaf = min(leaves, key=lambda n: info[n][0])
+        freed.append(info.pop(leaf)[2])
+        children[parent_of[leaf]].discard(leaf)
+    return freed
+
+
+def test_eviction_order_matches_a_full_walk_under_random_use() -> None:
+    """The cache keeps its eviction candidates as nodes change instead of walking the
+    tree per eviction: over random inserts, matches, releases, pins and evictions, every
+    eviction frees exactly the pages a full walk would pick, in its order."""
+    import random
+    rng = random.Random(7)
+    cache, next_page, held = RadixCache(P, max_pinned_pages=6), 0, []
+    for _ in range(3000):
+        op = rng.random()
+        tokens = [rng.randrange(3) for _ in range(P * rng.randrange(1, 6))]
+        if op < 0.45:
+            match = cache.match(tokens, rng.randrange(3))
+            pages = match.pages + list(range(next_page, next_page + len(tokens) // P - match.num_pages))
+            next_page += len(tokens) // P
+            for page in cache.insert(tokens, pages, rng.randrange(3)):
+                assert page >= next_page - len(tokens) // P  # only pages this insert brought
+            if rng.random() < 0.3:
+                held.append(match.nodes)  # a request still running on its prefix
+            else:
+                cache.unlock(match.nodes)
+        elif op < 0.6 and held:
+            cache.unlock(held.pop(rng.randrange(len(held))))
+        elif op < 0.65:
+            try:
+                cache.pin(tokens)
+            except PinError:
+                pass
+        elif op < 0.7:
+            cache.unpin(tokens)
+        else:
+            count = rng.randrange(1, 5)
+            expected = _oracle_eviction(cache, count)
+            assert cache.evict(count) == expected
+    for nodes in held:
+        cache.unlock(nodes)
+    cache.set_pin_cap(0)  # unpins everything
+    expected = _oracle_eviction(cache, cache.cached_pages)
+    assert len(expected) == cache.cached_pages == cache.evictable_pages
+    assert cache.evict(cache.cached_pages) == expected
+    assert cache.cached_pages == 0
