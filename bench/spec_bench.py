@@ -1,15 +1,18 @@
 """Speculative decoding's inter-token latency (issue 17), offline on one engine.
 
 For each setting (no speculation; n-gram with K in --ngram-k; a draft model with K in
---draft-k) and each batch size, runs B greedy requests of a repetitive workload and
+--draft-k) and each batch size, runs B greedy requests of a self-echo workload and
 prints the mean ITL beside the measured acceptance length (tokens a verify step emits
 per request; 1.0 = nothing accepted). The draft model is a 1-layer model of the
 target's hidden shape (random weights, like the target's with --load-format dummy).
 
-Workload: each prompt is a random segment repeated --repeats times. n-gram lookup
-proposes from the prompt and the output; whatever is accepted is what the target
-itself produced (random-weight models under greedy decoding fall into loops, which
-lookup catches): acceptance is measured, never assumed.
+Workload (self-echo, like quoting or editing text): for each request a random seed
+prompt P of --prompt-len / 2 tokens; the target, without speculation, continues P
+greedily for --output-len tokens (T); the request's prompt is P + T + P. Where the
+target continues that with T again, n-gram lookup finds T in the context; whether it
+does is the model's business (random weights have no induction heads): acceptance is
+measured, never assumed, and `echo` reports how many tokens of T the no-speculation
+output repeats before it diverges (the ceiling of what lookup can get accepted).
 
   python -m bench.spec_bench --model tiny                      # CPU smoke run
   python -m bench.spec_bench --model llama-3.1-8b --device cuda # the GPU run (bench/spec_gpu.sh)
@@ -42,6 +45,7 @@ class Result:
     itl_ms: float
     acceptance_length: float  # 1.0 without speculation
     tokens: int
+    echo: float  # mean tokens of each request's T that its output repeats first
 
 
 def write_models(model: str, root: Path) -> tuple[Path, Path]:
@@ -72,48 +76,88 @@ def _keep_one_layer(directory: Path) -> None:
     save_file(kept, str(directory / "model.safetensors"))
 
 
-def workload(batch: int, prompt_len: int, repeats: int, vocab: int, seed: int) -> list[list[int]]:
+def seeds(count: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     rng = random.Random(seed)
-    segment_len = max(1, prompt_len // repeats)
-    return [[rng.randrange(3, min(vocab, 500)) for _ in range(segment_len)] * repeats for _ in range(batch)]
+    return [[rng.randrange(3, min(vocab, 32000)) for _ in range(length)] for _ in range(count)]
 
 
-def run_batch(engine: Engine, prompts: list[list[int]], output_len: int) -> tuple[float, int]:
-    """Mean ITL (s) over the requests: (last token time - first token time) / (tokens - 1)."""
+@dataclass(frozen=True)
+class Echo:
+    """Prompts P + T + P and each one's T (the target's own greedy continuation of P)."""
+
+    prompts: list[list[int]]
+    continuations: list[list[int]]
+
+    def first(self, count: int) -> Echo:
+        return Echo(self.prompts[:count], self.continuations[:count])
+
+
+def echo_workload(engine: Engine, count: int, prompt_len: int, output_len: int, seed: int) -> Echo:
+    """`count` self-echo requests (module docstring); `engine` must not speculate."""
+    assert engine.speculation is None
+    starts = seeds(count, max(1, prompt_len // 2), engine.model_config.vocab_size, seed)
+    continuations, _ = run_batch(engine, starts, output_len)
+    return Echo([p + t + p for p, t in zip(starts, continuations)], continuations)
+
+
+def run_batch(engine: Engine, prompts: list[list[int]], output_len: int) -> tuple[list[list[int]], float]:
+    """(each request's output, mean ITL in s over the requests: (last token time -
+    first token time) / (tokens - 1))."""
     params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     first: dict[str, float] = {}
     last: dict[str, float] = {}
-    counts = dict.fromkeys(ids, 0)
+    outputs: dict[str, list[int]] = {r: [] for r in ids}
     while engine.has_unfinished_requests():
-        outputs = engine.step()
+        step = engine.step()
         now = time.perf_counter()
-        for out in outputs:
+        for out in step:
             if out.new_token_ids:
                 first.setdefault(out.request_id, now)
                 last[out.request_id] = now
-                counts[out.request_id] += len(out.new_token_ids)
-    itls = [(last[r] - first[r]) / (counts[r] - 1) for r in ids if counts[r] > 1]
-    return sum(itls) / len(itls), sum(counts.values())
+                outputs[out.request_id] += out.new_token_ids
+    itls = [(last[r] - first[r]) / (len(outputs[r]) - 1) for r in ids if len(outputs[r]) > 1]
+    return [outputs[r] for r in ids], sum(itls) / max(1, len(itls))
 
 
-def measure(target: Path, setting: Setting, args: argparse.Namespace, batches: list[int]) -> list[Result]:
+def echoed(outputs: list[list[int]], continuations: list[list[int]]) -> float:
+    """Mean length of the common prefix of each output and its request's T."""
+    lengths = []
+    for out, cont in zip(outputs, continuations):
+        n = 0
+        while n < min(len(out), len(cont)) and out[n] == cont[n]:
+            n += 1
+        lengths.append(n)
+    return sum(lengths) / max(1, len(lengths))
+
+
+def measure(engine: Engine, name: str, args: argparse.Namespace, batches: list[int], echo: Echo) -> list[Result]:
+    run_batch(engine, echo.prompts[:max(batches)], 8)  # warm-up
+    results = []
+    for batch in batches:
+        stats = engine.speculation.stats if engine.speculation is not None else None
+        before = (stats.accepted_tokens_total, stats.verify_steps_total) if stats else (0, 0)
+        work = echo.first(batch)
+        outputs, itl = run_batch(engine, work.prompts, args.output_len)
+        length = 1.0
+        if stats is not None and stats.verify_steps_total > before[1]:
+            steps = stats.verify_steps_total - before[1]
+            length = (stats.accepted_tokens_total - before[0] + steps) / steps
+        results.append(Result(name, batch, itl * 1e3, length, sum(map(len, outputs)),
+                              echoed(outputs, work.continuations)))
+    engine.check_page_invariants()
+    return results
+
+
+def run_setting(target: Path, setting: Setting, args: argparse.Namespace, batches: list[int],
+                echo: Echo | None) -> tuple[list[Result], Echo]:
+    """Measure one setting on its own engine; the first (no speculation, echo None)
+    also builds the workload."""
     engine = Engine(target, **engine_options(args), **setting.options)
     try:
-        vocab = engine.model_config.vocab_size
-        run_batch(engine, workload(max(batches), args.prompt_len, args.repeats, vocab, 99), 8)  # warm-up
-        results = []
-        for batch in batches:
-            stats = engine.speculation.stats if engine.speculation is not None else None
-            before = (stats.accepted_tokens_total, stats.verify_steps_total) if stats else (0, 0)
-            itl, tokens = run_batch(engine, workload(batch, args.prompt_len, args.repeats, vocab, batch), args.output_len)
-            length = 1.0
-            if stats is not None and stats.verify_steps_total > before[1]:
-                steps = stats.verify_steps_total - before[1]
-                length = (stats.accepted_tokens_total - before[0] + steps) / steps
-            results.append(Result(setting.name, batch, itl * 1e3, length, tokens))
-        engine.check_page_invariants()
-        return results
+        if echo is None:
+            echo = echo_workload(engine, max(batches), args.prompt_len, args.output_len, seed=99)
+        return measure(engine, setting.name, args, batches, echo), echo
     finally:
         engine.close()
         del engine
@@ -156,11 +200,11 @@ def _ints(text: str) -> list[int]:
 
 def report(results: list[Result]) -> None:
     base = {r.batch: r.itl_ms for r in results if r.setting == "none"}
-    print(f"{'setting':<12} {'batch':>5} {'ITL ms':>9} {'speedup':>8} {'accept len':>10} {'tokens':>7}")
+    print(f"{'setting':<12} {'batch':>5} {'ITL ms':>9} {'speedup':>8} {'accept len':>10} {'tokens':>7} {'echo':>6}")
     for r in results:
         speedup = base[r.batch] / r.itl_ms if r.batch in base and r.itl_ms > 0 else float("nan")
         print(f"{r.setting:<12} {r.batch:>5} {r.itl_ms:>9.3f} {speedup:>7.2f}x {r.acceptance_length:>10.2f} "
-              f"{r.tokens:>7}")
+              f"{r.tokens:>7} {r.echo:>6.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--ngram-k", default="3,5")
     parser.add_argument("--draft-k", default="3")
-    parser.add_argument("--prompt-len", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=4, help="the prompt is one segment repeated this often")
+    parser.add_argument("--prompt-len", type=int, default=256,
+                        help="the prompt is P + T + P with P of half this and T of --output-len tokens")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-pages", type=int, default=4096)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -184,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, "-m", "bench.spec_bench", *(argv if argv is not None else sys.argv[1:])]))
     target, draft = write_models(args.model, args.work_dir)
     batches = _ints(args.batches)
-    print(f"model {args.model} on {args.device}; options {engine_options(args)}; prompt {args.prompt_len} "
-          f"({args.repeats} repeats), output {args.output_len}", flush=True)
+    print(f"model {args.model} on {args.device}; options {engine_options(args)}; self-echo prompts of "
+          f"{2 * (args.prompt_len // 2)} + {args.output_len} tokens, output {args.output_len}", flush=True)
     results: list[Result] = []
-    for setting in settings(args, draft):
-        measured = measure(target, setting, args, batches)
+    echo: Echo | None = None
+    for setting in settings(args, draft):  # "none" first: it builds the workload
+        measured, echo = run_setting(target, setting, args, batches, echo)
         for r in measured:  # as they come: a later setting's failure loses none of these
             print(f"measured: {r}", flush=True)
         results += measured

@@ -100,12 +100,16 @@ class Engine:
             from engine.kernels import decode_attention  # mixed steps run it eagerly, any split count
             decode_attention.warm_up(*self.kv_cache.layer_views(0), self.model_config.num_heads,
                                      self.model_config.torch_dtype)
-        graphs = None
+        graphs = verify_graphs = None
         if config.cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
-            graphs = DecodeGraphs.build(self.config, model_module, attention)
+            pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at once
+            if config.speculative is not None:  # verify steps: 1 + K tokens per request
+                verify_graphs = DecodeGraphs.build(self.config, model_module, attention,
+                                                   1 + config.num_speculative_tokens, pool)
+            graphs = DecodeGraphs.build(self.config, model_module, attention, pool=pool)
         if self.tp is None:
-            self.runner = ModelRunner(model_module, attention, self.device, graphs)
+            self.runner = ModelRunner(model_module, attention, self.device, graphs, verify_graphs)
         else:
             from engine.parallel.runner import ParallelModelRunner
             assert self.tp.group is not None

@@ -101,12 +101,16 @@ class PageRows:
 
 class ModelRunner:
     def __init__(self, model: CausalLM, attention: AttentionBackend, device: torch.device,
-                 graphs: DecodeGraphs | None = None) -> None:
+                 graphs: DecodeGraphs | None = None, verify_graphs: DecodeGraphs | None = None) -> None:
         self.model = model
         self.attention = attention
         self.device = device
         self.page_size = attention.kv_cache.page_size
-        self.graphs = graphs  # CUDA graphs for decode batches, when enabled
+        # CUDA graphs, when enabled: `graphs` for decode batches (one token per row),
+        # `verify_graphs` for batches of up to T > 1 tokens per row (speculation's verify
+        # steps; a draft model's catch-up). A batch takes the first that holds it.
+        self.graphs = graphs
+        self.verify_graphs = verify_graphs
         self.page_rows = PageRows()
 
     def prepare(self, batch: Batch, carried: CarriedTokens | None = None) -> None:
@@ -184,6 +188,8 @@ class ModelRunner:
         sequence with drafts: 1 + num_draft_tokens rows, its last known token's first)."""
         if self.graphs is not None and self.graphs.can_run(batch):
             return self.graphs.run(batch, carried)
+        if self.verify_graphs is not None and self.verify_graphs.can_run(batch, carried):
+            return self.verify_graphs.run(batch, carried)
         self.prepare(batch, carried)
         self.attention.prepare(batch)
         return self.model.compute_logits(self.model(batch, self.attention, batch.logits_indices))

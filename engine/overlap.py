@@ -15,7 +15,7 @@ pages that later steps may reuse only after it, in stream order).
 Only batches whose sampling is plain greedy take this path; any other batch first
 resolves the step in flight and then runs as `Engine.step` does. With speculation on,
 every step resolves the one in flight before drafting, and verify steps run
-synchronously (`_step_speculative`): correct and exact, but without the overlap.
+synchronously (`_step_speculative` says why); they still replay CUDA graphs.
 """
 from __future__ import annotations
 
@@ -93,9 +93,22 @@ class OverlapScheduler:
 
     def _step_speculative(self) -> list[StepOutput]:
         """With speculation the host drafts from tokens it has read: the step in flight is
-        resolved before drafting, and a batch that verifies drafts runs synchronously
-        (its accepted tokens decide the next step's inputs and page needs). A batch
-        without drafts still launches asynchronously and is read at the next step."""
+        resolved before drafting, and a batch that verifies drafts runs synchronously. A
+        batch without drafts still launches asynchronously and is read at the next step.
+
+        Why a verify step cannot overlap the next one: what step N+1 launches depends on
+        how many of step N's drafts were accepted, which only the host knows once it has
+        read step N. Per request it decides (a) the input tokens (the emitted tokens
+        themselves, not a placeholder the device could fill: the n-gram lookup and the
+        draft model's catch-up both read them), (b) the positions and KV slots (the
+        computed count moves by 1 + accepted, 1..K+1), (c) the pages to reserve and the
+        draft limits (max_tokens and the context), and (d) whether it stopped. A decode
+        step can carry its one sampled token into the next step on the device because
+        all of that is known in advance; with drafts none of it is. Launching step N+1
+        under an assumption (all accepted, or none) would need a device-side acceptance,
+        device-side n-gram drafting and KV rollback of a mis-guessed launch: not done.
+        What the host does between the read and the next launch (verify, append, draft,
+        schedule, stage the graph inputs) is the GPU's idle time per verify step."""
         engine, start = self.engine, time.perf_counter()
         wait_before = self.timings.wait
         outputs = self._resolve()

@@ -27,6 +27,10 @@ class PrefillConfig(NamedTuple):
 # The fastest of bench/kernel_sweep.py's tiles for head_dim 128 on an H200; tiny tiles keep
 # the interpreter fast.
 GPU_CONFIG = PrefillConfig(128, 32, 4, 4)
+# Batches whose sequences have at most 16 new tokens each (speculation's verify steps,
+# K + 1 per request): a 128-row query tile would be mostly empty rows; 16 is tl.dot's
+# smallest M. Not tuned by a sweep yet.
+SHORT_QUERY_CONFIG = PrefillConfig(16, 64, 4, 3)
 INTERPRETER_CONFIG = PrefillConfig(16, 16, 4, 1)
 
 
@@ -132,7 +136,9 @@ def prefill_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     tokens, heads, head_dim = q.shape
     seqs = seq_lens.shape[0]
     group = heads // k_pages.shape[2]
-    block_m, block_n, warps, stages, k_t = config or (GPU_CONFIG if q.is_cuda else INTERPRETER_CONFIG)
+    if config is None:
+        config = INTERPRETER_CONFIG if not q.is_cuda else SHORT_QUERY_CONFIG if max_query_len <= 16 else GPU_CONFIG
+    block_m, block_n, warps, stages, k_t = config
     if out is None:
         out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
     if tokens == 0:

@@ -9,20 +9,34 @@ drafts are what gets cut: the draft's rollback). The draft's prefill is just the
 catch-up: a request resumed after a remote prefill has no draft KV, and its first
 proposal computes the whole prompt on the draft model here (PD: the draft KV is made on
 decode, never shipped).
+
+Speed (the draft is small, so a proposal's host overhead is most of its cost): with
+`cuda_graphs` the drafter captures its own graphs, T = 1 for the rounds that feed one
+draft each and T = 2 for the first round, which catches the mirror up (in steady state
+1 or 2 tokens: the last emitted token, plus the bonus token's predecessor when every
+draft was accepted); a catch-up of more (a fresh mirror: the whole prompt) runs eagerly.
+When every request drafts greedily, round r + 1's inputs are round r's argmaxes taken
+on the device (`CarriedTokens`, as the overlap scheduler carries sampled tokens): the
+host reads all drafts once, after the last round, instead of once per round. Until then
+the mirrors hold placeholders for them (never read: every round overwrites its carried
+inputs on the device).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from engine.attention import create_attention_backend
+from engine.attention.base import AttentionBackend
 from engine.batch import Batch, ScheduledRequest
 from engine.config import ModelConfig
 from engine.errors import ConfigError
 from engine.kv_cache import KVCache
 from engine.loader import load_model
-from engine.model_runner import ModelRunner
+from engine.model_runner import CarriedTokens, ModelRunner
+from engine.models.llama import CausalLM
 from engine.page_pool import PagePool
 from engine.request import Request, RequestStatus
 from engine.sampler import filter_logits, seeded_generator
@@ -30,7 +44,11 @@ from engine.sessions import common_prefix
 from engine.spec.drafter import NO_DRAFTS, Drafter, Drafts, DrafterSetup, register_drafter
 from engine.tokenizer import Tokenizer
 
+if TYPE_CHECKING:
+    from engine.cuda_graph import DecodeGraphs
+
 _DRAFT_STREAM = 1  # seeded draws of drafts never share a generator with the verifier's (stream 0)
+_PLACEHOLDER = 0  # a greedy draft not read to the host yet (see the module docstring)
 
 
 def check_draft_compatible(setup: DrafterSetup, path: Path, draft: ModelConfig) -> None:
@@ -67,11 +85,21 @@ class DraftModelDrafter(Drafter):
         self.kv_cache = KVCache(self.model_config, config.num_pages, config.page_size, setup.device,
                                 self.model_config.torch_dtype)
         attention = create_attention_backend(config.attention_backend)(self.kv_cache, self.model_config.head_dim**-0.5)
-        self.runner = ModelRunner(model, attention, setup.device)  # eager: no CUDA graphs for the draft yet
+        self.runner = ModelRunner(model, attention, setup.device, *self._graphs(model, attention))
         self.pool = PagePool(config.num_pages)
         self.page_size = config.page_size
         self.mirrors: dict[Request, Request] = {}  # target request -> its mirror
         self._generator = torch.Generator().manual_seed(config.seed + 2)
+
+    def _graphs(self, model: CausalLM, attention: AttentionBackend) -> tuple[DecodeGraphs | None, DecodeGraphs | None]:
+        """(rounds of one token, catch-up rounds of up to 2) graphs; none without cuda_graphs."""
+        config = self.setup.config
+        if not config.cuda_graphs:
+            return None, None
+        from engine.cuda_graph import DecodeGraphs
+        pool = torch.cuda.graph_pool_handle()  # the draft's own: its logits outlive no target replay
+        catch_up = DecodeGraphs.build(config, model, attention, 2, pool)
+        return DecodeGraphs.build(config, model, attention, pool=pool), catch_up
 
     def free_pages(self) -> int | None:
         return self.pool.free_pages
@@ -90,6 +118,8 @@ class DraftModelDrafter(Drafter):
         for target in [t for t in self.mirrors if t.finished]:  # finished without a release call
             self.release(target)
         mirrors = [self._sync(target, limit) for target, limit in zip(requests, limits)]
+        if all(target.params.greedy for target in requests):
+            return self._propose_greedy(mirrors, limits)
         drafts: list[list[int]] = [[] for _ in requests]
         probs: list[list[torch.Tensor]] = [[] for _ in requests]
         active = [i for i, m in enumerate(mirrors) if m is not None]
@@ -107,6 +137,36 @@ class DraftModelDrafter(Drafter):
                     probs[i].append(q)
             active = [i for i in active if len(drafts[i]) < limits[i]]
         return [Drafts(d, torch.stack(p) if p else None) if d else NO_DRAFTS for d, p in zip(drafts, probs)]
+
+    def _propose_greedy(self, mirrors: list[Request | None], limits: list[int]) -> list[Drafts]:
+        """Every request drafts its argmaxes: the rounds chain on the device and the host
+        reads the drafts once (see the module docstring)."""
+        active = [i for i, m in enumerate(mirrors) if m is not None]
+        rounds: list[tuple[list[int], list[int], torch.Tensor]] = []  # (requests, placeholder indices, tokens)
+        carried: CarriedTokens | None = None
+        while active:
+            items = [ScheduledRequest.of(mirrors[i], mirrors[i].num_tokens - mirrors[i].num_computed_tokens)
+                     for i in active]  # type: ignore[union-attr]
+            tokens = self.runner.execute(Batch(items), carried).argmax(dim=-1)
+            indices = []
+            for item in items:
+                mirror = item.request
+                mirror.num_computed_tokens += item.num_new_tokens
+                mirror.output_token_ids.append(_PLACEHOLDER)  # fed next round, if there is one
+                indices.append(len(mirror.output_token_ids) - 1)
+            rounds.append((active, indices, tokens))
+            carried = CarriedTokens({item.request: row for row, item in enumerate(items)}, tokens)
+            active = [i for i in active if len(rounds) < limits[i]]
+        drafts: list[list[int]] = [[] for _ in mirrors]
+        if rounds:
+            host = torch.cat([tokens for _, _, tokens in rounds]).tolist()  # the one wait for the GPU
+            offset = 0
+            for requests, indices, _ in rounds:
+                for i, index, token in zip(requests, indices, host[offset:offset + len(requests)]):
+                    mirrors[i].output_token_ids[index] = token  # type: ignore[union-attr]
+                    drafts[i].append(token)
+                offset += len(requests)
+        return [Drafts(d) if d else NO_DRAFTS for d in drafts]
 
     def _sync(self, target: Request, limit: int) -> Request | None:
         """The target's mirror, cut back to their common tokens and extended with the

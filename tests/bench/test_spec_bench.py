@@ -17,3 +17,17 @@ def test_spec_bench_smoke(tmp_path, capsys) -> None:  # noqa: ANN001
                                                             for b in (1, 2)}
     for r in results:
         assert r["itl_ms"] > 0 and r["tokens"] == 12 * r["batch"] and r["acceptance_length"] >= 1.0
+        # Greedy outputs are the same with or without speculation, so is how much of T
+        # they repeat. (The tiny model's continuation of P + T + P does not repeat T:
+        # measured echo 0 and acceptance 1.00 here, so no acceptance > 1 is asserted.)
+        assert r["echo"] == next(n["echo"] for n in results if n["setting"] == "none" and n["batch"] == r["batch"])
+
+
+def test_echo_workload_is_seed_continuation_seed(tiny_model_path) -> None:  # noqa: ANN001
+    from engine import Engine
+    engine = Engine(tiny_model_path)
+    echo = spec_bench.echo_workload(engine, 2, 10, 6, seed=1)
+    for prompt, continuation in zip(echo.prompts, echo.continuations):
+        seed = prompt[:5]
+        assert len(continuation) == 6 and prompt == seed + continuation + seed
+    assert spec_bench.echoed([[1, 2, 3], [4]], [[1, 2, 9], [5]]) == 1.0

@@ -37,7 +37,7 @@ def _reference_inputs(batch: Batch, page_size: int, carried: CarriedTokens | Non
 
 
 def _check_graph_inputs(inputs: GraphInputs, turn: int, batch: Batch, carried: CarriedTokens | None) -> None:
-    fills = inputs.fill(turn, batch, carried)
+    fills = inputs.fill(turn, batch, carried).carried_rows
     arrays, rows, page_size = inputs.arrays[turn], len(batch.scheduled), inputs.page_size
     sources = carried.source_rows if carried is not None else {}
     assert fills == sum(item.request in sources for item in batch.scheduled)

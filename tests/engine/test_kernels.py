@@ -146,6 +146,15 @@ def test_prefill_attention_ragged_with_paged_prefix(device: str, k_transposed: b
                     [long // 2, 1, long // 3, s.page_size + 2], None)
 
 
+def test_prefill_attention_verify_shaped_rows(device: str) -> None:
+    """Speculation's verify steps: up to K + 1 new tokens per sequence after long
+    contexts (the short-query tile on CUDA), fewer for some, one for one."""
+    s = SIZES[device]
+    long = s.long_context
+    _attention_case(device, [long, 2 * s.page_size + 3, long // 2, s.page_size, 9],
+                    [4, 2, 4, 1, 3], None)
+
+
 def test_mixed_batch_splits_decode_rows_from_prefill_chunks(device: str) -> None:
     """Decode rows first (the scheduler's order), then chunks: the decode kernel takes the
     former, the prefill kernel the rest, each writing its rows of one output."""

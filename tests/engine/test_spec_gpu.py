@@ -1,7 +1,9 @@
 """Speculation on the GPU path (issue 17, acceptance 0): Triton attention and kernels,
 CUDA graphs and the overlap scheduler on; greedy output equals the same configuration
-without speculation. Verify steps run eagerly (graphs serve the decode steps without
-drafts); see docs/architecture.md."""
+without speculation. Verify steps replay their own graphs (1 + K tokens per row,
+engine/cuda_graph.py), batches whose requests carry different numbers of drafts
+included; the draft model's rounds replay the drafter's graphs. The same paths run on
+the CPU, with the capture replaced by an eager replay, in test_verify_graphs.py."""
 from __future__ import annotations
 
 import pytest
@@ -13,17 +15,35 @@ from tests.engine.test_spec_decode import _prompts
 HAS_CUDA = torch.cuda.is_available()
 GPU = {"device": "cuda", "attention_backend": "triton", "triton_kernels": True, "cuda_graphs": True,
        "cuda_graph_batch_sizes": (1, 2, 4, 8), "overlap_schedule": True}
+# Different lengths: a request near its max_tokens drafts fewer than K beside others.
+_MAX_TOKENS = (32, 20, 26, 32, 14, 30, 24)
 
 
 def _greedy(model, **options) -> tuple[list[list[int]], LLM]:  # noqa: ANN001
     llm = LLM(model, **GPU, **options)
-    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True) for _ in _prompts()]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
     outs = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
     acct = llm.engine.check_page_invariants()
     assert acct.free + acct.cached == acct.total
     return outs, llm
 
 
+def _record_draft_counts(llm: LLM) -> list[list[int]]:
+    """Each verify-graph replay's draft count per row, recorded as it runs."""
+    graphs = llm.engine.runner.verify_graphs
+    assert graphs is not None
+    counts: list[list[int]] = []
+    run = graphs.run
+
+    def recording(batch, carried=None):  # noqa: ANN001, ANN202
+        counts.append([item.num_draft_tokens for item in batch.scheduled])
+        return run(batch, carried)
+
+    graphs.run = recording  # type: ignore[method-assign]
+    return counts
+
+
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: str) -> None:  # noqa: ANN001
@@ -31,10 +51,21 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     options = {"speculative": method, "num_speculative_tokens": 3}
     if method == "draft":
         options["speculative_draft_model"] = str(loopy_model_path)
-    got, llm = _greedy(loopy_model_path, **options)
+    llm = LLM(loopy_model_path, **GPU, **options)
+    counts = _record_draft_counts(llm)
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
+    got = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
     assert got == expected
+    acct = llm.engine.check_page_invariants()
+    assert acct.free + acct.cached == acct.total
     stats = llm.engine.speculation.stats
     assert stats.accepted_tokens_total > 0
+    runner = llm.engine.runner
+    # Verify steps replayed graphs, rows with different draft counts (fewer than K) in one.
+    assert runner.verify_graphs.replays > 0 and runner.verify_graphs.tokens_per_row == 4
+    assert runner.verify_graphs.replays == len(counts)
+    assert any(len(set(c)) > 1 for c in counts)
     drafter = llm.engine.speculation.drafter
-    if drafter.total_pages() is not None:
+    if method == "draft":
+        assert drafter.runner.graphs.replays > 0 and drafter.runner.verify_graphs.replays > 0
         assert drafter.free_pages() == drafter.total_pages()
