@@ -182,7 +182,8 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
         options.update(load_format="dummy")
     if args.device.startswith("cuda"):
         options.update(attention_backend="triton", dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
-                       overlap_schedule=not args.no_overlap)
+                       overlap_schedule=not args.no_overlap,
+                       speculative_cuda_graphs=args.speculative_cuda_graphs)
     return options
 
 
@@ -213,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--speculative-cuda-graphs", action="store_true",
+                        help="verify steps and draft rounds replay CUDA graphs (experimental)")
     parser.add_argument("--ngram-k", default="3,5")
     parser.add_argument("--draft-k", default="3")
     parser.add_argument("--prompt-len", type=int, default=256,

@@ -66,6 +66,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drafts verified per request and step (one target forward over K+1 positions)")
     parser.add_argument("--speculative-draft-model", default=None, metavar="DIR",
                         help="the draft checkpoint of --speculative draft")
+    parser.add_argument("--speculative-cuda-graphs", action="store_true",
+                        help="with --cuda-graphs: verify steps and draft-model rounds replay CUDA graphs too "
+                             "(experimental: not yet passing its GPU test)")
     parser.add_argument("--speculative-ngram-max", type=_positive_int, default=3, metavar="N",
                         help="--speculative ngram: the longest suffix looked up (down to 1 token)")
 
@@ -88,7 +91,8 @@ def speculative_options(args: argparse.Namespace) -> dict[str, object]:
         raise ConfigError("--speculative-draft-model needs --speculative draft")
     return dict(speculative=args.speculative, num_speculative_tokens=args.num_speculative_tokens,
                 speculative_draft_model=args.speculative_draft_model,
-                speculative_ngram_max=args.speculative_ngram_max)
+                speculative_ngram_max=args.speculative_ngram_max,
+                speculative_cuda_graphs=args.speculative_cuda_graphs)
 
 
 def engine_options(args: argparse.Namespace) -> dict[str, object]:

@@ -299,6 +299,8 @@ def _speculative_flags(args: argparse.Namespace) -> tuple[str, ...]:
              "--speculative-ngram-max", str(args.speculative_ngram_max)]
     if args.speculative_draft_model:
         flags += ["--speculative-draft-model", str(args.speculative_draft_model)]
+    if getattr(args, "speculative_cuda_graphs", False):
+        flags.append("--speculative-cuda-graphs")
     return tuple(flags)
 
 

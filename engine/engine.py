@@ -104,7 +104,7 @@ class Engine:
         if config.cuda_graphs:
             from engine.cuda_graph import DecodeGraphs
             pool = torch.cuda.graph_pool_handle()  # one pool: the graphs never run at once
-            if config.speculative is not None:  # verify steps: 1 + K tokens per request
+            if config.speculative is not None and config.speculative_cuda_graphs:  # 1 + K tokens per request
                 verify_graphs = DecodeGraphs.build(self.config, model_module, attention,
                                                    1 + config.num_speculative_tokens, pool)
             graphs = DecodeGraphs.build(self.config, model_module, attention, pool=pool)

@@ -115,8 +115,11 @@ class TritonAttention(AttentionBackend):
         buffer = self.kv_cache.buffer
         kv_heads, head_dim = buffer.shape[-2], buffer.shape[-1]
         reason: str | None
-        if os.environ.get("EPD_FLASH_PREFILL", "1") == "0":
-            reason = "EPD_FLASH_PREFILL=0"
+        # Opt-in: on one H100 (torch 2.11, 2026-12-07) the varlen call ran one layer of
+        # 4 x 2,048 at 274 TFLOP/s against 346 for SDPA per prompt, and 256 against 309 for
+        # the Triton kernel with half of each sequence cached (BENCHMARKS.md).
+        if os.environ.get("EPD_FLASH_PREFILL", "0") != "1":
+            reason = "off unless EPD_FLASH_PREFILL=1"
         elif not buffer.is_contiguous():
             reason = "the KV cache buffer is not contiguous"
         else:  # the backend is not told the query heads: the check call uses groups of 4

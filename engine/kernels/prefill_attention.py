@@ -82,7 +82,11 @@ def _attend_block(q, acc, m_i, l_i, k_ptr, v_ptr, page_row_ptr, block_start, pos
     return acc, m_new, l_i * alpha + tl.sum(p, axis=1)
 
 
-@triton.jit
+# A mixed batch passes row slices (page_table[d:], seq_lens[d:]) whose start is not
+# 16-byte aligned for most d: specialising on their alignment compiled a kernel per
+# alignment class mid-serving. They are read a scalar at a time, so nothing is lost.
+@triton.jit(do_not_specialize=["stride_pt"],
+            do_not_specialize_on_alignment=["page_table_ptr", "query_start_ptr", "seq_lens_ptr"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, page_table_ptr, query_start_ptr, seq_lens_ptr, scale,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kp, stride_kt, stride_kh, stride_pt,

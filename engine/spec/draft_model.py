@@ -92,9 +92,10 @@ class DraftModelDrafter(Drafter):
         self._generator = torch.Generator().manual_seed(config.seed + 2)
 
     def _graphs(self, model: CausalLM, attention: AttentionBackend) -> tuple[DecodeGraphs | None, DecodeGraphs | None]:
-        """(rounds of one token, catch-up rounds of up to 2) graphs; none without cuda_graphs."""
+        """(rounds of one token, catch-up rounds of up to 2) graphs; none without cuda_graphs
+        and speculative_cuda_graphs."""
         config = self.setup.config
-        if not config.cuda_graphs:
+        if not (config.cuda_graphs and config.speculative_cuda_graphs):
             return None, None
         from engine.cuda_graph import DecodeGraphs
         pool = torch.cuda.graph_pool_handle()  # the draft's own: its logits outlive no target replay

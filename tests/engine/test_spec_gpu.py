@@ -45,14 +45,19 @@ def _record_draft_counts(llm: LLM) -> list[list[int]]:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("verify_graphs", [False, True], ids=["verify-eager", "verify-graphs"])
 @pytest.mark.parametrize("method", ["ngram", "draft"])
-def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: str) -> None:  # noqa: ANN001
+def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: str,  # noqa: ANN001
+                                                     verify_graphs: bool) -> None:
+    """Decode steps replay graphs either way; verify steps and draft rounds replay their
+    own only with speculative_cuda_graphs (off by default: the verify-graphs case failed
+    for ngram on its first GPU run, 2026-12-07, cause not yet found)."""
     expected, _ = _greedy(loopy_model_path)
-    options = {"speculative": method, "num_speculative_tokens": 3}
+    options = {"speculative": method, "num_speculative_tokens": 3, "speculative_cuda_graphs": verify_graphs}
     if method == "draft":
         options["speculative_draft_model"] = str(loopy_model_path)
     llm = LLM(loopy_model_path, **GPU, **options)
-    counts = _record_draft_counts(llm)
+    counts = _record_draft_counts(llm) if verify_graphs else []
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
     got = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
     assert got == expected
@@ -61,11 +66,16 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     stats = llm.engine.speculation.stats
     assert stats.accepted_tokens_total > 0
     runner = llm.engine.runner
+    drafter = llm.engine.speculation.drafter
+    if not verify_graphs:
+        assert runner.verify_graphs is None and runner.graphs is not None and runner.graphs.replays > 0
+        if method == "draft":
+            assert drafter.free_pages() == drafter.total_pages()
+        return
     # Verify steps replayed graphs, rows with different draft counts (fewer than K) in one.
     assert runner.verify_graphs.replays > 0 and runner.verify_graphs.tokens_per_row == 4
     assert runner.verify_graphs.replays == len(counts)
     assert any(len(set(c)) > 1 for c in counts)
-    drafter = llm.engine.speculation.drafter
     if method == "draft":
         assert drafter.runner.graphs.replays > 0 and drafter.runner.verify_graphs.replays > 0
         assert drafter.free_pages() == drafter.total_pages()

@@ -24,6 +24,12 @@ from tests.engine.kernel_cases import DEVICES, HAS_CUDA, HAS_TRITON, SIZES, page
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
 
+@pytest.fixture(autouse=True)
+def _flash_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The path is opt-in (EPD_FLASH_PREFILL=1): these tests are about it."""
+    monkeypatch.setenv("EPD_FLASH_PREFILL", "1")
+
+
 # --- host-side metadata (CPU) ---
 
 def test_cumulative_offsets() -> None:
