@@ -147,11 +147,12 @@ def step_shapes(steps: list[StepShape]) -> dict[str, object]:
     def pct(values: list[float], q: float) -> float:
         ordered = sorted(values)
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+    times = [s.seconds for s in steps]
     mixed = [s.seconds for s in steps if s.prefill_tokens]
     pure = [s.seconds for s in steps if not s.prefill_tokens]
     slowest = sorted(steps, key=lambda s: s.seconds, reverse=True)[:max(1, len(steps) // 100)]
     return {"steps": len(steps), "prefill_tokens_total": sum(s.prefill_tokens for s in steps),
-            "step_p50_s": pct([s.seconds for s in steps], 0.5), "step_p99_s": pct([s.seconds for s in steps], 0.99),
+            "step_p50_s": pct(times, 0.5), "step_p99_s": pct(times, 0.99),
             "steps_with_prefill": len(mixed), "step_with_prefill_p50_s": pct(mixed, 0.5) if mixed else None,
             "step_with_prefill_p99_s": pct(mixed, 0.99) if mixed else None,
             "step_decode_only_p50_s": pct(pure, 0.5) if pure else None,

@@ -299,7 +299,7 @@ def _speculative_flags(args: argparse.Namespace) -> tuple[str, ...]:
              "--speculative-ngram-max", str(args.speculative_ngram_max)]
     if args.speculative_draft_model:
         flags += ["--speculative-draft-model", str(args.speculative_draft_model)]
-    if getattr(args, "speculative_cuda_graphs", False):
+    if args.speculative_cuda_graphs:
         flags.append("--speculative-cuda-graphs")
     return tuple(flags)
 

@@ -211,20 +211,25 @@ class TritonAttention(AttentionBackend):
         attended = flash_varlen(q[first:], keys, values, plan, self.scale)
         if first == 0:
             return attended
-        assert meta.split is not None  # the leading decode rows
-        out = torch.empty_like(q)
-        k_pages, v_pages = self.kv_cache.layer_views(layer)
-        self._decode.decode_attention(q[:first], k_pages, v_pages, meta.page_table[:first], meta.seq_lens[:first],
-                                      self.scale, meta.split.decode_splits, out=out[:first])
+        assert meta.split is not None and meta.split.decode_rows == first  # the leading decode rows
+        out = self._leading_decodes(q, *self.kv_cache.layer_views(layer), meta, meta.split)
         out[first:] = attended
         return out
 
-    def _mixed(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
-               meta: TritonAttentionMetadata, split: MixedSplit) -> torch.Tensor:
+    def _leading_decodes(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+                         meta: TritonAttentionMetadata, split: MixedSplit) -> torch.Tensor:
+        """An output for all of q's rows with a mixed batch's leading decode rows filled in
+        by the decode kernel (the rest is the caller's to write)."""
         out = torch.empty_like(q)
         d = split.decode_rows
         self._decode.decode_attention(q[:d], k_pages, v_pages, meta.page_table[:d], meta.seq_lens[:d],
                                       self.scale, split.decode_splits, out=out[:d])
+        return out
+
+    def _mixed(self, q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,
+               meta: TritonAttentionMetadata, split: MixedSplit) -> torch.Tensor:
+        out = self._leading_decodes(q, k_pages, v_pages, meta, split)
+        d = split.decode_rows
         self._prefill.prefill_attention(q[d:], k_pages, v_pages, meta.page_table[d:], split.prefill_query_start,
                                         meta.seq_lens[d:], split.prefill_max_query_len, self.scale, out=out[d:])
         return out

@@ -120,17 +120,15 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, num_sm
 SPLIT_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def warm_up(k_pages: torch.Tensor, v_pages: torch.Tensor, num_heads: int, dtype: torch.dtype,
-            max_splits: int = 64) -> None:
-    """Compile the kernels for every split count up to `max_splits` before serving: one
-    padding row (seq_len 0, nothing read) per count."""
+def warm_up(k_pages: torch.Tensor, v_pages: torch.Tensor, num_heads: int, dtype: torch.dtype) -> None:
+    """Compile the kernels for every split count before serving: one padding row
+    (seq_len 0, nothing read) per count."""
     device = k_pages.device
     q = torch.zeros((1, num_heads, k_pages.shape[3]), dtype=dtype, device=device)
     page_table = torch.zeros((1, 1), dtype=torch.int32, device=device)
     seq_lens = torch.zeros(1, dtype=torch.int32, device=device)
     for splits in SPLIT_COUNTS:
-        if splits <= max_splits:
-            decode_attention(q, k_pages, v_pages, page_table, seq_lens, 1.0, splits)
+        decode_attention(q, k_pages, v_pages, page_table, seq_lens, 1.0, splits)
 
 
 def decode_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor,

@@ -42,6 +42,29 @@ def wait_for(predicate: Any, timeout_s: float, interval_s: float = 0.1) -> float
         time.sleep(interval_s)
 
 
+def wait_settled(cluster: LocalCluster, timeout_s: float = 10.0, pages_clean: bool = False) -> list[dict[str, Any]]:
+    """The router's first status snapshot that shows the finished work: every worker idle,
+    every prefill worker's prefill count in, KV bytes sent equal to bytes received (and,
+    with `pages_clean`, every page free or cached). The router refreshes each worker's
+    status on its own, every half second, so one read right after the last response can
+    be stale; a count that never arrives (or a page leak) times out: a failure."""
+    settled: list[list[dict[str, Any]]] = []
+
+    def done() -> bool:
+        status = cluster_status(cluster)
+        ok = all(e["running"] == 0 and e["waiting"] == 0 for e in status) \
+            and all(e["prefill_tokens_total"] > 0 for e in by_role(status, "prefill")) \
+            and sum(e["kv_bytes_sent_total"] for e in status) == sum(e["kv_bytes_received_total"] for e in status) \
+            and (not pages_clean or all(e["kv_pages_free"] == e["kv_pages_total"] - e["kv_pages_cached"]
+                                        for e in status))
+        if ok:
+            settled.append(status)
+        return ok
+
+    wait_for(done, timeout_s)
+    return settled[-1]
+
+
 async def grpc_generate(address: str, prompt: list[int] | str, sampling: pb.SamplingParams,
                         timeout_s: float = 120.0) -> tuple[list[int], str, pb.Finished]:
     async with grpc.aio.insecure_channel(address) as channel:

@@ -10,7 +10,8 @@ import pytest
 
 from engine import LLM, SamplingParams
 from proto import epd_pb2 as pb
-from tests.e2e.cluster import by_role, cluster_status, flush_worker_caches, grpc_generate, make_cluster, wait_for
+from tests.e2e.cluster import (by_role, cluster_status, flush_worker_caches, grpc_generate, make_cluster, wait_for,
+                               wait_settled)
 
 pytestmark = pytest.mark.timeout(600)
 CONTEXT = 1024
@@ -73,16 +74,7 @@ def test_two_by_two_cluster_matches_offline_engine(tmp_path, expected, transfer:
             assert tokens == ref.outputs[0].token_ids, f"request {index}: tokens differ"
             assert text == ref.outputs[0].text, f"request {index}: text differs"
             assert finished.usage.completion_tokens == len(tokens)
-        # The router refreshes worker status every half second, each worker on its own: wait
-        # until one snapshot shows the idle state and every worker's finished counts (a
-        # count that never arrives times out, a failure).
-        def settled() -> bool:
-            status = cluster_status(cluster)
-            return all(e["running"] == 0 and e["waiting"] == 0 for e in status) \
-                and all(e["prefill_tokens_total"] > 0 for e in by_role(status, "prefill")) \
-                and sum(e["kv_bytes_sent_total"] for e in status) == sum(e["kv_bytes_received_total"] for e in status)
-        wait_for(settled, 10)
-        status = cluster_status(cluster)
+        status = wait_settled(cluster)
         assert len(by_role(status, "prefill")) == 2 and len(by_role(status, "decode")) == 2
         for entry in by_role(status, "prefill"):
             assert entry["prefill_tokens_total"] > 0, entry

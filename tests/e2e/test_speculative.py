@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from engine import LLM, SamplingParams
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
-from tests.e2e.cluster import by_role, cluster_status, grpc_generate, make_cluster, wait_for
+from tests.e2e.cluster import by_role, grpc_generate, make_cluster, wait_settled
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -45,12 +45,6 @@ def _sample(text: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-def _settled(status: list[dict]) -> bool:
-    """Idle, every page free or cached, and the prefill worker's counts in."""
-    return all(e["running"] == 0 and e["waiting"] == 0 and e["kv_pages_free"] == e["kv_pages_total"]
-               - e["kv_pages_cached"] for e in status) and by_role(status, "prefill")[0]["prefill_tokens_total"] > 0
-
-
 @pytest.mark.parametrize("method", ["ngram", "draft"])
 def test_one_by_one_cluster_with_speculation_matches_offline(tmp_path, loopy_model_path, method: str) -> None:  # noqa: ANN001
     work = _workload()
@@ -65,11 +59,8 @@ def test_one_by_one_cluster_with_speculation_matches_offline(tmp_path, loopy_mod
         for index, ((tokens, _, finished), ref) in enumerate(zip(results, expected)):
             assert tokens == ref.outputs[0].token_ids, f"request {index}: tokens differ"
             assert finished.usage.completion_tokens == len(tokens)
-        # The router refreshes worker status every half second: wait until it shows the
-        # finished work (the prompts were prefilled remotely) and an idle cluster.
-        # A page leak would keep `_settled` false: the wait then times out and fails.
-        wait_for(lambda: _settled(cluster_status(cluster)), 10)
-        status = cluster_status(cluster)
+        # The prompts were prefilled remotely; a page leak would time the wait out.
+        status = wait_settled(cluster, pages_clean=True)
         text = asyncio.run(_metrics_text(by_role(status, "decode")[0]))
         drafted = _sample(text, "epd_worker_spec_draft_tokens_total")
         accepted = _sample(text, "epd_worker_spec_accepted_tokens_total")

@@ -16,7 +16,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from proto import epd_pb2 as pb
-from tests.e2e.cluster import by_role, cluster_status, grpc_generate, make_cluster, wait_for
+from tests.e2e.cluster import by_role, grpc_generate, make_cluster, wait_settled
 from tests.procs import child_pids, wait_gone
 
 pytestmark = pytest.mark.timeout(300)
@@ -64,15 +64,7 @@ def _tp(size: int) -> tuple[str, ...]:
 
 def _check_disaggregated(cluster, expected: list[list[int]]) -> None:  # noqa: ANN001
     assert asyncio.run(_run(cluster.grpc_address)) == expected
-    # The router refreshes worker status every half second: wait until its snapshot shows
-    # an idle cluster and the prefill worker's counts (the prompts were prefilled remotely).
-    def settled() -> bool:
-        status = cluster_status(cluster)
-        return all(e["running"] == 0 and e["waiting"] == 0 for e in status) \
-            and by_role(status, "prefill")[0]["prefill_tokens_total"] > 0 \
-            and by_role(status, "prefill")[0]["kv_bytes_sent_total"] == by_role(status, "decode")[0]["kv_bytes_received_total"]
-    wait_for(settled, 10)  # a count that never arrives (or bytes that never match) times out: a failure
-    status = cluster_status(cluster)
+    status = wait_settled(cluster)  # the prompts were prefilled remotely, their KV arrived
     (prefill,), (decode,) = by_role(status, "prefill"), by_role(status, "decode")
     assert 0 < prefill["kv_bytes_sent_total"] == decode["kv_bytes_received_total"]
 
