@@ -140,7 +140,7 @@ def bench_prefill(engine: Engine, matmul_rate: float, prompts: int, length: int,
             before = mean_time(run, iters=5)
         finally:
             engine.runner.attention.flash_prefill = True
-        rows.append(Row("prefill", "MFU with flash prefill off (SDPA per prompt)", flops / before / matmul_rate,
+        rows.append(Row("prefill", "MFU with flash prefill off (SDPA)", flops / before / matmul_rate,
                         "fraction", f"{before * 1e3:.1f} ms"))
     release(engine, requests)
     return requests, logits
@@ -163,8 +163,12 @@ def engine_attention(engine: Engine, requests: list[Request], flash: bool) -> tu
     attention.prepare(batch)
     attention.flash_prefill = chosen
     meta = batch.attention_metadata
-    path = ("flash varlen" + (" + gather" if meta.varlen.gather_rows is not None else "")) if meta.varlen \
-        else "SDPA per prompt" if meta.whole_prompts else "triton paged kernel"
+    if meta.varlen:
+        path = "flash varlen" + (" + gather" if meta.varlen.gather_rows is not None else "")
+    elif meta.whole_prompts:
+        path = "SDPA, one call" if len(set(meta.whole_prompts)) == 1 else "SDPA per prompt"
+    else:
+        path = "triton paged kernel"
     tokens = batch.num_tokens
     # q, k, v as the model hands them over: strided views of one projection's output.
     qkv = torch.randn(tokens, (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim, device=engine.device,
@@ -206,14 +210,19 @@ def bench_prefill_attention(engine: Engine, prompts: int, length: int, rows: lis
     sdpa = lambda: [F.scaled_dot_product_attention(qs[i:i + 1], kv[i:i + 1], kv[i:i + 1], is_causal=True,  # noqa: E731
                                                    scale=scale, enable_gqa=True)
                     for i in range(prompts)]
-    sdpa_s = per_call(sdpa)
+    per_seq_s = per_call(sdpa)
+    batched_s = per_call(lambda: F.scaled_dot_product_attention(qs, kv, kv, is_causal=True, scale=scale,
+                                                                enable_gqa=True))
+    sdpa_s = min(per_seq_s, batched_s)  # the acceptance's reference: SDPA's faster form
     flops = attention_flops([length] * prompts, [length] * prompts, cfg.num_heads, cfg.head_dim)
     tflops = lambda seconds: flops / seconds / 1e12  # noqa: E731
     section = "prefill attention"
     rows.append(Row(section, "triton paged kernel (one layer)", tflops(triton_s), "TFLOP/s",
                     f"{triton_s * 1e6:.0f} us"))
-    rows.append(Row(section, "torch SDPA, contiguous K/V (one layer)", tflops(sdpa_s), "TFLOP/s",
-                    f"{sdpa_s * 1e6:.0f} us"))
+    rows.append(Row(section, "torch SDPA, contiguous K/V, one call per sequence (one layer)", tflops(per_seq_s),
+                    "TFLOP/s", f"{per_seq_s * 1e6:.0f} us"))
+    rows.append(Row(section, "torch SDPA, contiguous K/V, one call over the batch (one layer)", tflops(batched_s),
+                    "TFLOP/s", f"{batched_s * 1e6:.0f} us"))
     engine_s = None
     for flash in dict.fromkeys((chosen, False)):  # the engine's choice first; then without flash
         fn, path = engine_attention(engine, requests, flash)
@@ -222,7 +231,8 @@ def bench_prefill_attention(engine: Engine, prompts: int, length: int, rows: lis
         label = "engine path" if flash == chosen else "engine path, flash prefill off"
         rows.append(Row(section, f"{label}: {path} (one layer)", tflops(seconds), "TFLOP/s",
                         f"{seconds * 1e6:.0f} us"))
-    rows.append(Row(section, "engine path / torch SDPA", sdpa_s / engine_s, "x", "acceptance: >= 1"))
+    rows.append(Row(section, "engine path / torch SDPA (the faster form)", sdpa_s / engine_s, "x",
+                    "acceptance: >= 1"))
     cudnn_row(rows, qs, kv, scale, cfg, per_call, tflops)
     release(engine, requests)
     bench_prefix_attention(engine, prompts, length, rows, per_call)

@@ -99,7 +99,7 @@ def test_rotary_fused_with_kv_write(device: str) -> None:
 
 
 def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], splits: int | None,
-                    mixed: bool = False) -> None:
+                    mixed: bool = False, fused_qkv: bool = False) -> None:
     from engine.attention.triton_backend import TritonAttention
     s = SIZES[device]
     num_pages = sum(-(-n // s.page_size) for n in seq_lens) + 5
@@ -108,9 +108,15 @@ def _attention_case(device: str, seq_lens: list[int], query_lens: list[int], spl
     ref_cache.buffer.copy_(cache.buffer.float())
     batch = paged_batch(seq_lens, query_lens, s.page_size, num_pages, device)
     tokens = sum(query_lens)
-    q = torch.randn(tokens, s.heads, s.head_dim, device=device, dtype=s.dtype)
-    k = torch.randn(tokens, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
-    v = torch.randn_like(k)
+    if fused_qkv:  # strided views of one projection's output, as the model hands them over
+        qkv = torch.randn(tokens, (s.heads + 2 * s.kv_heads) * s.head_dim, device=device, dtype=s.dtype)
+        q, k, v = qkv.split([s.heads * s.head_dim] + [s.kv_heads * s.head_dim] * 2, dim=-1)
+        q = q.view(tokens, s.heads, s.head_dim)
+        k, v = (t.view(tokens, s.kv_heads, s.head_dim) for t in (k, v))
+    else:
+        q = torch.randn(tokens, s.heads, s.head_dim, device=device, dtype=s.dtype)
+        k = torch.randn(tokens, s.kv_heads, s.head_dim, device=device, dtype=s.dtype)
+        v = torch.randn_like(k)
     backend = TritonAttention(cache, s.head_dim**-0.5)
     backend.flash_prefill = False  # these cases test the Triton kernels (and SDPA); varlen has its own
     backend.prepare(batch)
@@ -188,9 +194,19 @@ def test_skinny_matmul_float32_tiles_fit(n: int, k: int) -> None:
     assert rel_err(skinny_matmul(x, weight), TORCH_OPS.linear(x.double(), weight.double())) <= 2e-2
 
 
-def test_whole_prompts_take_sdpa_and_match(device: str) -> None:
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_whole_prompts_take_sdpa_and_match(device: str, fused_qkv: bool) -> None:
     s = SIZES[device]
-    _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None)
+    _attention_case(device, [s.long_context // 2, 7, s.page_size], [s.long_context // 2, 7, s.page_size], None,
+                    fused_qkv=fused_qkv)
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_whole_prompts_of_one_length_take_one_sdpa_call(device: str, fused_qkv: bool) -> None:
+    """Prompts of one length go through a single SDPA call on [B, heads, L, D] views."""
+    s = SIZES[device]
+    lengths = [s.page_size + 3] * 3
+    _attention_case(device, lengths, lengths, None, fused_qkv=fused_qkv)
 
 
 def test_rotary_table_gathers_exactly_what_cos_sin_computes(device: str) -> None:
