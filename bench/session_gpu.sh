@@ -1,23 +1,41 @@
 #!/usr/bin/env bash
 # One device call covering the open GPU questions of issues 13 and 17 (about 10 minutes on an H100):
-#   bash bench/session_gpu.sh
-# 1. speculation GPU tests with full tracebacks (verify graphs on and off, both drafters);
-# 2. the attention kernels' and the Triton engine path's GPU tests;
-# 3. bench.engine_bench on Llama-3.1-8B (random weights): prefill MFU, one layer of prefill
-#    attention against torch SDPA (per sequence and batched), decode at batch 1 and 64;
-# 4. bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel;
-# 5. bench/serving_speed.sh c256-1024 (served against LLM.generate, same flags).
+#   bash bench/session_gpu.sh [PHASE...]   (default: spec-tests kernel-tests engine profile spec-bench)
+#   spec-tests    speculation GPU tests with full tracebacks (verify graphs on and off, both drafters, sessions)
+#   kernel-tests  the attention kernels' and the Triton engine path's GPU tests
+#   engine        bench.engine_bench on Llama-3.1-8B (random weights): prefill MFU, one layer of prefill
+#                 attention against torch SDPA (per sequence and batched), decode at batch 1 and 64
+#   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
+#   spec-bench    bench.spec_bench, repeat workload, ITL at batch 1 and 16 (add SPEC_GRAPHS=1 for verify graphs)
+#   c256-B        bench/serving_speed.sh c256-B (served against LLM.generate, same flags, budget B)
 # Logs under $OUT. Carry `.whl` as bench/serving_speed.sh says.
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/machine.log"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rA --tb=long tests/engine/test_spec_gpu.py \
-  > "$out/spec-gpu-tests.log" 2>&1; tail -5 "$out/spec-gpu-tests.log"
-timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/engine/test_kernels.py \
-  tests/engine/test_triton_engine.py tests/engine/test_varlen_attention.py > "$out/kernel-tests.log" 2>&1
-tail -5 "$out/kernel-tests.log"
-timeout 200 python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap \
-  --out "$out/engine-bench.json" > "$out/engine-bench.log" 2>&1; grep -E "prefill|decode.*(step, CUDA|bandwidth)" "$out/engine-bench.log"
-timeout 120 python3 -m bench.prefill_profile --model llama-3.1-8b --prefill 4x2048 --iters 3 \
-  > "$out/prefill-profile.log" 2>&1; tail -3 "$out/prefill-profile.log"
-timeout "${SERVE_TIMEOUT:-200}" bash bench/serving_speed.sh ${SERVE_PHASES:-c256-1024} > /dev/null 2>&1
-tail -12 "$out"/c256-*.log
+phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(spec-tests kernel-tests engine profile spec-bench)
+for phase in "${phases[@]}"; do
+  echo "== $phase $(date +%T)"
+  case $phase in
+    spec-tests)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider -rA --tb=long tests/engine/test_spec_gpu.py \
+        > "$out/spec-gpu-tests.log" 2>&1; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$out/spec-gpu-tests.log" | tail -12;;
+    kernel-tests)
+      timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/engine/test_kernels.py \
+        tests/engine/test_triton_engine.py tests/engine/test_varlen_attention.py > "$out/kernel-tests.log" 2>&1
+      tail -3 "$out/kernel-tests.log";;
+    engine)
+      timeout 200 python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap \
+        --out "$out/engine-bench.json" > "$out/engine-bench.log" 2>&1
+      grep -E "prefill|(step, CUDA|bandwidth)" "$out/engine-bench.log";;
+    profile)
+      timeout 120 python3 -m bench.prefill_profile --model llama-3.1-8b --prefill 4x2048 --iters 3 \
+        > "$out/prefill-profile.log" 2>&1; grep -A14 "categor" "$out/prefill-profile.log" | head -30;;
+    spec-bench)
+      graphs=(); [ "${SPEC_GRAPHS:-0}" = 1 ] && graphs=(--speculative-cuda-graphs)
+      timeout 240 python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
+        --workload repeat --period 8 --ngram-k 3,5 --draft-k 3 --prompt-len 512 --output-len 256 --num-pages 8192 \
+        "${graphs[@]}" --out "$out/spec-bench.json" > "$out/spec-bench.log" 2>&1; tail -10 "$out/spec-bench.log";;
+    c256-*)
+      timeout 280 bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
+    *) echo "unknown phase $phase";;
+  esac
+done

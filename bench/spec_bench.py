@@ -14,6 +14,10 @@ does is the model's business (random weights have no induction heads): acceptanc
 measured, never assumed, and `echo` reports how many tokens of T the no-speculation
 output repeats before it diverges (the ceiling of what lookup can get accepted).
 
+Workload `--workload repeat`: each prompt is a random pattern of --period tokens repeated
+to --prompt-len (a repetitive input; with random weights the output of a long repetitive
+context tends to settle into a run or short cycle, which lookup drafts; measured, as above).
+
   python -m bench.spec_bench --model tiny                      # CPU smoke run
   python -m bench.spec_bench --model llama-3.1-8b --device cuda # the GPU run (bench/spec_gpu.sh)
 """
@@ -92,6 +96,13 @@ class Echo:
         return Echo(self.prompts[:count], self.continuations[:count])
 
 
+def repeat_workload(count: int, prompt_len: int, period: int, vocab: int, seed: int) -> Echo:
+    """`count` repetitive requests: a random pattern of `period` tokens repeated to
+    `prompt_len` (no continuation to echo: the output is the model's business)."""
+    patterns = seeds(count, period, vocab, seed)
+    return Echo([(p * (prompt_len // period + 1))[:prompt_len] for p in patterns], [[] for _ in patterns])
+
+
 def echo_workload(engine: Engine, count: int, prompt_len: int, output_len: int, seed: int) -> Echo:
     """`count` self-echo requests (module docstring); `engine` must not speculate."""
     assert engine.speculation is None
@@ -155,7 +166,9 @@ def run_setting(target: Path, setting: Setting, args: argparse.Namespace, batche
     also builds the workload."""
     engine = Engine(target, **engine_options(args), **setting.options)
     try:
-        if echo is None:
+        if echo is None and args.workload == "repeat":
+            echo = repeat_workload(max(batches), args.prompt_len, args.period, engine.model_config.vocab_size, seed=99)
+        elif echo is None:
             echo = echo_workload(engine, max(batches), args.prompt_len, args.output_len, seed=99)
         return measure(engine, setting.name, args, batches, echo), echo
     finally:
@@ -218,8 +231,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="verify steps and draft rounds replay CUDA graphs (experimental)")
     parser.add_argument("--ngram-k", default="3,5")
     parser.add_argument("--draft-k", default="3")
+    parser.add_argument("--workload", choices=("echo", "repeat"), default="echo",
+                        help="echo: prompts P + T + P (module docstring); repeat: a random pattern of "
+                             "--period tokens repeated to --prompt-len")
+    parser.add_argument("--period", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256,
-                        help="the prompt is P + T + P with P of half this and T of --output-len tokens")
+                        help="echo: the prompt is P + T + P with P of half this and T of --output-len tokens")
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--num-pages", type=int, default=4096)
     parser.add_argument("--max-model-len", type=int, default=2048)
@@ -231,8 +248,10 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, "-m", "bench.spec_bench", *(argv if argv is not None else sys.argv[1:])]))
     target, draft = write_models(args.model, args.work_dir)
     batches = _ints(args.batches)
-    print(f"model {args.model} on {args.device}; options {engine_options(args)}; self-echo prompts of "
-          f"{2 * (args.prompt_len // 2)} + {args.output_len} tokens, output {args.output_len}", flush=True)
+    shape = (f"self-echo prompts of {2 * (args.prompt_len // 2)} + {args.output_len} tokens" if args.workload == "echo"
+             else f"prompts of a {args.period}-token pattern repeated to {args.prompt_len} tokens")
+    print(f"model {args.model} on {args.device}; options {engine_options(args)}; {shape}, output {args.output_len}",
+          flush=True)
     results: list[Result] = []
     echo: Echo | None = None
     for setting in settings(args, draft):  # "none" first: it builds the workload

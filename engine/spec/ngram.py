@@ -1,5 +1,6 @@
 """Prompt lookup: propose the tokens that followed the most recent earlier occurrence
-of the request's last n tokens (n from `speculative_ngram_max` down to 1)."""
+of the request's last n tokens (n from `speculative_ngram_max` down to 1) that is
+followed by a full draft, else the occurrence followed by the most tokens."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,8 +10,11 @@ from engine.spec.drafter import NO_DRAFTS, Drafter, Drafts, register_drafter
 
 
 def lookup(tokens: np.ndarray, max_n: int, limit: int) -> list[int]:
-    """Up to `limit` tokens following the latest earlier match of the longest suffix
-    n-gram (n <= max_n) of `tokens`; [] when no suffix recurs."""
+    """Up to `limit` tokens following an earlier match of the longest suffix n-gram
+    (n <= max_n) of `tokens`; [] when no suffix recurs. Of that n-gram's matches, the
+    latest one with `limit` tokens after it, else the earliest (the most tokens after it):
+    in a run or a short cycle the latest match lies just behind the end, and its
+    continuation would be a token or two."""
     length = tokens.shape[0]
     for n in range(min(max_n, length - 1), 0, -1):
         suffix = tokens[length - n:]
@@ -18,7 +22,8 @@ def lookup(tokens: np.ndarray, max_n: int, limit: int) -> list[int]:
         windows = np.lib.stride_tricks.sliding_window_view(tokens[:length - 1], n)
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if hits.shape[0]:
-            start = int(hits[-1]) + n
+            full = hits[hits + n + limit <= length]
+            start = int(full[-1] if full.shape[0] else hits[0]) + n
             return tokens[start:start + limit].tolist()
     return []
 

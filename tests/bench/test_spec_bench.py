@@ -31,3 +31,22 @@ def test_echo_workload_is_seed_continuation_seed(tiny_model_path) -> None:  # no
         seed = prompt[:5]
         assert len(continuation) == 6 and prompt == seed + continuation + seed
     assert spec_bench.echoed([[1, 2, 3], [4]], [[1, 2, 9], [5]]) == 1.0
+
+
+def test_repeat_workload_on_tiny_gets_drafts_accepted(tmp_path, capsys) -> None:  # noqa: ANN001
+    """A pattern repeated to the prompt length: the tiny model's greedy output settles into
+    a run or cycle that lookup drafts, so n-gram acceptance is measured above 1."""
+    out = tmp_path / "results.json"
+    assert spec_bench.main(["--model", "tiny", "--batches", "1", "--output-len", "48", "--prompt-len", "64",
+                            "--workload", "repeat", "--period", "4", "--ngram-k", "4", "--draft-k", "",
+                            "--work-dir", str(tmp_path), "--out", str(out)]) == 0
+    assert "4-token pattern repeated to 64 tokens" in capsys.readouterr().out
+    results = {r["setting"]: r for r in json.loads(out.read_text())}
+    assert set(results) == {"none", "ngram-k4"} and results["ngram-k4"]["acceptance_length"] > 1.5
+
+
+def test_repeat_workload_repeats_a_pattern() -> None:
+    work = spec_bench.repeat_workload(3, 10, 4, 1000, seed=2)
+    for prompt in work.prompts:
+        assert len(prompt) == 10 and prompt[4:8] == prompt[:4] and prompt[8:] == prompt[:2]
+    assert len({tuple(p[:4]) for p in work.prompts}) == 3

@@ -43,7 +43,19 @@ def test_ngram_lookup_finds_the_latest_longest_match() -> None:
     assert lookup(tokens, 3, 2) == [7, 5]  # suffix [2, 3]: its latest earlier occurrence is at 5
     assert lookup(tokens, 1, 3) == [7, 5, 2]  # suffix [3], latest earlier at 6
     assert lookup(np.array([4, 5, 6]), 3, 4) == []
-    assert lookup(np.array([5, 5, 5, 5]), 2, 3) == [5]  # the continuation ends at the last token
+    # Five tokens follow only the match of [2, 3] at 1; nine follow none: the earliest has the most.
+    assert lookup(tokens, 3, 5) == [9, 1, 2, 3, 7]
+    assert lookup(tokens, 3, 9) == [9, 1, 2, 3, 7, 5, 2, 3]
+    assert lookup(np.array([5, 5]), 2, 3) == [5]  # one match, one token after it
+
+
+def test_ngram_lookup_drafts_a_full_continuation_in_runs_and_cycles() -> None:
+    """The latest match of a run's (or a short cycle's) suffix lies just behind the end;
+    a match with a full draft after it is taken instead."""
+    assert lookup(np.array([5] * 8), 3, 4) == [5, 5, 5, 5]
+    cycle = np.array([8, 1, 2, 3] * 4 + [8, 1])
+    assert lookup(cycle, 3, 5) == [2, 3, 8, 1, 2]
+    assert lookup(np.array([9, 5, 5, 5, 5]), 2, 3) == [5, 5]  # no full draft: the earliest match
 
 
 VARIANTS = {

@@ -79,3 +79,28 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     if method == "draft":
         assert drafter.runner.graphs.replays > 0 and drafter.runner.verify_graphs.replays > 0
         assert drafter.free_pages() == drafter.total_pages()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("verify_graphs", [False, True], ids=["verify-eager", "verify-graphs"])
+@pytest.mark.parametrize("method", ["ngram", "draft"])
+def test_sessions_with_speculation_graphs_and_overlap_match(loopy_model_path, method: str,  # noqa: ANN001
+                                                            verify_graphs: bool) -> None:
+    """Two turns of a session on the GPU path: the second restores the first's kept KV
+    (whose last page held rejected drafts past the computed tokens); output and the
+    restore equal the same turns without speculation."""
+    from engine import Engine
+    from tests.engine.test_spec_decode import _run
+    spec = {"speculative": method, "num_speculative_tokens": 3, "speculative_cuda_graphs": verify_graphs}
+    if method == "draft":
+        spec["speculative_draft_model"] = str(loopy_model_path)
+    params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
+    turns = []
+    for options in ({}, spec):
+        engine = Engine(loopy_model_path, **GPU, page_size=4, num_pages=256, **options)
+        first = _prompts()[3]
+        out1 = _run(engine, first, params, "s")
+        out2 = _run(engine, first + out1 + [5, 6, 7], params, "s")
+        turns.append((out1, out2, engine.scheduler.sessions.restores_total))
+    assert turns[0] == turns[1] and turns[1][2] == 1
