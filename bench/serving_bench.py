@@ -28,6 +28,7 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from bench.client.report import percentile
 from bench.client.transport import GrpcTransport, Outgoing, RequestTiming, Sampling
@@ -123,6 +124,9 @@ def offline_baseline(args: argparse.Namespace, extra: list[str]) -> dict[str, fl
                           stdout=subprocess.PIPE, text=True, check=True)
     lines = done.stdout.strip().splitlines()
     print(*lines[:-1], sep="\n", flush=True)
+    if args.log_dir:  # every step's time and shape, for a look at the tail afterwards
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(args.log_dir) / "offline.json").write_text(lines[-1] + "\n")
     return json.loads(lines[-1])
 
 

@@ -48,6 +48,7 @@ for phase in "$@"; do
         --concurrency 256 --input-len 1024 --output-len 256 --log-dir "/tmp/logs-$phase" -- "${engine_flags[@]}" \
         --max-num-batched-tokens "$budget" 2>&1 | grep -v " INFO " | tee "$out/$phase.log"
       grep -h "engine loop" "/tmp/logs-$phase"/*.log | tail -3 | tee -a "$out/$phase.log"
+      cp "/tmp/logs-$phase/offline.json" "$out/$phase-offline.json" 2>/dev/null
       wait;;
     *) echo "unknown phase $phase"; exit 2;;
   esac

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from bench import offline_baseline
 
 
-def test_offline_baseline_figures_match_the_workload(capsys) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("overlap", [False, True])
+def test_offline_baseline_figures_match_the_workload(capsys, overlap: bool) -> None:  # noqa: ANN001
     requests, input_len, output_len = 8, 64, 16
     assert offline_baseline.main(["--num-requests", str(requests), "--input-len", str(input_len),
                                   "--output-len", str(output_len), "--repeats", "2", "--",
-                                  "--max-num-batched-tokens", "128"]) == 0
+                                  "--max-num-batched-tokens", "128"] + (["--overlap-schedule"] if overlap else [])) == 0
     out = capsys.readouterr().out
     figures = json.loads(out.strip().splitlines()[-1])
     assert figures["output_tokens"] == requests * output_len
@@ -25,3 +28,6 @@ def test_offline_baseline_figures_match_the_workload(capsys) -> None:  # noqa: A
     assert slowest and slowest[0]["seconds"] == max(s["seconds"] for s in slowest)
     assert all(s["prefill_tokens"] <= 128 and s["decode_rows"] <= requests for s in slowest)
     assert "slowest steps" in out
+    listed = figures["step_list"]  # every step, in order (with overlap: shapes paired with the next call's time)
+    assert len(listed) == figures["steps"] and sum(s[2] for s in listed) == requests * input_len
+    assert max(s[0] for s in listed) == pytest.approx(slowest[0]["seconds"] * 1e3, abs=0.01)
