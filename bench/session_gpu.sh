@@ -20,7 +20,7 @@ for phase in "${phases[@]}"; do
         > "$out/spec-gpu-tests.log" 2>&1; grep -E "^(PASSED|FAILED|ERROR)|passed|failed" "$out/spec-gpu-tests.log" | tail -12;;
     kernel-tests)
       timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/engine/test_kernels.py \
-        tests/engine/test_triton_engine.py tests/engine/test_varlen_attention.py > "$out/kernel-tests.log" 2>&1
+        tests/engine/test_triton_engine.py ${KERNEL_TESTS_K:+-k "$KERNEL_TESTS_K"} > "$out/kernel-tests.log" 2>&1
       tail -3 "$out/kernel-tests.log";;
     engine)
       timeout 200 python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap \
@@ -31,11 +31,11 @@ for phase in "${phases[@]}"; do
         > "$out/prefill-profile.log" 2>&1; grep -A14 "categor" "$out/prefill-profile.log" | head -30;;
     spec-bench)
       graphs=(); [ "${SPEC_GRAPHS:-0}" = 1 ] && graphs=(--speculative-cuda-graphs)
-      timeout 240 python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
+      timeout "${SPEC_TIMEOUT:-240}" python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
         --workload repeat --period 8 --ngram-k 3,5 --draft-k 3 --prompt-len 512 --output-len 256 --num-pages 8192 \
         "${graphs[@]}" --out "$out/spec-bench.json" > "$out/spec-bench.log" 2>&1; tail -10 "$out/spec-bench.log";;
     c256-*)
-      timeout 280 bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
+      timeout "${SERVE_TIMEOUT:-280}" bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
     *) echo "unknown phase $phase";;
   esac
 done
