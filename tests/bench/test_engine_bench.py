@@ -30,7 +30,7 @@ def test_engine_attention_times_the_engines_path(tiny_model_path, monkeypatch: p
     engine.runner.attention.flash_prefill = True  # as on a GPU where flash serves the cache
     fresh = engine_bench.make_requests(engine, [9, 9], [0, 0], seed=0)
     chunks = engine_bench.make_requests(engine, [12, 12], [6, 6], seed=1)
-    expected = {(True, 0): "flash varlen", (False, 0): "SDPA per prompt",
+    expected = {(True, 0): "flash varlen", (False, 0): "SDPA, one call",
                 (True, 1): "flash varlen + gather", (False, 1): "triton paged kernel"}
     for (flash, which), path in expected.items():
         fn, name = engine_bench.engine_attention(engine, (fresh, chunks)[which], flash)
