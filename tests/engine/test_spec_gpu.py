@@ -28,6 +28,24 @@ def _greedy(model, **options) -> tuple[list[list[int]], LLM]:  # noqa: ANN001
     return outs, llm
 
 
+def _divergence(model, expected: list[list[int]], got: list[list[int]]) -> str:  # noqa: ANN001
+    """Where the first output differs from the reference, and the reference's margin
+    there (top-1 minus top-2 logprob): a margin near zero means a near-tie that another
+    kernel's rounding flips, a large one a wrong computation."""
+    for index, (want, have) in enumerate(zip(expected, got)):
+        if want != have:
+            position = next((p for p, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
+            llm = LLM(model, **GPU)
+            params = SamplingParams(temperature=0, max_tokens=position + 1, logprobs=2, ignore_eos=True)
+            entry = llm.generate([_prompts()[index]], [params])[0].outputs[0].logprobs[position]
+            top = entry.top
+            margin = top[0][1] - top[1][1] if len(top) > 1 else float("nan")
+            return (f"request {index} differs at output position {position} (expected {want[position:position + 4]}, "
+                    f"got {have[position:position + 4]}); reference top-2 there {top}, margin {margin:.3g}; "
+                    f"dtype {llm.engine.kv_cache.buffer.dtype}")
+    return "outputs equal"
+
+
 def _record_draft_counts(llm: LLM) -> list[list[int]]:
     """Each verify-graph replay's draft count per row, recorded as it runs."""
     graphs = llm.engine.runner.verify_graphs
@@ -60,7 +78,7 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     counts = _record_draft_counts(llm) if verify_graphs else []
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
     got = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
-    assert got == expected
+    assert got == expected, _divergence(loopy_model_path, expected, got)
     acct = llm.engine.check_page_invariants()
     assert acct.free + acct.cached == acct.total
     stats = llm.engine.speculation.stats
