@@ -101,15 +101,19 @@ def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[s
         scheduled.append((decode, tokens - decode, len(batch.scheduled) - decode))
         return batch
 
+    timings = engine.overlap.timings if engine.overlap is not None else None
+
     def timed_step() -> list:
         begin = time.perf_counter()
+        host_before = timings.cpu if timings is not None else 0.0
         outputs = step()
         now = time.perf_counter()
+        host = (timings.cpu - host_before) if timings is not None else now - begin
         for out in outputs:
             token_times.setdefault(out.request_id, []).extend([now] * len(out.new_token_ids))
         decode, prefill, chunks = (max(s[0] for s in scheduled), sum(s[1] for s in scheduled),
                                    sum(s[2] for s in scheduled)) if scheduled else (0, 0, 0)
-        steps.append(StepShape(now - begin, decode, prefill, chunks))
+        steps.append(StepShape(now - begin, decode, prefill, chunks, host))
         scheduled.clear()
         return outputs
 
@@ -123,7 +127,8 @@ def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[s
     if engine.config.overlap_schedule and len(steps) > 1:
         # A call launches its batch and waits for the one before: its time is mostly the
         # GPU time of the batch the previous call launched.
-        steps = [StepShape(later.seconds, *earlier[1:]) for earlier, later in zip(steps, steps[1:])]
+        steps = [earlier._replace(seconds=later.seconds, host_seconds=later.host_seconds)
+                 for earlier, later in zip(steps, steps[1:])]
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     itls = sorted(b - a for times in token_times.values() for a, b in zip(times, times[1:]))
     figures = {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
@@ -142,6 +147,7 @@ class StepShape(NamedTuple):
     decode_rows: int
     prefill_tokens: int
     prefill_chunks: int
+    host_seconds: float = 0.0  # the call's host time, waits for the GPU excluded (overlap scheduler)
 
 
 def step_shapes(steps: list[StepShape]) -> dict[str, object]:
@@ -163,9 +169,9 @@ def step_shapes(steps: list[StepShape]) -> dict[str, object]:
             "step_decode_only_p50_s": pct(pure, 0.5) if pure else None,
             "step_decode_only_p99_s": pct(pure, 0.99) if pure else None,
             "slowest_steps": [s._asdict() for s in slowest[:12]],
-            # Every step as [ms, decode rows, prefill tokens, prefill chunks], in order.
-            "step_list": [[round(s.seconds * 1e3, 2), s.decode_rows, s.prefill_tokens, s.prefill_chunks]
-                          for s in steps]}
+            # Every step as [ms, decode rows, prefill tokens, prefill chunks, host ms], in order.
+            "step_list": [[round(s.seconds * 1e3, 2), s.decode_rows, s.prefill_tokens, s.prefill_chunks,
+                           round(s.host_seconds * 1e3, 2)] for s in steps]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -193,8 +199,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{ms(figures['step_p99_s'])} ms; {figures['steps_with_prefill']} with prefill "
               f"{ms(figures['step_with_prefill_p50_s'])} / {ms(figures['step_with_prefill_p99_s'])} ms; decode only "
               f"{ms(figures['step_decode_only_p50_s'])} / {ms(figures['step_decode_only_p99_s'])} ms", flush=True)
-        print("offline: slowest steps (ms, decode rows, prefill tokens, prefill chunks): " + "; ".join(
-            f"{s['seconds'] * 1e3:.1f} {s['decode_rows']} {s['prefill_tokens']} {s['prefill_chunks']}"
+        print("offline: slowest steps (ms, decode rows, prefill tokens, prefill chunks, host ms): " + "; ".join(
+            f"{s['seconds'] * 1e3:.1f} {s['decode_rows']} {s['prefill_tokens']} {s['prefill_chunks']} "
+            f"{s['host_seconds'] * 1e3:.1f}"
             for s in figures["slowest_steps"]), flush=True)
     print("offline: first token of each single request (ms): "
           + ", ".join(f"{t * 1e3:.2f}" for t in figures["first_token_runs_s"]), flush=True)

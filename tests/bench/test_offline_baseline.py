@@ -30,4 +30,5 @@ def test_offline_baseline_figures_match_the_workload(capsys, overlap: bool) -> N
     assert "slowest steps" in out
     listed = figures["step_list"]  # every step, in order (with overlap: shapes paired with the next call's time)
     assert len(listed) == figures["steps"] and sum(s[2] for s in listed) == requests * input_len
+    assert all(0 <= s[4] <= s[0] + 0.01 for s in listed)  # host time within the call
     assert max(s[0] for s in listed) == pytest.approx(slowest[0]["seconds"] * 1e3, abs=0.01)
