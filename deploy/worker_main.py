@@ -55,14 +55,35 @@ async def run_worker(config: WorkerConfig, ready_file: str | None = None,
     return runtime.life.fatal_error  # None: stopped as asked
 
 
+def gil_switch_interval(environ: dict[str, str]) -> float | None:
+    """EPD_GIL_SWITCH_MS: how long (ms) a thread holding the GIL keeps it while another
+    waits (Python's default is 5). The engine thread, back from a wait on the GPU, waits up
+    to that long for the event loop's thread (streaming tokens) to hand the GIL over."""
+    text = environ.get("EPD_GIL_SWITCH_MS")
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 1000:
+        raise ValueError(f"EPD_GIL_SWITCH_MS must be a number of milliseconds in (0, 1000], got {text!r}")
+    return value / 1e3
+
+
 def main(config: WorkerConfig) -> int:
+    import os
+
     from kv_transfer import TransferError
     from proto import tracing
     try:
         provider = tracing.provider_from_env(f"epd-{config.role}-worker")
-    except tracing.TracingError as exc:
+        interval = gil_switch_interval(dict(os.environ))
+    except (tracing.TracingError, ValueError) as exc:
         print(f"epd worker: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    if interval is not None:
+        sys.setswitchinterval(interval)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {config.role} %(levelname)s %(name)s: %(message)s")
     try:
         with tracing.enabled(provider):
