@@ -32,7 +32,7 @@ for phase in "${phases[@]}"; do
     spec-bench)
       graphs=(); [ "${SPEC_GRAPHS:-0}" = 1 ] && graphs=(--speculative-cuda-graphs)
       timeout "${SPEC_TIMEOUT:-240}" python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
-        --workload repeat --period 8 --ngram-k 3,5 --draft-k 3 --prompt-len 512 --output-len 256 --num-pages 8192 \
+        --workload repeat --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len 512 --output-len 256 --num-pages 8192 \
         "${graphs[@]}" --out "$out/spec-bench.json" > "$out/spec-bench.log" 2>&1; tail -10 "$out/spec-bench.log";;
     c256-*)
       timeout "${SERVE_TIMEOUT:-280}" bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
