@@ -21,11 +21,13 @@ The last line printed is one JSON object of these figures.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import time
-from typing import NamedTuple
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 from bench.serving_bench import workload
 
@@ -119,9 +121,10 @@ def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[s
 
     engine.step, engine.scheduler.schedule = timed_step, noted_schedule
     try:
-        start = time.perf_counter()
-        results = llm.generate(prompts, params)  # type: ignore[attr-defined]
-        wall = time.perf_counter() - start
+        with kernel_builds() as built:
+            start = time.perf_counter()
+            results = llm.generate(prompts, params)  # type: ignore[attr-defined]
+            wall = time.perf_counter() - start
     finally:
         del engine.step, engine.scheduler.schedule
     if engine.config.overlap_schedule and len(steps) > 1:
@@ -131,11 +134,36 @@ def throughput(llm: object, prompts: list[list[int]], output_len: int) -> dict[s
                  for earlier, later in zip(steps, steps[1:])]
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     itls = sorted(b - a for times in token_times.values() for a, b in zip(times, times[1:]))
-    figures = {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens}
+    figures = {"generate_wall_s": wall, "output_tokens_per_s": tokens / wall, "output_tokens": tokens,
+               "kernel_builds": built}
     if itls:
         figures.update({"engine_itl_p50_s": itls[len(itls) // 2], "engine_itl_p99_s": itls[int(len(itls) * 0.99)]})
     figures.update(step_shapes(steps))
     return figures
+
+
+@contextlib.contextmanager
+def kernel_builds() -> Iterator[list[str]]:
+    """Triton kernel variants built (compiled, or loaded from the disk cache) while the
+    block runs: each is a step stalled on the host. Empty where Triton is absent."""
+    built: list[str] = []
+    try:
+        from triton import knobs
+    except ImportError:
+        yield built
+        return
+    previous = knobs.runtime.jit_post_compile_hook
+
+    def record(**kwargs: Any) -> None:
+        built.append(str(kwargs.get("repr", kwargs.get("fn", "?"))))
+        if previous is not None:
+            previous(**kwargs)
+
+    knobs.runtime.jit_post_compile_hook = record
+    try:
+        yield built
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
 
 
 class StepShape(NamedTuple):
@@ -203,6 +231,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{s['seconds'] * 1e3:.1f} {s['decode_rows']} {s['prefill_tokens']} {s['prefill_chunks']} "
             f"{s['host_seconds'] * 1e3:.1f}"
             for s in figures["slowest_steps"]), flush=True)
+    if "kernel_builds" in figures:
+        builds = figures["kernel_builds"]
+        print(f"offline: Triton kernel variants built during LLM.generate: {len(builds)}"
+              + "".join(f"\n  {b[:300]}" for b in builds[:8]), flush=True)
     print("offline: first token of each single request (ms): "
           + ", ".join(f"{t * 1e3:.2f}" for t in figures["first_token_runs_s"]), flush=True)
     print(json.dumps(figures), flush=True)

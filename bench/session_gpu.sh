@@ -21,6 +21,7 @@ for phase in "${phases[@]}"; do
     kernel-tests)
       timeout 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/engine/test_kernels.py \
         tests/engine/test_triton_engine.py ${KERNEL_TESTS_K:+-k "$KERNEL_TESTS_K"} > "$out/kernel-tests.log" 2>&1
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/bench/test_offline_baseline.py -k kernel_builds >> "$out/kernel-tests.log" 2>&1
       tail -3 "$out/kernel-tests.log";;
     engine)
       timeout 200 python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap \

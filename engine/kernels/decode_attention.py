@@ -21,8 +21,11 @@ LOG2E = 1.4426950408889634
 
 
 # The page-table row stride (the batch's widest sequence in pages) changes from step to
-# step: not specialised on, so it costs no recompilation.
-@triton.jit(do_not_specialize=["stride_pt"])
+# step: not specialised on, so it costs no recompilation. Nor is the alignment of the page
+# table and seq_lens: eager steps pass slices of one packed int32 upload, whose offsets
+# move with the batch's shape (a variant first met under load stalled a step to compile).
+@triton.jit(do_not_specialize=["stride_pt"],
+            do_not_specialize_on_alignment=["page_table_ptr", "seq_lens_ptr"])
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr, page_table_ptr, seq_lens_ptr, scale,
     stride_qt, stride_qh, stride_kp, stride_kt, stride_kh, stride_pt,

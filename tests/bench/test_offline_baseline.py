@@ -32,3 +32,42 @@ def test_offline_baseline_figures_match_the_workload(capsys, overlap: bool) -> N
     assert len(listed) == figures["steps"] and sum(s[2] for s in listed) == requests * input_len
     assert all(0 <= s[4] <= s[0] + 0.01 for s in listed)  # host time within the call
     assert max(s[0] for s in listed) == pytest.approx(slowest[0]["seconds"] * 1e3, abs=0.01)
+
+
+def test_kernel_builds_chains_and_restores_the_hook() -> None:
+    triton = pytest.importorskip("triton")
+    knobs = triton.knobs
+    seen: list[str] = []
+    previous = knobs.runtime.jit_post_compile_hook
+    knobs.runtime.jit_post_compile_hook = lambda **kwargs: seen.append(kwargs["repr"])
+    try:
+        mine = knobs.runtime.jit_post_compile_hook
+        with offline_baseline.kernel_builds() as built:
+            knobs.runtime.jit_post_compile_hook(repr="k[...]", fn=None)  # as Triton calls it after a build
+        assert built == ["k[...]"] and seen == ["k[...]"]  # recorded, and the hook before still called
+        assert knobs.runtime.jit_post_compile_hook is mine
+    finally:
+        knobs.runtime.jit_post_compile_hook = previous
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (the interpreter builds nothing)")
+def test_kernel_builds_records_triton_compiles() -> None:
+    """A kernel variant first built inside the block is listed; nothing built outside it is."""
+    import torch
+    import triton
+    tl = triton.language
+
+    @triton.jit
+    def _scale(x_ptr, n, FACTOR: tl.constexpr):
+        offsets = tl.arange(0, 16)
+        mask = offsets < n
+        tl.store(x_ptr + offsets, tl.load(x_ptr + offsets, mask=mask) * FACTOR, mask=mask)
+
+    x = torch.ones(16, device="cuda")
+    with offline_baseline.kernel_builds() as built:
+        _scale[(1,)](x, 16, FACTOR=2)
+        _scale[(1,)](x, 16, FACTOR=2)  # the same variant: built once
+    _scale[(1,)](x, 16, FACTOR=3)  # outside the block: not recorded
+    assert len(built) == 1 and "_scale" in built[0]
+    assert torch.equal(x, torch.full((16,), 12.0, device="cuda"))
