@@ -414,7 +414,7 @@ def bench_overlap(engine: Engine, batch_size: int, prompt_len: int, steps: int, 
 
 def main(argv: list[str] | None = None) -> None:
     # The flash varlen prefill path is opt-in in the engine; the benchmark turns it on so
-    # that it is timed beside the default paths (SDPA per prompt, the Triton kernel).
+    # that it is timed beside the default paths (SDPA, the Triton kernel).
     os.environ.setdefault("EPD_FLASH_PREFILL", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(PRESETS), default="llama-3.1-8b")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One device call covering the open GPU questions of issues 13 and 17 (about 10 minutes on an H100):
+# One device call covering the open GPU questions of issues 13 and 17 (estimated at about 10 minutes on an H100; not yet run):
 #   bash bench/session_gpu.sh [PHASE...]   (default: spec-tests kernel-tests engine profile spec-bench)
 #   spec-tests    speculation GPU tests with full tracebacks (verify graphs on and off, both drafters, sessions)
 #   kernel-tests  the attention kernels' and the Triton engine path's GPU tests

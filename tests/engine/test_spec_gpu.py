@@ -46,6 +46,15 @@ def _divergence(model, expected: list[list[int]], got: list[list[int]]) -> str: 
     return "outputs equal"
 
 
+def _spec_options(model, method: str, verify_graphs: bool) -> dict[str, object]:  # noqa: ANN001
+    """K = 3 speculation with `method`; the draft model is the target itself."""
+    options: dict[str, object] = {"speculative": method, "num_speculative_tokens": 3,
+                                  "speculative_cuda_graphs": verify_graphs}
+    if method == "draft":
+        options["speculative_draft_model"] = str(model)
+    return options
+
+
 def _record_draft_counts(llm: LLM) -> list[list[int]]:
     """Each verify-graph replay's draft count per row, recorded as it runs."""
     graphs = llm.engine.runner.verify_graphs
@@ -71,10 +80,7 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     own only with speculative_cuda_graphs (off by default: the verify-graphs case failed
     for ngram on its first GPU run, 2026-12-07, cause not yet found)."""
     expected, _ = _greedy(loopy_model_path)
-    options = {"speculative": method, "num_speculative_tokens": 3, "speculative_cuda_graphs": verify_graphs}
-    if method == "draft":
-        options["speculative_draft_model"] = str(loopy_model_path)
-    llm = LLM(loopy_model_path, **GPU, **options)
+    llm = LLM(loopy_model_path, **GPU, **_spec_options(loopy_model_path, method, verify_graphs))
     counts = _record_draft_counts(llm) if verify_graphs else []
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
     got = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
@@ -110,9 +116,7 @@ def test_sessions_with_speculation_graphs_and_overlap_match(loopy_model_path, me
     restore equal the same turns without speculation."""
     from engine import Engine
     from tests.engine.test_spec_decode import _run
-    spec = {"speculative": method, "num_speculative_tokens": 3, "speculative_cuda_graphs": verify_graphs}
-    if method == "draft":
-        spec["speculative_draft_model"] = str(loopy_model_path)
+    spec = _spec_options(loopy_model_path, method, verify_graphs)
     params = SamplingParams(temperature=0, max_tokens=23, ignore_eos=True)
     turns = []
     for options in ({}, spec):
