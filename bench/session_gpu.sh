@@ -8,7 +8,8 @@
 #   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
 #   spec-bench    bench.spec_bench, repeat workload, ITL at batch 1 and 16 (add SPEC_GRAPHS=1 for verify graphs)
 #   c256-B        bench/serving_speed.sh c256-B (served against LLM.generate, same flags, budget B)
-# Logs under $OUT. Carry `.whl` as bench/serving_speed.sh says.
+# Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
+# device tool brings back (8). Carry `.whl` as bench/serving_speed.sh says.
 source "$(dirname "$0")/device_env.sh"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | tee "$out/machine.log"
 phases=("$@"); [ ${#phases[@]} -eq 0 ] && phases=(spec-tests kernel-tests engine profile spec-bench)
@@ -40,3 +41,7 @@ for phase in "${phases[@]}"; do
     *) echo "unknown phase $phase";;
   esac
 done
+# The device tool brings back at most 8 files: past that, everything goes into one archive.
+if [ "$(ls "$out" | wc -l)" -gt 8 ]; then
+  (cd "$out" && tar czf logs.tgz --exclude=logs.tgz --remove-files -- *)
+fi
