@@ -6,7 +6,8 @@
 #   engine        bench.engine_bench on Llama-3.1-8B (random weights): prefill MFU, one layer of prefill
 #                 attention against torch SDPA (per sequence and batched), decode at batch 1 and 64
 #   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
-#   spec-bench    bench.spec_bench, repeat workload, ITL at batch 1 and 16 (add SPEC_GRAPHS=1 for verify graphs)
+#   spec-bench    bench.spec_bench (workload SPEC_WORKLOAD, default continue), ITL at batch 1 and 16
+#   spec-bench-graphs  the same with verify and draft graphs (--speculative-cuda-graphs)
 #   c256-B        bench/serving_speed.sh c256-B (served against LLM.generate, same flags, budget B)
 # Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
 # device tool brings back (8). Carry `.whl` as bench/serving_speed.sh says.
@@ -31,11 +32,12 @@ for phase in "${phases[@]}"; do
     profile)
       timeout 120 python3 -m bench.prefill_profile --model llama-3.1-8b --prefill 4x2048 --iters 3 \
         > "$out/prefill-profile.log" 2>&1; grep -A14 "categor" "$out/prefill-profile.log" | head -30;;
-    spec-bench)
-      graphs=(); [ "${SPEC_GRAPHS:-0}" = 1 ] && graphs=(--speculative-cuda-graphs)
+    spec-bench|spec-bench-graphs)
+      graphs=(); [ "$phase" = spec-bench-graphs ] && graphs=(--speculative-cuda-graphs)
       timeout "${SPEC_TIMEOUT:-240}" python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
-        --workload repeat --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len 512 --output-len 256 --num-pages 8192 \
-        "${graphs[@]}" --out "$out/spec-bench.json" > "$out/spec-bench.log" 2>&1; tail -10 "$out/spec-bench.log";;
+        --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len 512 \
+        --output-len 256 --num-pages 8192 "${graphs[@]}" --out "$out/$phase.json" > "$out/$phase.log" 2>&1
+      tail -10 "$out/$phase.log";;
     c256-*)
       timeout "${SERVE_TIMEOUT:-280}" bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
     *) echo "unknown phase $phase";;

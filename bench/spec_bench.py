@@ -18,6 +18,17 @@ Workload `--workload repeat`: each prompt is a random pattern of --period tokens
 to --prompt-len (a repetitive input; with random weights the output of a long repetitive
 context tends to settle into a run or short cycle, which lookup drafts; measured, as above).
 
+Workload `--workload continue`: for each request a random seed S of 16 tokens; the target,
+without speculation, continues S greedily for --prompt-len - 16 + --output-len tokens (G);
+the request's prompt is S + G up to --prompt-len, and its expected output the rest of G.
+The workload is as repetitive as the target's own greedy text: where that has fallen into
+a loop (degenerate repetition), lookup drafts it. `echo` reports how many tokens of the
+expected output the no-speculation run reproduces first.
+
+For each n-gram setting `ceiling` is the acceptance length lookup would reach on the
+no-speculation outputs (every draft checked against them): what the drafter offers on this
+workload, whatever the verify step costs.
+
   python -m bench.spec_bench --model tiny                      # CPU smoke run
   python -m bench.spec_bench --model llama-3.1-8b --device cuda # the GPU run (bench/spec_gpu.sh)
 """
@@ -50,6 +61,7 @@ class Result:
     acceptance_length: float  # 1.0 without speculation
     tokens: int
     echo: float  # mean tokens of each request's T that its output repeats first
+    ceiling: float | None = None  # n-gram settings: lookup's acceptance length on the reference outputs
 
 
 def write_models(model: str, root: Path) -> tuple[Path, Path]:
@@ -103,6 +115,40 @@ def repeat_workload(count: int, prompt_len: int, period: int, vocab: int, seed: 
     return Echo([(p * (prompt_len // period + 1))[:prompt_len] for p in patterns], [[] for _ in patterns])
 
 
+def continue_workload(engine: Engine, count: int, prompt_len: int, output_len: int, seed: int,
+                      seed_len: int = 16) -> Echo:
+    """`count` requests continuing the target's own greedy text (module docstring);
+    `engine` must not speculate."""
+    assert engine.speculation is None
+    seed_len = min(seed_len, prompt_len)
+    starts = seeds(count, seed_len, engine.model_config.vocab_size, seed)
+    texts, _ = run_batch(engine, starts, prompt_len - seed_len + output_len)
+    return Echo([s + g[:prompt_len - seed_len] for s, g in zip(starts, texts)],
+                [g[prompt_len - seed_len:] for g in texts])
+
+
+def lookup_ceiling(prompts: list[list[int]], outputs: list[list[int]], max_n: int, k: int) -> float:
+    """Mean tokens per verify step that n-gram lookup (K drafts, suffixes up to max_n)
+    would get accepted if the verified output were `outputs` (greedy: a draft token is
+    accepted while it equals the output's next token; each step adds one more)."""
+    import numpy as np
+
+    from engine.spec.ngram import lookup
+    steps = emitted = 0
+    for prompt, output in zip(prompts, outputs):
+        done = 0
+        while done < len(output):
+            context = np.asarray(prompt + output[:done], dtype=np.int64)
+            drafts = lookup(context, max_n, min(k, len(output) - done - 1))
+            accepted = 0
+            while accepted < len(drafts) and drafts[accepted] == output[done + accepted]:
+                accepted += 1
+            steps += 1
+            emitted += accepted + 1
+            done += accepted + 1
+    return emitted / max(1, steps)
+
+
 def echo_workload(engine: Engine, count: int, prompt_len: int, output_len: int, seed: int) -> Echo:
     """`count` self-echo requests (module docstring); `engine` must not speculate."""
     assert engine.speculation is None
@@ -142,7 +188,10 @@ def echoed(outputs: list[list[int]], continuations: list[list[int]]) -> float:
     return sum(lengths) / max(1, len(lengths))
 
 
-def measure(engine: Engine, name: str, args: argparse.Namespace, batches: list[int], echo: Echo) -> list[Result]:
+def measure(engine: Engine, name: str, args: argparse.Namespace, batches: list[int], echo: Echo,
+            reference: dict[int, list[list[int]]]) -> list[Result]:
+    """One setting at each batch size; the no-speculation setting fills `reference` (each
+    batch's outputs), against which an n-gram setting's lookup ceiling is computed."""
     run_batch(engine, echo.prompts[:max(batches)], 8)  # warm-up
     results = []
     for batch in batches:
@@ -154,23 +203,32 @@ def measure(engine: Engine, name: str, args: argparse.Namespace, batches: list[i
         if stats is not None and stats.verify_steps_total > before[1]:
             steps = stats.verify_steps_total - before[1]
             length = (stats.accepted_tokens_total - before[0] + steps) / steps
+        if engine.speculation is None:
+            reference[batch] = outputs
+        ceiling = None
+        config = engine.config
+        if config.speculative == "ngram" and batch in reference:
+            ceiling = lookup_ceiling(work.prompts, reference[batch], config.speculative_ngram_max,
+                                     config.num_speculative_tokens)
         results.append(Result(name, batch, itl * 1e3, length, sum(map(len, outputs)),
-                              echoed(outputs, work.continuations)))
+                              echoed(outputs, work.continuations), ceiling))
     engine.check_page_invariants()
     return results
 
 
 def run_setting(target: Path, setting: Setting, args: argparse.Namespace, batches: list[int],
-                echo: Echo | None) -> tuple[list[Result], Echo]:
+                echo: Echo | None, reference: dict[int, list[list[int]]]) -> tuple[list[Result], Echo]:
     """Measure one setting on its own engine; the first (no speculation, echo None)
     also builds the workload."""
     engine = Engine(target, **engine_options(args), **setting.options)
     try:
         if echo is None and args.workload == "repeat":
             echo = repeat_workload(max(batches), args.prompt_len, args.period, engine.model_config.vocab_size, seed=99)
+        elif echo is None and args.workload == "continue":
+            echo = continue_workload(engine, max(batches), args.prompt_len, args.output_len, seed=99)
         elif echo is None:
             echo = echo_workload(engine, max(batches), args.prompt_len, args.output_len, seed=99)
-        return measure(engine, setting.name, args, batches, echo), echo
+        return measure(engine, setting.name, args, batches, echo, reference), echo
     finally:
         engine.close()
         del engine
@@ -214,11 +272,13 @@ def _ints(text: str) -> list[int]:
 
 def report(results: list[Result]) -> None:
     base = {r.batch: r.itl_ms for r in results if r.setting == "none"}
-    print(f"{'setting':<12} {'batch':>5} {'ITL ms':>9} {'speedup':>8} {'accept len':>10} {'tokens':>7} {'echo':>6}")
+    print(f"{'setting':<12} {'batch':>5} {'ITL ms':>9} {'speedup':>8} {'accept len':>10} {'ceiling':>8} "
+          f"{'tokens':>7} {'echo':>6}")
     for r in results:
         speedup = base[r.batch] / r.itl_ms if r.batch in base and r.itl_ms > 0 else float("nan")
+        ceiling = "" if r.ceiling is None else f"{r.ceiling:.2f}"
         print(f"{r.setting:<12} {r.batch:>5} {r.itl_ms:>9.3f} {speedup:>7.2f}x {r.acceptance_length:>10.2f} "
-              f"{r.tokens:>7} {r.echo:>6.1f}")
+              f"{ceiling:>8} {r.tokens:>7} {r.echo:>6.1f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="verify steps and draft rounds replay CUDA graphs (experimental)")
     parser.add_argument("--ngram-k", default="3,5")
     parser.add_argument("--draft-k", default="3")
-    parser.add_argument("--workload", choices=("echo", "repeat"), default="echo",
+    parser.add_argument("--workload", choices=("echo", "repeat", "continue"), default="echo",
                         help="echo: prompts P + T + P (module docstring); repeat: a random pattern of "
-                             "--period tokens repeated to --prompt-len")
+                             "--period tokens repeated to --prompt-len; continue: the target's own greedy text")
     parser.add_argument("--period", type=int, default=8)
     parser.add_argument("--prompt-len", type=int, default=256,
                         help="echo: the prompt is P + T + P with P of half this and T of --output-len tokens")
@@ -248,14 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     print("command:", shlex.join([sys.executable, "-m", "bench.spec_bench", *(argv if argv is not None else sys.argv[1:])]))
     target, draft = write_models(args.model, args.work_dir)
     batches = _ints(args.batches)
-    shape = (f"self-echo prompts of {2 * (args.prompt_len // 2)} + {args.output_len} tokens" if args.workload == "echo"
-             else f"prompts of a {args.period}-token pattern repeated to {args.prompt_len} tokens")
+    shape = {"echo": f"self-echo prompts of {2 * (args.prompt_len // 2)} + {args.output_len} tokens",
+             "repeat": f"prompts of a {args.period}-token pattern repeated to {args.prompt_len} tokens",
+             "continue": f"prompts of {args.prompt_len} tokens of the target's own greedy text"}[args.workload]
     print(f"model {args.model} on {args.device}; options {engine_options(args)}; {shape}, output {args.output_len}",
           flush=True)
     results: list[Result] = []
     echo: Echo | None = None
-    for setting in settings(args, draft):  # "none" first: it builds the workload
-        measured, echo = run_setting(target, setting, args, batches, echo)
+    reference: dict[int, list[list[int]]] = {}
+    for setting in settings(args, draft):  # "none" first: it builds the workload and the reference outputs
+        measured, echo = run_setting(target, setting, args, batches, echo, reference)
         for r in measured:  # as they come: a later setting's failure loses none of these
             print(f"measured: {r}", flush=True)
         results += measured
