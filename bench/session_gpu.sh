@@ -8,7 +8,7 @@
 #   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
 #   spec-bench    bench.spec_bench (workload SPEC_WORKLOAD, default continue), ITL at batch 1 and 16
 #   spec-bench-graphs  the same with verify and draft graphs (--speculative-cuda-graphs)
-#   c256-B        bench/serving_speed.sh c256-B (served against LLM.generate, same flags, budget B)
+#   c1, c256-B    bench/serving_speed.sh c1 / c256-B (served against LLM.generate, same flags; B: token budget)
 # Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
 # device tool brings back (8). Carry `.whl` as bench/serving_speed.sh says.
 source "$(dirname "$0")/device_env.sh"
@@ -38,7 +38,7 @@ for phase in "${phases[@]}"; do
         --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len 512 \
         --output-len 256 --num-pages 8192 "${graphs[@]}" --out "$out/$phase.json" > "$out/$phase.log" 2>&1
       tail -10 "$out/$phase.log";;
-    c256-*)
+    c1|c256-*)
       timeout "${SERVE_TIMEOUT:-280}" bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
     *) echo "unknown phase $phase";;
   esac
