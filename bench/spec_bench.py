@@ -25,6 +25,12 @@ The workload is as repetitive as the target's own greedy text: where that has fa
 a loop (degenerate repetition), lookup drafts it. `echo` reports how many tokens of the
 expected output the no-speculation run reproduces first.
 
+`--load-format dummy-uniform` draws the random weights from U(-0.001, 0.001), as vLLM's
+dummy loader does, instead of N(0, 0.02): each token's embedding then dominates the
+residual stream, the next token is mostly a function of the current one, and greedy text
+falls into loops, so the continue workload becomes repetitive. With N(0, 0.02) the
+Llama-3.1-8B shape's greedy text did not repeat (lookup ceiling 1.00, one H100, 2026-12-07).
+
 For each n-gram setting `ceiling` is the acceptance length lookup would reach on the
 no-speculation outputs (every draft checked against them): what the drafter offers on this
 workload, whatever the verify step costs.
@@ -250,7 +256,7 @@ def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = dict(device=args.device, num_pages=args.num_pages, max_model_len=args.max_model_len,
                                    max_num_seqs=max(16, max(int(b) for b in args.batches.split(","))))
     if args.model != "tiny":
-        options.update(load_format="dummy")
+        options.update(load_format=args.load_format)
     if args.device.startswith("cuda"):
         options.update(attention_backend="triton", dtype=args.dtype, cuda_graphs=not args.no_cuda_graphs,
                        overlap_schedule=not args.no_overlap,
@@ -295,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="echo: prompts P + T + P (module docstring); repeat: a random pattern of "
                              "--period tokens repeated to --prompt-len; continue: the target's own greedy text")
     parser.add_argument("--period", type=int, default=8)
+    parser.add_argument("--load-format", choices=("dummy", "dummy-uniform"), default="dummy",
+                        help="the random weights of a preset model: N(0, 0.02), or U(-0.001, 0.001) as vLLM's "
+                             "dummy loader draws (its greedy text falls into loops)")
     parser.add_argument("--prompt-len", type=int, default=256,
                         help="echo: the prompt is P + T + P with P of half this and T of --output-len tokens")
     parser.add_argument("--output-len", type=int, default=128)

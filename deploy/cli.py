@@ -33,8 +33,9 @@ def _add_model_command(sub: argparse._SubParsersAction) -> None:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine."""
     parser.add_argument("--model", default=None, help="model directory (default: built-in tiny model)")
-    parser.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
-                        help="'dummy' builds random weights from config.json alone")
+    parser.add_argument("--load-format", choices=["auto", "dummy", "dummy-uniform"], default="auto",
+                        help="'dummy' builds random weights from config.json alone (N(0, 0.02)); "
+                             "'dummy-uniform' draws them from U(-0.001, 0.001)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--page-size", type=int, default=16)

@@ -206,7 +206,9 @@ class EngineConfig:
     session_idle_timeout_s: float = 300.0
     device: str = "cpu"
     dtype: str | None = None  # overrides config.json's dtype
-    load_format: str = "auto"  # "auto" (safetensors) or "dummy" (random weights)
+    # "auto" (safetensors), "dummy" (random weights, N(0, 0.02)) or "dummy-uniform"
+    # (U(-0.001, 0.001), as vLLM's dummy loader: degenerate, looping greedy text)
+    load_format: str = "auto"
     seed: int = 0
     attention_backend: str = "torch"
     # GPU path (issue 5): Triton norm/rotary/activation/skinny-matmul kernels, CUDA graphs
@@ -258,8 +260,8 @@ class EngineConfig:
             raise ConfigError(f"max_sessions must be a non-negative integer, got {self.max_sessions!r}")
         if not self.session_idle_timeout_s > 0:
             raise ConfigError(f"session_idle_timeout_s must be > 0, got {self.session_idle_timeout_s!r}")
-        if self.load_format not in ("auto", "dummy"):
-            raise ConfigError(f"load_format must be 'auto' or 'dummy', got {self.load_format!r}")
+        if self.load_format not in ("auto", "dummy", "dummy-uniform"):
+            raise ConfigError(f"load_format must be 'auto', 'dummy' or 'dummy-uniform', got {self.load_format!r}")
         if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):
             raise ConfigError("cuda_graphs needs device 'cuda' and attention_backend 'triton'")
         self._validate_tensor_parallel()

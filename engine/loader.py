@@ -107,18 +107,30 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, start: int | None, en
     target.copy_(tensor.to(dtype=target.dtype))
 
 
-def init_dummy_weights(model: CausalLM, seed: int) -> None:
-    """Seeded random weights: N(0, 0.02) matrices, unit norms, small biases. Drawn on the
-    parameters' device (an 8B model's weights in seconds on a GPU); the same seed gives
-    the same weights on the same kind of device."""
+DUMMY_FORMATS = ("dummy", "dummy-uniform")
+
+
+def dummy_values(shape: torch.Size, generator: torch.Generator, device: torch.device, load_format: str) -> torch.Tensor:
+    """One matrix's random draw: N(0, 0.02) for "dummy"; U(-0.001, 0.001) for
+    "dummy-uniform" (the range vLLM's dummy loader draws from: so small that each token's
+    embedding dominates the residual stream, the next token is mostly a function of the
+    current one, and greedy text falls into loops)."""
+    if load_format == "dummy-uniform":
+        return (torch.rand(shape, generator=generator, device=device) * 2 - 1) * 1e-3
+    return torch.randn(shape, generator=generator, device=device) * 0.02
+
+
+def init_dummy_weights(model: CausalLM, seed: int, load_format: str = "dummy") -> None:
+    """Seeded random weights (dummy_values), unit norms. Drawn on the parameters' device
+    (an 8B model's weights in seconds on a GPU); the same seed gives the same weights on
+    the same kind of device."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in sorted(model.named_parameters()):
         if name.endswith("norm.weight"):
             param.data.fill_(1.0)
             continue
-        values = torch.randn(param.shape, generator=generator, device=device) * 0.02
-        param.data.copy_(values.to(param.dtype))
+        param.data.copy_(dummy_values(param.shape, generator, device, load_format).to(param.dtype))
 
 
 def load_model(path: Path | None, config: ModelConfig, device: torch.device, load_format: str,
@@ -128,8 +140,8 @@ def load_model(path: Path | None, config: ModelConfig, device: torch.device, loa
     model = model.to_empty(device=device)
     # Buffers come out of to_empty uninitialised: recompute the rotary frequencies.
     model.rotary.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
-    if load_format == "dummy":
-        init_dummy_weights(model, seed)
+    if load_format in DUMMY_FORMATS:
+        init_dummy_weights(model, seed, load_format)
     else:
         assert path is not None
         load_weights(model, path)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.config import ModelConfig
-from engine.loader import load_weights
+from engine.loader import DUMMY_FORMATS, dummy_values, load_weights
 from engine.models.llama import CausalLM, Linear
 from engine.models.rope import inverse_frequencies
 from engine.parallel.comm import TPGroup
@@ -108,7 +108,7 @@ def _heads(heads: range, head_dim: int) -> range:
     return range(heads.start * head_dim, heads.stop * head_dim)
 
 
-def init_dummy_shard(model: ParallelCausalLM, config: ModelConfig, seed: int) -> None:
+def init_dummy_shard(model: ParallelCausalLM, config: ModelConfig, seed: int, load_format: str = "dummy") -> None:
     """The dummy weights of engine.loader.init_dummy_weights (the same generator, the
     same draws in the same order over the whole model), each cut to this rank: a TP
     engine with dummy weights computes what a TP=1 one does."""
@@ -121,7 +121,7 @@ def init_dummy_shard(model: ParallelCausalLM, config: ModelConfig, seed: int) ->
         if name.endswith("norm.weight"):
             params[name].data.fill_(1.0)
             continue
-        values = torch.randn(full[name].shape, generator=generator, device=device) * 0.02
+        values = dummy_values(full[name].shape, generator, device, load_format)
         params[name].data.copy_(shard_tensor(name, values, config, model.layout, model.group.rank).to(params[name].dtype))
 
 
@@ -132,8 +132,8 @@ def load_shard(path: Path | None, config: ModelConfig, layout: TPLayout, group: 
         model = ParallelCausalLM(config, layout, group).to(dtype=config.torch_dtype)
     model = model.to_empty(device=device)
     model.rotary.inv_freq = inverse_frequencies(config.rope, config.head_dim).to(device)
-    if load_format == "dummy":
-        init_dummy_shard(model, config, seed)
+    if load_format in DUMMY_FORMATS:
+        init_dummy_shard(model, config, seed, load_format)
     else:
         assert path is not None
         load_weights(model, path, shard=lambda name, tensor: shard_tensor(name, tensor, config, layout, group.rank))

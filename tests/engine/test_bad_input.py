@@ -113,3 +113,18 @@ def test_subnormal_temperature_is_greedy_and_infinities_are_refused() -> None:
         for value in (float("inf"), float("-inf")):
             with pytest.raises(InvalidRequestError, match=f"{name} must be a finite number"):
                 SamplingParams(**{name: value})
+
+
+def test_dummy_uniform_load_format_draws_small_uniform_weights(tmp_path, tiny_model_path) -> None:  # noqa: ANN001
+    import shutil
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_path / name, tmp_path / name)
+    llm = LLM(tmp_path, load_format="dummy-uniform")
+    weights = {name: p.detach() for name, p in llm.engine.runner.model.named_parameters()}
+    matrices = [w for name, w in weights.items() if not name.endswith("norm.weight")]
+    assert all(float(w.abs().max()) <= 1e-3 for w in matrices)
+    assert float(matrices[0].abs().max()) > 5e-4  # uniform over the range, not a constant
+    assert all(bool((w == 1).all()) for name, w in weights.items() if name.endswith("norm.weight"))
+    assert len(llm.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True))[0].outputs[0].token_ids) == 3
+    with pytest.raises(ConfigError, match="load_format must be"):
+        LLM(tmp_path, load_format="random")

@@ -28,22 +28,39 @@ def _greedy(model, **options) -> tuple[list[list[int]], LLM]:  # noqa: ANN001
     return outs, llm
 
 
-def _divergence(model, expected: list[list[int]], got: list[list[int]]) -> str:  # noqa: ANN001
-    """Where the first output differs from the reference, and the reference's margin
-    there (top-1 minus top-2 logprob): a margin near zero means a near-tie that another
-    kernel's rounding flips, a large one a wrong computation."""
+# Float32 on the GPU is not float32 on the CPU: Triton's tl.dot takes float32 operands at
+# TF32 precision, and a verify step (1 + K queries per row, the prefill kernel) rounds
+# differently from a decode step (the decode kernel). Where the reference's top two
+# tokens lie closer than this (log-probability), either may come out.
+NEAR_TIE = 0.01
+
+
+def _first_divergence(model, expected: list[list[int]], got: list[list[int]]) -> list[tuple[int, int, list]]:  # noqa: ANN001
+    """(request, position, the reference's top-2 (token, logprob) there) for each output
+    that differs from the reference, at its first differing position."""
+    found = []
     for index, (want, have) in enumerate(zip(expected, got)):
         if want != have:
             position = next((p for p, (a, b) in enumerate(zip(want, have)) if a != b), min(len(want), len(have)))
             llm = LLM(model, **GPU)
             params = SamplingParams(temperature=0, max_tokens=position + 1, logprobs=2, ignore_eos=True)
-            entry = llm.generate([_prompts()[index]], [params])[0].outputs[0].logprobs[position]
-            top = entry.top
-            margin = top[0][1] - top[1][1] if len(top) > 1 else float("nan")
-            return (f"request {index} differs at output position {position} (expected {want[position:position + 4]}, "
-                    f"got {have[position:position + 4]}); reference top-2 there {top}, margin {margin:.3g}; "
-                    f"dtype {llm.engine.kv_cache.buffer.dtype}")
-    return "outputs equal"
+            top = llm.generate([_prompts()[index]], [params])[0].outputs[0].logprobs[position].top
+            found.append((index, position, list(top)))
+    return found
+
+
+def _assert_greedy_matches(model, expected: list[list[int]], got: list[list[int]]) -> None:  # noqa: ANN001
+    """Outputs equal the reference token for token, except that one may take the other
+    side of a near-tie (NEAR_TIE) at its first difference: there the token it took must
+    be the reference's second choice. Any other difference is a wrong computation."""
+    assert len(got) == len(expected) and [len(g) for g in got] == [len(e) for e in expected]
+    for index, position, top in _first_divergence(model, expected, got):
+        margin = top[0][1] - top[1][1] if len(top) > 1 else float("inf")
+        detail = (f"request {index} differs at output position {position} (expected "
+                  f"{expected[index][position:position + 4]}, got {got[index][position:position + 4]}); "
+                  f"reference top-2 there {top}, margin {margin:.3g}")
+        assert margin < NEAR_TIE and got[index][position] == top[1][0], detail
+        print(f"near-tie, allowed: {detail}")
 
 
 def _spec_options(model, method: str, verify_graphs: bool) -> dict[str, object]:  # noqa: ANN001
@@ -77,14 +94,14 @@ def _record_draft_counts(llm: LLM) -> list[list[int]]:
 def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: str,  # noqa: ANN001
                                                      verify_graphs: bool) -> None:
     """Decode steps replay graphs either way; verify steps and draft rounds replay their
-    own only with speculative_cuda_graphs (off by default: the verify-graphs case failed
-    for ngram on its first GPU run, 2026-12-07, cause not yet found)."""
+    own with speculative_cuda_graphs. (On its first GPU runs, 2026-12-07, the ngram case
+    with verify graphs took the other side of a near-tie: margin 0.0013 in float32.)"""
     expected, _ = _greedy(loopy_model_path)
     llm = LLM(loopy_model_path, **GPU, **_spec_options(loopy_model_path, method, verify_graphs))
     counts = _record_draft_counts(llm) if verify_graphs else []
     params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in _MAX_TOKENS]
     got = [r.outputs[0].token_ids for r in llm.generate(_prompts(), params)]
-    assert got == expected, _divergence(loopy_model_path, expected, got)
+    _assert_greedy_matches(loopy_model_path, expected, got)
     acct = llm.engine.check_page_invariants()
     assert acct.free + acct.cached == acct.total
     stats = llm.engine.speculation.stats
@@ -92,7 +109,11 @@ def test_speculation_with_graphs_and_overlap_matches(loopy_model_path, method: s
     runner = llm.engine.runner
     drafter = llm.engine.speculation.drafter
     if not verify_graphs:
-        assert runner.verify_graphs is None and runner.graphs is not None and runner.graphs.replays > 0
+        assert runner.verify_graphs is None and runner.graphs is not None
+        # Steps without drafts replay the decode graphs. (With a draft model nearly every
+        # step carries drafts: on the first GPU run none was left to replay.)
+        if method == "ngram":
+            assert runner.graphs.replays > 0
         if method == "draft":
             assert drafter.free_pages() == drafter.total_pages()
         return
