@@ -144,20 +144,8 @@ def bench_prefill(engine: Engine, matmul_rate: float, prompts: int, length: int,
             attention.flash_prefill = chosen
         rows.append(Row("prefill", f"MFU with flash varlen prefill {'on' if other else 'off'}",
                         flops / seconds / matmul_rate, "fraction", f"{seconds * 1e3:.1f} ms; for information"))
-    from engine.models.llama import MLP
-    for chunk in MLP_CHUNKS:  # an experiment, for information
-        MLP.chunk_tokens = chunk
-        try:
-            seconds = mean_time(run, iters=5)
-        finally:
-            MLP.chunk_tokens = 0
-        rows.append(Row("prefill", f"MFU with the MLP in chunks of {chunk} tokens", flops / seconds / matmul_rate,
-                        "fraction", f"{seconds * 1e3:.1f} ms; experiment, for information"))
     release(engine, requests)
     return requests, logits
-
-
-MLP_CHUNKS = (512, 1024, 2048)
 
 
 def flash_available(engine: Engine) -> bool:

@@ -76,11 +76,6 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    # Experiment (0: off): run steps of more tokens than this in row chunks, so that a
-    # chunk's gate/up output may stay in the GPU's L2 cache for the activation and the
-    # down projection. bench.engine_bench times it; not yet shown to pay.
-    chunk_tokens = 0
-
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
@@ -88,12 +83,6 @@ class MLP(nn.Module):
         self.ops: TorchOps = TORCH_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        chunk = self.chunk_tokens
-        if chunk and x.shape[0] > chunk:
-            return torch.cat([self._forward(part) for part in x.split(chunk)])
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 

@@ -99,17 +99,3 @@ def test_greedy_generate_matches_transformers(checkpoint, hf_greedy, variant: st
     assert acct.free + acct.cached == acct.total
     engine.free_cache()
     assert engine.page_accounting().free == acct.total
-
-
-def test_mlp_in_row_chunks_matches_transformers(checkpoint, hf_model, monkeypatch) -> None:  # noqa: ANN001
-    """The MLP chunking experiment (bench.engine_bench) keeps the prefill's logits."""
-    from engine.models.llama import MLP
-    monkeypatch.setattr(MLP, "chunk_tokens", 3)
-    engine = Engine(checkpoint[1], page_size=8, num_pages=256)
-    prompt = max(_prompts(), key=len)
-    assert len(prompt) > 3  # more rows than one chunk
-    engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
-    engine.step()
-    with torch.no_grad():
-        ref = hf_model(torch.tensor([prompt])).logits[0, -1]
-    assert _rel_err(engine.last_logits[0], ref) <= 1e-4
