@@ -7,7 +7,7 @@
 #                 attention against torch SDPA (per sequence and batched), decode at batch 1 and 64
 #   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
 #   spec-bench    bench.spec_bench (workload SPEC_WORKLOAD, default continue; weights SPEC_LOAD_FORMAT,
-#                 default dummy), ITL at batch 1 and 16
+#                 default dummy; prompt SPEC_PROMPT_LEN, default 512), ITL at batch 1 and 16
 #   spec-bench-graphs  the same with verify and draft graphs (--speculative-cuda-graphs)
 #   c1, c256-B    bench/serving_speed.sh c1 / c256-B (served against LLM.generate, same flags; B: token budget)
 # Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
@@ -36,7 +36,7 @@ for phase in "${phases[@]}"; do
     spec-bench|spec-bench-graphs)
       graphs=(); [ "$phase" = spec-bench-graphs ] && graphs=(--speculative-cuda-graphs)
       timeout "${SPEC_TIMEOUT:-240}" python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
-        --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len 512 \
+        --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len "${SPEC_PROMPT_LEN:-512}" \
         --load-format "${SPEC_LOAD_FORMAT:-dummy}" --output-len 256 --num-pages 8192 "${graphs[@]}" --out "$out/$phase.json" > "$out/$phase.log" 2>&1
       tail -10 "$out/$phase.log";;
     c1|c256-*)
