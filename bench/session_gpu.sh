@@ -8,7 +8,8 @@
 #   profile       bench.prefill_profile: the 4 x 2,048 prefill kernel by kernel
 #   spec-bench    bench.spec_bench (workload SPEC_WORKLOAD, default continue; weights SPEC_LOAD_FORMAT,
 #                 default dummy; prompt SPEC_PROMPT_LEN, default 512), ITL at batch 1 and 16
-#   spec-bench-graphs  the same with verify and draft graphs (--speculative-cuda-graphs)
+#                 with verify steps and draft rounds eager (--no-speculative-cuda-graphs)
+#   spec-bench-graphs  the same with their graphs (--speculative-cuda-graphs, the default)
 #   c1, c256-B    bench/serving_speed.sh c1 / c256-B (served against LLM.generate, same flags; B: token budget)
 # Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
 # device tool brings back (8). Carry `.whl` as bench/serving_speed.sh says.
@@ -34,7 +35,7 @@ for phase in "${phases[@]}"; do
       timeout 120 python3 -m bench.prefill_profile --model llama-3.1-8b --prefill 4x2048 --iters 3 \
         > "$out/prefill-profile.log" 2>&1; grep -A14 "categor" "$out/prefill-profile.log" | head -30;;
     spec-bench|spec-bench-graphs)
-      graphs=(); [ "$phase" = spec-bench-graphs ] && graphs=(--speculative-cuda-graphs)
+      graphs=(--no-speculative-cuda-graphs); [ "$phase" = spec-bench-graphs ] && graphs=(--speculative-cuda-graphs)
       timeout "${SPEC_TIMEOUT:-240}" python3 -m bench.spec_bench --model llama-3.1-8b --device cuda --dtype bfloat16 --batches 1,16 \
         --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len "${SPEC_PROMPT_LEN:-512}" \
         --load-format "${SPEC_LOAD_FORMAT:-dummy}" --output-len 256 --num-pages 8192 "${graphs[@]}" --out "$out/$phase.json" > "$out/$phase.log" 2>&1

@@ -293,8 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batches", default="1,16")
-    parser.add_argument("--speculative-cuda-graphs", action="store_true",
-                        help="verify steps and draft rounds replay CUDA graphs (experimental)")
+    parser.add_argument("--speculative-cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="verify steps and draft rounds replay CUDA graphs (the engine's default)")
     parser.add_argument("--ngram-k", default="3,5")
     parser.add_argument("--draft-k", default="3")
     parser.add_argument("--workload", choices=("echo", "repeat", "continue"), default="echo",

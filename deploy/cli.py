@@ -67,9 +67,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="drafts verified per request and step (one target forward over K+1 positions)")
     parser.add_argument("--speculative-draft-model", default=None, metavar="DIR",
                         help="the draft checkpoint of --speculative draft")
-    parser.add_argument("--speculative-cuda-graphs", action="store_true",
+    parser.add_argument("--speculative-cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                         help="with --cuda-graphs: verify steps and draft-model rounds replay CUDA graphs too "
-                             "(experimental: not yet passing its GPU test)")
+                             "(default on; --no-speculative-cuda-graphs runs them eagerly)")
     parser.add_argument("--speculative-ngram-max", type=_positive_int, default=3, metavar="N",
                         help="--speculative ngram: the longest suffix looked up (down to 1 token)")
 

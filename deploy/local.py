@@ -299,8 +299,8 @@ def _speculative_flags(args: argparse.Namespace) -> tuple[str, ...]:
              "--speculative-ngram-max", str(args.speculative_ngram_max)]
     if args.speculative_draft_model:
         flags += ["--speculative-draft-model", str(args.speculative_draft_model)]
-    if args.speculative_cuda_graphs:
-        flags.append("--speculative-cuda-graphs")
+    if not args.speculative_cuda_graphs:
+        flags.append("--no-speculative-cuda-graphs")
     return tuple(flags)
 
 

@@ -234,10 +234,10 @@ class EngineConfig:
     speculative_draft_model: str | None = None
     speculative_ngram_max: int = 3  # longest suffix n-gram looked up (down to 1)
     # With cuda_graphs: verify steps (1 + K tokens per row) and the draft model's rounds
-    # replay CUDA graphs of their own. Off by default: on its first GPU run (one H100,
-    # 2026-12-07) tests/engine/test_spec_gpu.py failed for ngram with it on, cause not
-    # yet found; verify steps then run eagerly, as before (decode steps keep their graphs).
-    speculative_cuda_graphs: bool = False
+    # replay CUDA graphs of their own (off: they run eagerly; decode steps keep their
+    # graphs). On one H100 (2026-12-07) n-gram speculation at batch 1 gave 1.67 ms ITL
+    # with them against 5.51 ms eager (bench.spec_bench, BENCHMARKS.md).
+    speculative_cuda_graphs: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def with_overrides(self, **changes: Any) -> EngineConfig:

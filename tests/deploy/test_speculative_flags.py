@@ -21,10 +21,11 @@ def test_flags_reach_engine_options() -> None:
     assert _speculative_flags(_args("--speculative", "ngram")) == (
         "--speculative", "ngram", "--num-speculative-tokens", "3", "--speculative-ngram-max", "3")
     assert _speculative_flags(_args()) == ()
-    assert engine_options(_args())["speculative_cuda_graphs"] is False
-    graphs = _args("--speculative", "ngram", "--speculative-cuda-graphs")
-    assert engine_options(graphs)["speculative_cuda_graphs"] is True
-    assert _speculative_flags(graphs)[-1] == "--speculative-cuda-graphs"
+    assert engine_options(_args())["speculative_cuda_graphs"] is True  # on by default
+    assert "--no-speculative-cuda-graphs" not in _speculative_flags(_args("--speculative", "ngram"))
+    eager = _args("--speculative", "ngram", "--no-speculative-cuda-graphs")
+    assert engine_options(eager)["speculative_cuda_graphs"] is False
+    assert _speculative_flags(eager)[-1] == "--no-speculative-cuda-graphs"
 
 
 def test_bad_speculative_flags_are_cli_errors(capsys) -> None:  # noqa: ANN001
