@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import Engine, SamplingParams
+from engine.config import DUMMY_FORMATS
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="echo: prompts P + T + P (module docstring); repeat: a random pattern of "
                              "--period tokens repeated to --prompt-len; continue: the target's own greedy text")
     parser.add_argument("--period", type=int, default=8)
-    parser.add_argument("--load-format", choices=("dummy", "dummy-uniform"), default="dummy",
+    parser.add_argument("--load-format", choices=DUMMY_FORMATS, default="dummy",
                         help="the random weights of a preset model: N(0, 0.02), or U(-0.001, 0.001) as vLLM's "
                              "dummy loader draws (its greedy text falls into loops)")
     parser.add_argument("--prompt-len", type=int, default=256,

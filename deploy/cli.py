@@ -13,6 +13,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
+from engine.config import LOAD_FORMATS
 from engine.errors import ConfigError, EngineError
 
 Handler = Callable[[argparse.Namespace], int]
@@ -33,7 +34,7 @@ def _add_model_command(sub: argparse._SubParsersAction) -> None:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by every command that builds an engine."""
     parser.add_argument("--model", default=None, help="model directory (default: built-in tiny model)")
-    parser.add_argument("--load-format", choices=["auto", "dummy", "dummy-uniform"], default="auto",
+    parser.add_argument("--load-format", choices=LOAD_FORMATS, default="auto",
                         help="'dummy' builds random weights from config.json alone (N(0, 0.02)); "
                              "'dummy-uniform' draws them from U(-0.001, 0.001)")
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)

@@ -13,6 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 from engine.errors import ConfigError
 
+# Random weights from config.json alone (engine.loader.dummy_values draws them).
+DUMMY_FORMATS = ("dummy", "dummy-uniform")
+LOAD_FORMATS = ("auto", *DUMMY_FORMATS)  # "auto": the checkpoint's safetensors
+
 if TYPE_CHECKING:
     import torch
 
@@ -260,8 +264,8 @@ class EngineConfig:
             raise ConfigError(f"max_sessions must be a non-negative integer, got {self.max_sessions!r}")
         if not self.session_idle_timeout_s > 0:
             raise ConfigError(f"session_idle_timeout_s must be > 0, got {self.session_idle_timeout_s!r}")
-        if self.load_format not in ("auto", "dummy", "dummy-uniform"):
-            raise ConfigError(f"load_format must be 'auto', 'dummy' or 'dummy-uniform', got {self.load_format!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}")
         if self.cuda_graphs and (not self.device.startswith("cuda") or self.attention_backend != "triton"):
             raise ConfigError("cuda_graphs needs device 'cuda' and attention_backend 'triton'")
         self._validate_tensor_parallel()

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from engine.config import ModelConfig
+from engine.config import DUMMY_FORMATS, ModelConfig
 from engine.errors import ConfigError
 from engine.models import CausalLM, build_model
 from engine.models.rope import inverse_frequencies
@@ -105,9 +105,6 @@ def _copy(param: torch.nn.Parameter, tensor: torch.Tensor, start: int | None, en
         raise ConfigError(f"tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                           f"model expects {tuple(target.shape)}")
     target.copy_(tensor.to(dtype=target.dtype))
-
-
-DUMMY_FORMATS = ("dummy", "dummy-uniform")
 
 
 def dummy_values(shape: torch.Size, generator: torch.Generator, device: torch.device, load_format: str) -> torch.Tensor:

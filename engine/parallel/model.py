@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig
-from engine.loader import DUMMY_FORMATS, dummy_values, load_weights
+from engine.config import DUMMY_FORMATS, ModelConfig
+from engine.loader import dummy_values, load_weights
 from engine.models.llama import CausalLM, Linear
 from engine.models.rope import inverse_frequencies
 from engine.parallel.comm import TPGroup

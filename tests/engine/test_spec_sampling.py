@@ -115,14 +115,23 @@ def _sample_counts(model, seeds: range, vocab: int, **options) -> tuple[torch.Te
     return counts, llm.engine
 
 
-def test_engine_sampling_with_speculation_matches_non_speculative(loopy_model_path, small_draft_path) -> None:  # noqa: ANN001, E501
+def check_sampling_matches(model, draft, **engine_options) -> list:  # noqa: ANN001
+    """With each drafter (n-gram; the draft model `draft`), the token distribution at each
+    position matches non-speculative sampling on the same engine options (chi-square
+    homogeneity, p > 0.01); returns the speculative engines."""
     vocab = 512
-    expected, _ = _sample_counts(loopy_model_path, range(0, 600), vocab)
+    expected, _ = _sample_counts(model, range(0, 600), vocab, **engine_options)
+    engines = []
     for options in ({"speculative": "ngram", "num_speculative_tokens": 3},
-                    {"speculative": "draft", "num_speculative_tokens": 3,
-                     "speculative_draft_model": str(small_draft_path)}):
-        got, engine = _sample_counts(loopy_model_path, range(10_000, 10_600), vocab, **options)
+                    {"speculative": "draft", "num_speculative_tokens": 3, "speculative_draft_model": str(draft)}):
+        got, engine = _sample_counts(model, range(10_000, 10_600), vocab, **engine_options, **options)
         stats = engine.speculation.stats
         assert 0 < stats.accepted_tokens_total < stats.draft_tokens_total  # both outcomes, many times
         for position in range(POSITIONS):
             assert homogeneity(expected[position], got[position]) > 0.01, (options, position)
+        engines.append(engine)
+    return engines
+
+
+def test_engine_sampling_with_speculation_matches_non_speculative(loopy_model_path, small_draft_path) -> None:  # noqa: ANN001, E501
+    check_sampling_matches(loopy_model_path, small_draft_path)
