@@ -15,7 +15,7 @@ runs as its own process with the same routing policy (`--policy`), logging warni
 Per mode, the routers take turns (ours, sglang, ours, sglang, ... for `--rounds`), each
 turn measuring:
 - added latency at concurrency 1: `--pairs` requests through the router, each followed
-  by the same request straight to the stubs (ours: `DecodeWorker.Generate` over gRPC;
+  by the same request straight to the stubs (ours: one `DecodeWorker.Stream` as the router uses;
   sglang: its HTTP API, prefill and decode at once in PD mode, as sglang-router calls
   them); the figure is a percentile of the router path minus the same percentile of the
   direct path, to the response's last byte;

@@ -17,6 +17,7 @@ import grpc
 from bench.router_client import BenchError, StreamClient, check
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
+from router.decode_mux import DecodeMux
 from worker.config import free_port
 
 if TYPE_CHECKING:
@@ -90,12 +91,14 @@ async def http_status(host: str, port: int, path: str, timeout: float = 2.0) -> 
 
 
 class GrpcDirect:
-    """Our stubs without the router: `DecodeWorker.Generate` (with the prefill candidate
-    in PD mode, so the stub decode calls the stub prefill as it does behind the router)."""
+    """Our stubs without the router: each request started on one `DecodeWorker.Stream`,
+    as the router sends it (with the prefill candidate in PD mode, so the stub decode
+    calls the stub prefill as it does behind the router)."""
 
     def __init__(self, decode: str, prefill: str | None, workload: Workload) -> None:
         self._channel = grpc.aio.insecure_channel(decode)
-        self._stub = pb_grpc.DecodeWorkerStub(self._channel)
+        # The protocol the router speaks to them: every request over one DecodeWorker.Stream.
+        self._mux = DecodeMux(pb_grpc.DecodeWorkerStub(self._channel), "stub-decode-0")
         self._prefill = [pb.PrefillCandidate(id="stub-prefill-0", address=prefill)] if prefill else []
         self._workload = workload
         self._ids = 0
@@ -107,7 +110,8 @@ class GrpcDirect:
                                    sampling=pb.SamplingParams(max_tokens=w.tokens, temperature=0),
                                    prefill=self._prefill)
         tokens = 0
-        async for response in self._stub.Generate(request, timeout=30.0):
+        call = self._mux.generate(request, 30.0)
+        while (response := await call.read()) is not grpc.aio.EOF:
             tokens += len(response.chunk.token_ids)
         if tokens != w.tokens:
             raise BenchError(f"direct call: {tokens} tokens, expected {w.tokens}")
@@ -116,6 +120,7 @@ class GrpcDirect:
         pass  # the channel lives as long as the side
 
     async def aclose(self) -> None:
+        self._mux.close()
         await self._channel.close()
 
 

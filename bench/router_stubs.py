@@ -7,7 +7,9 @@
 like a real worker (`worker.registration`): a decode worker whose `Generate` streams
 `max_tokens` tokens at once, one message per token (in PD mode the first token comes
 from a `Prefill` call to the prefill candidate the router named, as a real decode worker
-does), and a prefill worker that answers `Prefill` at once. Both report an idle `Status`.
+does), served over `DecodeWorker.Stream` by the decode worker's own code
+(`decode_worker/mux.py`: messages batched as they are ready), and a prefill worker that
+answers `Prefill` at once. Both report an idle `Status`.
 
 `sglang` serves what sglang-router calls on SGLang workers, over HTTP/1.1 with
 keep-alive: `GET /health`, `/health_generate`, `/server_info`, `/get_server_info`,
@@ -31,6 +33,7 @@ from typing import Any, Sequence
 
 import grpc
 
+from decode_worker.mux import serve_stream
 from proto import epd_pb2 as pb
 from proto import epd_pb2_grpc as pb_grpc
 from worker.registration import register_loop
@@ -79,6 +82,11 @@ class StubDecode(pb_grpc.DecodeWorkerServicer):
             yield chunks[i % len(chunks)]
         usage = pb.Usage(prompt_tokens=len(request.prompt_token_ids), completion_tokens=count)
         yield pb.DecodeResponse(finished=pb.Finished(reason=pb.FINISH_REASON_LENGTH, usage=usage))
+
+    async def Stream(self, requests: Any, context: grpc.aio.ServicerContext) -> None:
+        """The multiplexed form, served by the decode worker's own code (decode_worker/mux.py)
+        around this Generate: a request's messages go out in batches with the others'."""
+        await serve_stream(self, requests, context)  # type: ignore[arg-type]
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         return pb.AbortResponse(found=False)

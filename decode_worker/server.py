@@ -22,6 +22,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from decode_worker.mux import serve_stream
 from decode_worker.prefill_stats import RemotePrefillStats
 from decode_worker.remote_prefill import RemotePrefiller
 from engine.engine import RemoteReservation, StepOutput
@@ -60,6 +61,10 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                     yield response
         finally:
             span.end()
+
+    async def Stream(self, requests: AsyncIterator[pb.DecodeStreamRequest], context: grpc.aio.ServicerContext) -> None:
+        """Generate for many requests over one stream (decode_worker/mux.py)."""
+        await serve_stream(self, requests, context)
 
     async def Drain(self, request: pb.DrainRequest, context: grpc.aio.ServicerContext) -> pb.DrainResponse:
         return await self.runtime.life.drain_call(request)

@@ -105,12 +105,18 @@ class _UnaryStreamAdder(_MetadataAdder, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(details), request)
 
 
+class _StreamStreamAdder(_MetadataAdder, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: grpc.aio.ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        return await continuation(self._details(details), request_iterator)
+
+
 def metadata_interceptors(metadata: Metadata) -> list[grpc.aio.ClientInterceptor]:
-    """Client interceptors that attach `metadata` to every unary and server-streaming
-    call (the only shapes epd.proto has); none when `metadata` is empty."""
+    """Client interceptors that attach `metadata` to every call of the shapes epd.proto
+    has (unary, server-streaming, bidirectional); none when `metadata` is empty."""
     if not metadata:
         return []
-    return [_UnaryUnaryAdder(metadata), _UnaryStreamAdder(metadata)]
+    return [_UnaryUnaryAdder(metadata), _UnaryStreamAdder(metadata), _StreamStreamAdder(metadata)]
 
 
 def cluster_token_metadata(token: str | None) -> Metadata:

@@ -42,6 +42,9 @@ class RouterConfig:
     max_prefill_candidates: int = 3        # prefill workers handed to decode, best first
     max_encode_candidates: int = 3         # encode workers per image, best first
     force_remote_prefill: bool = False     # tell decode to skip its local-prefill threshold
+    # One DecodeWorker.Stream per decode worker carries all its requests, tokens batched
+    # per step (router/decode_mux.py); off: one Generate call per request.
+    decode_multiplex: bool = True
     health_interval: float = 0.5           # between two Status polls of one worker
     health_timeout: float = 1.0            # of one Status call
     unhealthy_after: float = 2.0           # failing this long takes a worker out of rotation
@@ -138,6 +141,9 @@ def add_router_arguments(parser: argparse.ArgumentParser) -> None:
     add("--max-prefill-candidates", type=int, default=d.max_prefill_candidates)
     add("--max-encode-candidates", type=int, default=d.max_encode_candidates)
     add("--force-remote-prefill", action="store_true")
+    add("--decode-multiplex", action=argparse.BooleanOptionalAction, default=d.decode_multiplex,
+        help="send every request to a decode worker over one multiplexed stream, its tokens batched per "
+             "step (--no-decode-multiplex: one Generate call per request)")
     add("--health-interval", type=float, default=d.health_interval)
     add("--health-timeout", type=float, default=d.health_timeout)
     add("--unhealthy-after", type=float, default=d.unhealthy_after)

@@ -243,7 +243,11 @@ class Dispatcher:
     async def _attempt(self, plan: Plan, request: GenerationRequest, active: AbortFlag,
                        progress: _Progress, span: tracing.TraceSpan) -> AsyncIterator[epd_pb2.DecodeResponse]:
         message = self._decode_request(plan, request, progress.tokens)
-        call = plan.decode.stub.Generate(message, timeout=self.config.request_timeout, metadata=span.metadata())
+        mux = plan.decode.mux
+        if mux is not None:  # one stream per decode worker for every request (router/decode_mux.py)
+            call = mux.generate(message, self.config.request_timeout, span.metadata())
+        else:
+            call = plan.decode.stub.Generate(message, timeout=self.config.request_timeout, metadata=span.metadata())
         plan.call = call
         silence = _Silence(call)
         got_token = ended = False

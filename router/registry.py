@@ -20,6 +20,7 @@ from proto import epd_pb2, epd_pb2_grpc
 from proto.auth import cluster_channel
 from router.breaker import CircuitBreaker
 from router.config import ROLES, RouterConfig
+from router.decode_mux import DecodeMux
 from router.worker_state import Clock, WorkerLoad, WorkerState
 
 log = logging.getLogger("router.registry")
@@ -47,6 +48,7 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     stub: WorkerStub
     added_at: float
+    mux: DecodeMux | None = None  # decode workers: the multiplexed stream (router/decode_mux.py)
 
 
 class WorkerRegistry:
@@ -74,7 +76,9 @@ class WorkerRegistry:
         breaker = CircuitBreaker(f"{role} worker {worker_id}", self._config.breaker_failures,
                                  self._config.breaker_cooldown, self._clock)
         state = WorkerState(role, worker_id, address, static=static, breaker=breaker)
-        handle = WorkerHandle(state, channel, stub_class(channel), self._clock())
+        stub = stub_class(channel)
+        handle = WorkerHandle(state, channel, stub, self._clock(),
+                              DecodeMux(stub, worker_id) if role == "decode" and self._config.decode_multiplex else None)
         self._workers[worker_id] = handle
         log.info("added %s worker %s at %s", role, worker_id, address)
         return handle
@@ -83,6 +87,8 @@ class WorkerRegistry:
         handle = self._workers.pop(worker_id, None)
         if handle is not None:
             handle.state.healthy = False
+            if handle.mux is not None:
+                handle.mux.retire()
             closing = asyncio.ensure_future(_close_channel(handle.channel, grace))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)

@@ -9,6 +9,7 @@ from typing import Callable
 
 import grpc
 
+from decode_worker.mux import serve_stream
 from engine.radix_cache import page_hashes
 from proto import epd_pb2, epd_pb2_grpc
 
@@ -151,9 +152,19 @@ class FakeDecodeWorker(_FakeWorker, epd_pb2_grpc.DecodeWorkerServicer):
         self.completed: list[str] = []
         self.closed_sessions: list[str] = []
         self.on_request: Callable[[epd_pb2.DecodeRequest], None] | None = None
+        self.multiplex = True  # serves DecodeWorker.Stream
+        self.streams_opened = 0
 
     def _add_to(self, server: grpc.aio.Server) -> None:
         epd_pb2_grpc.add_DecodeWorkerServicer_to_server(self, server)
+
+    async def Stream(self, requests, context: grpc.aio.ServicerContext) -> None:  # noqa: ANN001
+        """The multiplexed form, by the decode worker's own code around this Generate;
+        refused as an older worker would (UNIMPLEMENTED) unless `multiplex`."""
+        self.streams_opened += 1
+        if not self.multiplex:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+        await serve_stream(self, requests, context)
 
     async def CloseSession(self, request: epd_pb2.CloseSessionRequest,
                            context: grpc.aio.ServicerContext) -> epd_pb2.CloseSessionResponse:
