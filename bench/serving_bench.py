@@ -169,6 +169,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--encode", type=int, default=0, help="encode workers (with --launch)")
     parser.add_argument("--encode-args", default="", help="extra flags of the encode workers only (one string)")
+    parser.add_argument("--router-args", default="", help="extra flags of the router (with --launch; one string)")
     parser.add_argument("--warmup", type=int, default=0, help="requests sent (other prompts and images) "
                         "before the measured ones, on each cluster")
     parser.add_argument("--images", type=int, default=0, help="images per request (a vision-language model)")
@@ -211,7 +212,7 @@ def _launched(args: argparse.Namespace, extra: list[str], model: str | None, enc
     spec = ClusterSpec(num_encode=encoders, num_prefill=args.prefill, num_decode=args.decode, port=free_port(),
                        grpc_port=free_port(), model=model, worker_args=tuple(_without(extra, "--model")),
                        encode_args=tuple(shlex.split(args.encode_args)),
-                       log_dir=args.log_dir)
+                       router_args=tuple(shlex.split(args.router_args)), log_dir=args.log_dir)
     with LocalCluster(spec) as cluster:
         return asyncio.run(run_load(cluster.grpc_address, args, image_token_id))
 

@@ -10,6 +10,8 @@
 #   c256       512 x 1,024 in / 256 out at concurrency 256, with --offline-baseline;
 #              py-spy samples the worker and the router for 10 s of the load
 #   c256-B     the same at a token budget of B (--max-num-batched-tokens B)
+#   PHASE-nomux  (c1-nomux, c256-B-nomux) the same with the router's --no-decode-multiplex (one
+#              Generate call per request instead of one DecodeWorker.Stream per worker), for A/B runs
 # Logs under $OUT. Carry `.whl` (../shared/tools/device-wheels httptools==0.9.0 grpcio==1.85.3
 # grpcio-tools==1.85.1 protobuf==7.36.2 py-spy).
 source "$(dirname "$0")/device_env.sh"
@@ -31,21 +33,25 @@ profile() {  # profile LOGDIR TAG: py-spy samples of the worker and the router f
 }
 
 for phase in "$@"; do
-  case $phase in
+  router_args=""
+  case $phase in *-nomux) router_args="--no-decode-multiplex"; phase_base=${phase%-nomux};; *) phase_base=$phase;; esac
+  case $phase_base in
     kernels)
       python3 -m bench.kernel_sweep --model llama-3.1-8b --only prefill 2>&1 | tee "$out/kernels.log"
       python3 -m bench.engine_bench --model llama-3.1-8b --skip transformers,overlap 2>&1 | tee -a "$out/kernels.log";;
     c1|c1-torchops)
-      extra=(); [ "$phase" = c1-torchops ] && extra=(--no-triton-kernels)
+      extra=(); [ "$phase_base" = c1-torchops ] && extra=(--no-triton-kernels)
       python3 -m bench.serving_bench --launch --offline-baseline --prefill 0 --decode 1 --num-requests 16 \
-        --concurrency 1 --input-len 1024 --output-len 128 --log-dir "/tmp/logs-$phase" -- "${engine_flags[@]}" \
+        --concurrency 1 --input-len 1024 --output-len 128 --router-args="$router_args" --log-dir "/tmp/logs-$phase" \
+        -- "${engine_flags[@]}" \
         --max-num-batched-tokens 8192 "${extra[@]}" 2>&1 | grep -v " INFO " | tee "$out/$phase.log"
       grep -h "engine loop" "/tmp/logs-$phase"/*.log | tail -3 | tee -a "$out/$phase.log";;
     c256*)
-      budget=${phase#c256-}; [ "$budget" = c256 ] && budget=8192
-      profile "/tmp/logs-$phase" "$budget" &
+      budget=${phase_base#c256-}; [ "$budget" = c256 ] && budget=8192
+      profile "/tmp/logs-$phase" "$budget${router_args:+-nomux}" &
       python3 -m bench.serving_bench --launch --offline-baseline --prefill 0 --decode 1 --num-requests 512 \
-        --concurrency 256 --input-len 1024 --output-len 256 --log-dir "/tmp/logs-$phase" -- "${engine_flags[@]}" \
+        --concurrency 256 --input-len 1024 --output-len 256 --router-args="$router_args" --log-dir "/tmp/logs-$phase" \
+        -- "${engine_flags[@]}" \
         --max-num-batched-tokens "$budget" 2>&1 | grep -v " INFO " | tee "$out/$phase.log"
       grep -h "engine loop" "/tmp/logs-$phase"/*.log | tail -3 | tee -a "$out/$phase.log"
       cp "/tmp/logs-$phase/offline.json" "$out/$phase-offline.json" 2>/dev/null

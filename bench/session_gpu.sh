@@ -10,7 +10,8 @@
 #                 default dummy; prompt SPEC_PROMPT_LEN, default 512), ITL at batch 1 and 16
 #                 with verify steps and draft rounds eager (--no-speculative-cuda-graphs)
 #   spec-bench-graphs  the same with their graphs (--speculative-cuda-graphs, the default)
-#   c1, c256-B    bench/serving_speed.sh c1 / c256-B (served against LLM.generate, same flags; B: token budget)
+#   c1, c256-B    bench/serving_speed.sh c1 / c256-B (served against LLM.generate, same flags; B: token budget);
+#                 c1-nomux, c256-B-nomux: the same with one Generate call per request (--no-decode-multiplex)
 # Logs under $OUT, packed at the end into $OUT/logs.tgz when there are more files than the
 # device tool brings back (8). Carry `.whl` as bench/serving_speed.sh says.
 source "$(dirname "$0")/device_env.sh"
@@ -40,7 +41,7 @@ for phase in "${phases[@]}"; do
         --workload "${SPEC_WORKLOAD:-continue}" --period 8 --ngram-k "${NGRAM_K:-3,5}" --draft-k "${DRAFT_K-3}" --prompt-len "${SPEC_PROMPT_LEN:-512}" \
         --load-format "${SPEC_LOAD_FORMAT:-dummy}" --output-len 256 --num-pages 8192 "${graphs[@]}" --out "$out/$phase.json" > "$out/$phase.log" 2>&1
       tail -10 "$out/$phase.log";;
-    c1|c256-*)
+    c1|c1-*|c256-*)
       timeout "${SERVE_TIMEOUT:-280}" bash bench/serving_speed.sh "$phase" > /dev/null 2>&1; tail -14 "$out/$phase.log";;
     *) echo "unknown phase $phase";;
   esac
