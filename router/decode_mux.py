@@ -108,6 +108,9 @@ class _Stream:
     def close(self) -> None:
         self._reader.cancel()
 
+    async def wait_closed(self) -> None:
+        await asyncio.gather(self._reader, self._writer, return_exceptions=True)
+
 
 class MuxCall:
     """One request on a decode stream, read like a Generate call."""
@@ -275,3 +278,10 @@ class DecodeMux:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+    async def aclose(self) -> None:
+        """`close`, then wait until the stream's tasks have ended."""
+        stream = self._stream
+        self.close()
+        if stream is not None:
+            await stream.wait_closed()

@@ -146,6 +146,7 @@ class WorkerRegistry:
         handles, self._workers = list(self._workers.values()), {}
         for closing in list(self._closing):
             closing.cancel()  # the router stops: no more grace for removed workers' calls
+        await asyncio.gather(*(h.mux.aclose() for h in handles if h.mux is not None), return_exceptions=True)
         await asyncio.gather(*(h.channel.close() for h in handles), *self._closing, return_exceptions=True)
 
 
