@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, AsyncIterator
 import grpc
 
 from proto import epd_pb2 as pb
+from proto import status_codes
 
 if TYPE_CHECKING:
     from decode_worker.server import DecodeService
@@ -48,10 +49,6 @@ class RequestContext:
 
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         raise RequestAborted(code, details)
-
-
-def status_code_value(code: grpc.StatusCode) -> int:
-    return code.value[0]
 
 
 class MuxSession:
@@ -128,7 +125,7 @@ class MuxSession:
         self._ready.set()
 
     def _error(self, rid: str, code: grpc.StatusCode, details: str) -> None:
-        self._event(pb.DecodeStreamEvent(request_id=rid, error_code=status_code_value(code), error=details))
+        self._event(pb.DecodeStreamEvent(request_id=rid, error_code=status_codes.to_wire(code), error=details))
 
     async def _write(self) -> None:
         context = self._context

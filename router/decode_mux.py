@@ -24,9 +24,9 @@ from typing import Any, Sequence
 import grpc
 
 from proto import epd_pb2 as pb
+from proto import status_codes
 
 log = logging.getLogger("router.decode_mux")
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -39,7 +39,6 @@ class _Stream:
     def __init__(self, mux: DecodeMux) -> None:
         self.mux = mux
         self.calls: dict[str, MuxCall] = {}
-        self.failed: grpc.aio.AioRpcError | None = None
         self._up: deque[pb.DecodeStreamRequest] = deque()
         self._wake = asyncio.Event()
         self._call = mux.stub.Stream(metadata=mux.metadata)
@@ -96,7 +95,6 @@ class _Stream:
         self._fail(error)
 
     def _fail(self, error: grpc.aio.AioRpcError) -> None:
-        self.failed = error
         if self.mux._stream is self:
             self.mux._stream = None
         self._writer.cancel()
@@ -144,15 +142,19 @@ class MuxCall:
             return
         self._stream = stream
         stream.calls[rid] = self
-        remaining = 0.0 if self._deadline is None else max(1e-3, self._deadline - self._loop.time())
-        stream.send(pb.DecodeStreamRequest(start=self._request, metadata=dict(self._metadata), timeout_s=remaining))
+        stream.send(pb.DecodeStreamRequest(start=self._request, metadata=dict(self._metadata),
+                                           timeout_s=self._remaining() or 0.0))  # 0: no deadline
+
+    def _remaining(self) -> float | None:
+        """Seconds left until the deadline (at least 1 ms); None: no deadline."""
+        return None if self._deadline is None else max(1e-3, self._deadline - self._loop.time())
 
     def _go_direct(self) -> None:
-        timeout = None if self._deadline is None else max(1e-3, self._deadline - self._loop.time())
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._direct = self._mux.stub.Generate(self._request, timeout=timeout, metadata=self._metadata or None)
+        self._direct = self._mux.stub.Generate(self._request, timeout=self._remaining(),
+                                               metadata=self._metadata or None)
         self._wake()
 
     # -- from the stream ---------------------------------------------------------------
@@ -185,7 +187,7 @@ class MuxCall:
                 event = self._events.popleft()
                 if event.error_code:
                     self._eof = True
-                    raise rpc_error(_CODES.get(event.error_code, grpc.StatusCode.UNKNOWN), event.error)
+                    raise rpc_error(status_codes.from_wire(event.error_code), event.error)
                 if event.response.WhichOneof("event") == "finished":
                     self._eof = True
                 return event.response
