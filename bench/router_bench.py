@@ -26,6 +26,8 @@ turn measuring:
 Every response of the latency phase and a sample of the others are checked: status 200,
 `[DONE]`, and exactly the expected text. Start-to-ready is process start until `/health`
 answers and until the first request is served (workers registered and healthy).
+With `EPD_ROUTER_PROFILE=PREFIX` in the environment our router runs under `py-spy record`
+(raw samples to PREFIX-MODE.txt; py-spy on the PATH): a profile of the whole run.
 """
 from __future__ import annotations
 

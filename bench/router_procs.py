@@ -63,7 +63,7 @@ class Proc:
 
     def stop(self) -> None:
         if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
+            self.popen.send_signal(signal.SIGINT if self.popen.args[0] == "py-spy" else signal.SIGTERM)
             try:
                 self.popen.wait(10)
             except subprocess.TimeoutExpired:
@@ -238,6 +238,8 @@ async def start_side(name: str, mode: str, workload: Workload, policy: str, logs
                      else ["--worker-urls", f"http://127.0.0.1:{ports['decode']}"])
         addresses = await stubs[0].ready_line()
         started = time.monotonic()
+        if name == "ours" and os.environ.get("EPD_ROUTER_PROFILE"):
+            argv = ["py-spy", "record", "-r", "250", "-f", "raw", "-o", os.environ["EPD_ROUTER_PROFILE"] + f"-{mode}.txt", "--"] + argv
         router = Proc(f"{name}-{mode}-router", argv, logs)
     except BaseException:
         for proc in stubs:

@@ -179,6 +179,10 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="with --launch: first run the same requests through the engine alone "
                              "(bench/offline_baseline.py, same engine flags) and print the served figures "
                              "against it")
+    parser.add_argument("--ttft-ladder", type=int, default=0, metavar="N",
+                        help="with --launch: after the load, N single requests (--input-len in, 2 out), "
+                             "each sent through the router and straight to decode-0 over its DecodeWorker.Stream, "
+                             "alternating: the first token's time on each path (where TTFT goes)")
     parser.add_argument("--compare-encode-on-prefill", action="store_true",
                         help="run the load again without encode workers (the prefill worker encodes)")
     return parser.parse_args(argv), extra
@@ -214,7 +218,63 @@ def _launched(args: argparse.Namespace, extra: list[str], model: str | None, enc
                        encode_args=tuple(shlex.split(args.encode_args)),
                        router_args=tuple(shlex.split(args.router_args)), log_dir=args.log_dir)
     with LocalCluster(spec) as cluster:
-        return asyncio.run(run_load(cluster.grpc_address, args, image_token_id))
+        result = asyncio.run(run_load(cluster.grpc_address, args, image_token_id))
+        if args.ttft_ladder:
+            asyncio.run(ttft_ladder(cluster.grpc_address, cluster.worker_addresses["decode-0"], args))
+        return result
+
+
+async def ttft_ladder(router: str, decode: str, args: argparse.Namespace) -> None:
+    """Single requests at an idle cluster, alternately through the router (the client's
+    path) and straight to the decode worker over one DecodeWorker.Stream (the router's own
+    path to it): the time to the first token on each, median over `--ttft-ladder`
+    requests of fresh prompts (no cache hits). Their difference is the router's part of
+    TTFT; the direct figure minus the engine's first token is the worker's."""
+    import grpc
+
+    from proto import epd_pb2 as pb
+    from proto import epd_pb2_grpc as pb_grpc
+    from router.decode_mux import DecodeMux
+    rng = random.Random(args.seed + 104729)
+    transport = GrpcTransport(router, None, args.timeout, Sampling(temperature=0.0, ignore_eos=True))
+    channel = grpc.aio.insecure_channel(decode)
+    mux = DecodeMux(pb_grpc.DecodeWorkerStub(channel), "decode-0")
+    times: dict[str, list[float]] = {"router": [], "direct": []}
+
+    def prompt() -> list[int]:
+        return [rng.randrange(10, args.vocab) for _ in range(args.input_len)]
+
+    async def direct(index: int) -> float:
+        request = pb.DecodeRequest(request_id=f"ladder-{index}", prompt_token_ids=prompt(),
+                                   sampling=pb.SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        start = time.perf_counter()
+        call = mux.generate(request, args.timeout)
+        first = None
+        while (response := await call.read()) is not grpc.aio.EOF:
+            if first is None and response.HasField("chunk") and response.chunk.token_ids:
+                first = time.perf_counter() - start
+        if first is None:
+            raise RuntimeError("a direct request to decode-0 returned no token")
+        return first
+
+    async def routed() -> float:
+        timing = await _one(transport, prompt(), 2, [])
+        if not timing.ok:
+            raise RuntimeError(f"a request through the router failed: {timing.error}")
+        return timing.ttft
+
+    try:
+        for index in range(args.ttft_ladder):
+            for path in (("router", "direct") if index % 2 else ("direct", "router")):
+                times[path].append(await (routed() if path == "router" else direct(index)))
+    finally:
+        mux.close()
+        await channel.close()
+        await transport.close()
+    med = {path: statistics.median(values) * 1e3 for path, values in times.items()}
+    print(f"TTFT ladder ({args.ttft_ladder} single requests each, alternating, {args.input_len} in): "
+          f"through the router p50 {med['router']:.2f} ms, straight to decode-0 p50 {med['direct']:.2f} ms, "
+          f"the router's part {med['router'] - med['direct']:.2f} ms", flush=True)
 
 
 def _image_token_id(model: str | None) -> int:

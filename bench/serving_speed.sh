@@ -5,7 +5,8 @@
 #   kernels    prefill attention tiles (bench.kernel_sweep prefill) and the engine benchmark
 #              (prefill 4 x 2,048 against the matmul rate, attention against torch SDPA,
 #              decode steps at batch 1 and 64 against copy bandwidth)
-#   c1         concurrency 1, 16 requests x 1,024 in / 128 out, with --offline-baseline
+#   c1         concurrency 1, 16 requests x 1,024 in / 128 out, with --offline-baseline and
+#              --ttft-ladder 16 (the first token through the router and straight to decode)
 #   c1-torchops  the same with --no-triton-kernels (torch's norm/rotary/activation/matmul ops)
 #   c256       512 x 1,024 in / 256 out at concurrency 256, with --offline-baseline;
 #              py-spy samples the worker and the router for 10 s of the load
@@ -42,7 +43,7 @@ for phase in "$@"; do
     c1|c1-torchops)
       extra=(); [ "$phase_base" = c1-torchops ] && extra=(--no-triton-kernels)
       python3 -m bench.serving_bench --launch --offline-baseline --prefill 0 --decode 1 --num-requests 16 \
-        --concurrency 1 --input-len 1024 --output-len 128 --router-args="$router_args" --log-dir "/tmp/logs-$phase" \
+        --concurrency 1 --input-len 1024 --output-len 128 --ttft-ladder 16 --router-args="$router_args" --log-dir "/tmp/logs-$phase" \
         -- "${engine_flags[@]}" \
         --max-num-batched-tokens 8192 "${extra[@]}" 2>&1 | grep -v " INFO " | tee "$out/$phase.log"
       grep -h "engine loop" "/tmp/logs-$phase"/*.log | tail -3 | tee -a "$out/$phase.log";;
