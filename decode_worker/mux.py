@@ -1,12 +1,14 @@
 """DecodeWorker.Stream on the worker: many requests over one stream (epd.proto).
 
-Each start runs the very Generate of `DecodeService` as its own task, with a stand-in
-for the gRPC context: `abort` ends that request with an error event instead of ending
-the stream, and the invocation metadata is the start's trace context. Its messages go
-to one outbox; one writer sends whatever the outbox holds as one batch. The request
-tasks woken by an engine step all run before the writer does (asyncio runs ready
-callbacks in order), so a step's tokens for every request on the stream leave as one
-message: the worker's cost per token is an event in a batch, not a gRPC message.
+Each start runs the Generate of `DecodeService` (`DecodeService.generate`) as its own
+task, with a stand-in for the gRPC context: `abort` ends that request with an error event
+instead of ending the stream, and the invocation metadata is the start's trace context.
+Once the request is queued in the engine, its outputs no longer wake the task: the
+engine loop hands each step's outputs straight to the request's `emit`, which puts its
+message in the stream's one outbox (the task only waits for the end, a cancel or the
+deadline). One writer sends whatever the outbox holds as one batch, so a step's tokens
+for every request on the stream leave as one message: the worker's cost per token is an
+event in a batch, not a gRPC message nor a task's turn.
 
 A cancel (or the stream ending: the router went away) cancels the request's task, whose
 Generate aborts the request in the engine as a cancelled Generate call does. When the
@@ -16,15 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import TYPE_CHECKING, AsyncIterator
+from typing import AsyncIterator
 
 import grpc
 
 from proto import epd_pb2 as pb
+from proto import epd_pb2_grpc as pb_grpc
 from proto import status_codes
 
-if TYPE_CHECKING:
-    from decode_worker.server import DecodeService
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +48,17 @@ class RequestContext:
     def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
         return self._metadata
 
-    async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
+    async def abort(self, code: grpc.StatusCode, details: str = "",
+                    trailing_metadata: tuple[tuple[str, str], ...] = ()) -> None:
+        # An event carries the code and details only: the router acts on the code (a full
+        # worker's RESOURCE_EXHAUSTED means busy, try elsewhere), never on the trailers.
         raise RequestAborted(code, details)
 
 
 class MuxSession:
     """One DecodeWorker.Stream call: its requests, outbox and writer."""
 
-    def __init__(self, service: DecodeService, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, service: pb_grpc.DecodeWorkerServicer, context: grpc.aio.ServicerContext) -> None:
         self._service = service
         self._context = context
         self._live: dict[str, asyncio.Task[None]] = {}
@@ -103,9 +107,15 @@ class MuxSession:
     async def _run_one(self, request: pb.DecodeRequest, metadata: dict[str, str], timeout: float | None) -> None:
         rid = request.request_id
         try:
+            emit = lambda response: self._event(pb.DecodeStreamEvent(request_id=rid, response=response))  # noqa: E731
+            context = RequestContext(metadata)
+            # DecodeService forwards tokens through `emit`; a service with only Generate
+            # (the test doubles, the bench's stubs) yields them all.
+            generate = getattr(self._service, "generate", None)
+            responses = generate(request, context, emit) if generate else self._service.Generate(request, context)
             async with asyncio.timeout(timeout):
-                async for response in self._service.Generate(request, RequestContext(metadata)):
-                    self._event(pb.DecodeStreamEvent(request_id=rid, response=response))
+                async for response in responses:
+                    emit(response)
         except RequestAborted as exc:
             self._error(rid, exc.code, exc.details)
         except TimeoutError:
@@ -139,7 +149,7 @@ class MuxSession:
                 return  # the router is done sending and every request has ended
 
 
-async def serve_stream(service: DecodeService, requests: AsyncIterator[pb.DecodeStreamRequest],
+async def serve_stream(service: pb_grpc.DecodeWorkerServicer, requests: AsyncIterator[pb.DecodeStreamRequest],
                        context: grpc.aio.ServicerContext) -> None:
     await context.send_initial_metadata(())  # the router writes only once the stream is taken
     await MuxSession(service, context).run(requests)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import grpc
 
@@ -53,11 +53,20 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def Generate(self, request: pb.DecodeRequest,
                        context: grpc.aio.ServicerContext) -> AsyncIterator[pb.DecodeResponse]:
+        async for response in self.generate(request, context):
+            yield response
+
+    async def generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
+                       emit: Callable[[pb.DecodeResponse], None] | None = None) -> AsyncIterator[pb.DecodeResponse]:
+        """Generate's messages, yielded; or, with `emit` (the stream's requests,
+        decode_worker/mux.py), the token messages handed to `emit` from the engine loop
+        as each step's outputs are published, so no task wakes per token (what is
+        yielded then is only a migrated request's finish). Returns when the request ends."""
         span = tracing.start("decode.generate", context.invocation_metadata(), "server", request_id=request.request_id,
                              worker=self.runtime.worker_id, prompt_tokens=len(request.prompt_token_ids))
         try:
             async with self.runtime.life.gate.admit(context):
-                async for response in self._generate(request, context, span):
+                async for response in self._generate(request, context, span, emit):
                     yield response
         finally:
             span.end()
@@ -70,35 +79,44 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
         return await self.runtime.life.drain_call(request)
 
     async def _generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
-                        span: tracing.TraceSpan) -> AsyncIterator[pb.DecodeResponse]:
+                        span: tracing.TraceSpan,
+                        emit: Callable[[pb.DecodeResponse], None] | None) -> AsyncIterator[pb.DecodeResponse]:
         rid, prompt, resumed = request.request_id, list(request.prompt_token_ids), list(request.resume_token_ids)
         async_engine = self.runtime.async_engine
         try:
             params = params_from_proto(request.sampling)
-            await async_engine.run(self.engine.validate, prompt, params)
-            if not rid:
-                raise InvalidRequestError("request_id is required")
-            if request.session_id:
-                check_session_id(request.session_id)
-            check_pin_count(request.pin_prefix_tokens, len(prompt))
             images = images_from_proto(request.images)
-            info = self.engine.multimodal
-            check_images(prompt, images, info.image_token_id if info else None)
-            # A migrated request whose streamed output already ends it: only the finish.
-            done = await async_engine.run(self.engine.resumed_finish, rid, prompt, params, resumed)
-            if done is None:
-                await async_engine.run(self.engine.validate_resume, prompt, params, resumed)
         except InvalidRequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        if done is not None:
-            yield pb.DecodeResponse(finished=_finished(done))
-            return
-        queue = async_engine.subscribe(rid)
+        if async_engine.subscribed(rid):  # (a second call must not take over the live one's stream)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request id {rid!r} is already in use")
+        # A request that can only prefill here is checked and queued in one hop to the engine
+        # thread: under load each hop waits for the step in flight, so every hop saved is a
+        # step off this request's time to first token.
+        local = not (request.prefill and self.runtime.transfer is not None) and not request.pin_prefix_tokens
+        queue = async_engine.subscribe(rid) if rid else None
+        finished = False
         try:
             try:
-                attempts = await self._start(request, prompt, params, images, resumed, span)
-            except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
+                done = await async_engine.run(self._admit, request, prompt, params, images, resumed, local)
+            except InvalidRequestError as exc:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            if done is not None:
+                yield pb.DecodeResponse(finished=_finished(done))
+                return
+            attempts: list[pb.PrefillAttempt] = []
+            if local:
+                span.event("local_prefill")
+            else:
+                try:
+                    attempts = await self._start(request, prompt, params, images, resumed, span)
+                except InvalidRequestError as exc:  # e.g. an image the local vision tower cannot decode
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            assert queue is not None  # _admit refused an empty id
+            if emit is not None:
+                await self._forward(rid, queue, attempts, emit)
+                finished = True
+                return
             async for out in async_engine.stream_merged(queue):
                 messages = _responses(out)
                 if attempts and messages:  # the request's first message says how prefill went
@@ -106,12 +124,66 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                     attempts = []
                 for message in messages:
                     yield message
+                finished = out.finished
         finally:
-            await async_engine.finish_stream(rid)
+            if queue is not None:
+                await async_engine.finish_stream(rid, finished)
+
+    async def _forward(self, rid: str, queue: asyncio.Queue[StepOutput], attempts: list[pb.PrefillAttempt],
+                       emit: Callable[[pb.DecodeResponse], None]) -> None:
+        """Hand the request's outputs to `emit` as they are published; return once the
+        last one is out (a cancel of the caller's task lands here)."""
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        def forward(out: StepOutput) -> None:
+            nonlocal attempts
+            if done.done():
+                return
+            try:
+                messages = _responses(out)
+                if attempts and messages:  # the request's first message says how prefill went
+                    messages[0].prefill_attempts.extend(attempts)
+                    attempts = []
+                for message in messages:
+                    emit(message)
+            except Exception as exc:  # noqa: BLE001 - this request fails; publish goes on for the others
+                done.set_exception(exc)
+                return
+            if out.finished:
+                done.set_result(None)
+
+        if not self.runtime.async_engine.redirect(rid, queue, forward):
+            raise RuntimeError(f"request {rid} lost its subscription")
+        await done
+
+    def _admit(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
+               images: list[ImageInput], resumed: list[int], local: bool) -> StepOutput | None:
+        """On the engine thread: every check of the request; then the finish a migrated
+        request's output already reached (nothing queued), or, when `local`, the request
+        queued for a prefill here. InvalidRequestError names what is wrong."""
+        engine = self.engine
+        engine.validate(prompt, params)
+        if not request.request_id:
+            raise InvalidRequestError("request_id is required")
+        if request.session_id:
+            check_session_id(request.session_id)
+        check_pin_count(request.pin_prefix_tokens, len(prompt))
+        info = engine.multimodal
+        check_images(prompt, images, info.image_token_id if info else None)
+        # A migrated request whose streamed output already ends it: only the finish.
+        done = engine.resumed_finish(request.request_id, prompt, params, resumed)
+        if done is not None:
+            return done
+        engine.validate_resume(prompt, params, resumed)
+        if local:
+            engine.add_request(prompt, params, request.request_id, images=images, output_token_ids=resumed,
+                               session_id=request.session_id)
+        return None
 
     async def _start(self, request: pb.DecodeRequest, prompt: list[int], params: SamplingParams,
                      images: list[ImageInput], resumed: list[int], span: tracing.TraceSpan) -> list[pb.PrefillAttempt]:
-        """Images: their bytes stay in `images` for a local prefill (or a recompute after
+        """A request that may prefill remotely (checked by `_admit`, not yet queued).
+        Images: their bytes stay in `images` for a local prefill (or a recompute after
         preemption); KV of image tokens from a prefill worker needs no embeddings.
         `resumed`: a migrated request's output so far, computed with the prompt.
         Returns the remote prefill attempts made."""

@@ -73,6 +73,15 @@ def merge_outputs(first: StepOutput, then: StepOutput) -> StepOutput:
                       then.request if then.request is not None else first.request)
 
 
+class _Sink:
+    """A subscription that forwards each output at once (`AsyncEngine.redirect`)."""
+
+    __slots__ = ("put_nowait",)
+
+    def __init__(self, sink: Callable[[StepOutput], None]) -> None:
+        self.put_nowait = sink
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, after_step: StepHook | None = None) -> None:
         self.engine = engine
@@ -106,6 +115,23 @@ class AsyncEngine:
         queue: asyncio.Queue[StepOutput] = asyncio.Queue()
         self._queues[request_id] = queue
         return queue
+
+    def redirect(self, request_id: str, queue: asyncio.Queue[StepOutput], sink: Callable[[StepOutput], None]) -> bool:
+        """From now on hand this request's outputs to `sink`, called in `publish` (on the
+        loop, right after the step), instead of queueing them for a task to take: a
+        consumer that only forwards them saves a task wake-up per request per step.
+        Outputs already in `queue` go to the sink first, in order. False (nothing
+        changed) when `queue` is no longer this request's subscription."""
+        if self._queues.get(request_id) is not queue:
+            return False
+        while not queue.empty():
+            sink(queue.get_nowait())
+        self._queues[request_id] = _Sink(sink)  # type: ignore[assignment]
+        return True
+
+    def subscribed(self, request_id: str) -> bool:
+        """Whether a caller streams this request's outputs now (its id is in use here)."""
+        return request_id in self._queues
 
     def unsubscribe(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
@@ -142,10 +168,11 @@ class AsyncEngine:
             if out.finished:
                 return
 
-    async def finish_stream(self, request_id: str) -> None:
-        """Drop the subscription; abort the request if it is still live."""
+    async def finish_stream(self, request_id: str, finished: bool = False) -> None:
+        """Drop the subscription; abort the request if it is still live (`finished`: its
+        last output was taken, so the engine holds nothing of it and no hop is needed)."""
         self.unsubscribe(request_id)
-        if await self.run(self.engine.abort_request, request_id):
+        if not finished and await self.run(self.engine.abort_request, request_id):
             logger.info("request %s aborted: its stream closed before it finished", request_id)
 
     def publish(self, outputs: list[StepOutput]) -> None:

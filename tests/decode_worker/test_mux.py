@@ -129,6 +129,66 @@ async def test_a_bad_request_fails_alone_and_a_duplicate_id_is_refused(decode) -
     assert errors[""] == [(INVALID, "request_id is required")]
 
 
+async def test_a_generate_call_cannot_take_over_a_live_id_and_finished_requests_need_no_abort(
+        decode, monkeypatch) -> None:  # noqa: ANN001
+    """A Generate with the id of a request live on a stream is refused and the live one
+    runs on undisturbed; requests that ran to their end cost no abort on the engine."""
+    aborts: list[str] = []
+    abort = decode.engine.abort_request
+    monkeypatch.setattr(decode.engine, "abort_request", lambda rid: aborts.append(rid) or abort(rid))
+    long = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        stub = pb_grpc.DecodeWorkerStub(channel)
+        want, _ = await _generate(stub, _request("ref", [5, 6, 7, 8], long))
+        call = stub.Stream(timeout=60)
+        await call.write(pb.DecodeStreamRequest(start=_request("live", [5, 6, 7, 8], long)))
+        tokens: list[int] = []
+        batch = await call.read()
+        tokens += [t for e in batch.events for t in e.response.chunk.token_ids]
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await _generate(stub, _request("live", [9, 9, 9]))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "already in use" in info.value.details()
+        done = False
+        while not done:
+            batch = await call.read()
+            for event in batch.events:
+                assert not event.error_code, event.error
+                tokens += event.response.chunk.token_ids
+                done = done or event.response.HasField("finished")
+        await call.done_writing()
+        assert await call.read() is grpc.aio.EOF
+    assert tokens == want
+    assert aborts == []  # "ref" and "live" finished; the refused call never reached the engine
+    await _until_idle(decode)
+
+
+async def test_a_full_worker_refuses_a_start_with_resource_exhausted(tiny_model_path) -> None:  # noqa: ANN001
+    """The admission limit's refusal (which Generate sends with trailers) reaches the
+    router's end as RESOURCE_EXHAUSTED, the code it takes for a busy worker, and the
+    admitted request runs on."""
+    worker = await serve_decode(WorkerConfig(role="decode", model=str(tiny_model_path), transfer="none",
+                                             max_queued_requests=0, engine_options={**ENGINE, "max_num_seqs": 1}))
+    long = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    try:
+        async with grpc.aio.insecure_channel(worker.address) as channel:
+            mux = DecodeMux(pb_grpc.DecodeWorkerStub(channel), "d0")
+            first = mux.generate(_request("first", [4, 5, 6], long), 60.0)
+            assert (await first.read()).chunk.token_ids  # admitted and running
+            second = mux.generate(_request("second", [7, 8, 9]), 60.0)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await second.read()
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+            assert "full" in info.value.details()
+            tokens = 0
+            while (message := await first.read()) is not grpc.aio.EOF:
+                tokens += len(message.chunk.token_ids)
+            assert tokens == long.max_tokens - 1  # the rest of the first request's tokens
+            mux.close()
+    finally:
+        await worker.stop()
+
+
 async def test_cancel_and_the_stream_ending_abort_in_the_engine(decode) -> None:  # noqa: ANN001
     long = SamplingParams(temperature=0, max_tokens=2000, ignore_eos=True)
     async with grpc.aio.insecure_channel(decode.address) as channel:

@@ -59,3 +59,23 @@ async def test_stream_merged_joins_only_what_already_waits() -> None:
     assert (last.new_token_ids, last.finished, last.finish_reason) == ([15, 16], True, "length")
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+
+
+async def test_redirect_hands_queued_then_published_outputs_to_the_sink_in_order() -> None:
+    """What waited in the queue goes to the sink first; later outputs go to it from
+    `publish`, without the queue; a stale queue redirects nothing."""
+    engine = AsyncEngine.__new__(AsyncEngine)  # redirect and publish touch only the subscriptions
+    engine._queues = {}
+    queue = engine.subscribe("r")
+    engine.publish([StepOutput("r", [1], [], False, None, None), StepOutput("other", [7], [], False, None, None)])
+    engine.publish([StepOutput("r", [2], [], False, None, None)])
+    got: list[int] = []
+    assert engine.redirect("r", queue, lambda out: got.extend(out.new_token_ids))
+    assert got == [1, 2] and queue.empty()
+    engine.publish([StepOutput("r", [3], [], True, "length", None)])
+    assert got == [1, 2, 3] and queue.empty()
+    assert engine.subscribed("r") and not engine.subscribed("other")
+    assert not engine.redirect("r", queue, got.append)  # the subscription is no longer this queue
+    engine.unsubscribe("r")
+    engine.publish([StepOutput("r", [4], [], False, None, None)])  # nobody listens: dropped
+    assert got == [1, 2, 3] and not engine.subscribed("r")
