@@ -161,7 +161,9 @@ class StreamingLoad:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is not None:  # the test failed meanwhile: fail now, not after `total` more requests
+            self.stop()
         self.join()
 
     @property
