@@ -55,8 +55,9 @@ class NullModel(torch.nn.Module):
         self.hidden_size = hidden_size
         self.logits = torch.randn(rows, width, generator=generator)
 
-    def forward(self, batch: Batch, attention: Any) -> torch.Tensor:
-        return torch.zeros(batch.input_ids.shape[0], self.hidden_size)
+    def forward(self, batch: Batch, attention: Any, logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        rows = batch.input_ids.shape[0] if logits_indices is None else logits_indices.shape[0]
+        return torch.zeros(rows, self.hidden_size)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits[:hidden.shape[0]]
