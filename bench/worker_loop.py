@@ -188,6 +188,24 @@ class Worker:
             self.proc.wait(5)
 
 
+async def rounds(worker: Worker, paths: list[str], args: argparse.Namespace,
+                 rows: dict[str, list[tuple[float, float, float, float]]]) -> None:
+    await load(worker.address, paths[0], args, seed=999)  # warm-up: first uses, not measured
+    for round_ in range(args.rounds):
+        for path in paths:
+            seed = 1000 * round_ + len(rows[path])
+            worker.reset()
+            served, _ = await load(worker.address, path, args, seed)
+            stats = worker.stats()
+            offline = alone(args, seed)  # (blocks the loop: nothing else runs in it meanwhile)
+            step_ms = stats["step_s"] / max(1, stats["steps"]) * 1e3
+            gap_ms = stats["gap_s"] / max(1, stats["gaps"]) * 1e3
+            rows[path].append((served, offline, step_ms, gap_ms))
+            print(f"round {round_ + 1} {path}: served {served:.0f} tok/s, engine alone {offline:.0f} tok/s "
+                  f"({served / offline:.3f}); worker loop step {step_ms:.3f} ms, gap {gap_ms:.3f} ms "
+                  f"over {stats['steps']} steps", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=512)
@@ -209,20 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     worker = Worker(args)
     rows: dict[str, list[tuple[float, float, float, float]]] = {p: [] for p in paths}
     try:
-        asyncio.run(load(worker.address, paths[0], args, seed=999))  # warm-up: first uses, not measured
-        for round_ in range(args.rounds):
-            for path in paths:
-                seed = 1000 * round_ + len(rows[path])
-                worker.reset()
-                served, _ = asyncio.run(load(worker.address, path, args, seed))
-                stats = worker.stats()
-                offline = alone(args, seed)
-                step_ms = stats["step_s"] / max(1, stats["steps"]) * 1e3
-                gap_ms = stats["gap_s"] / max(1, stats["gaps"]) * 1e3
-                rows[path].append((served, offline, step_ms, gap_ms))
-                print(f"round {round_ + 1} {path}: served {served:.0f} tok/s, engine alone {offline:.0f} tok/s "
-                      f"({served / offline:.3f}); worker loop step {step_ms:.3f} ms, gap {gap_ms:.3f} ms "
-                      f"over {stats['steps']} steps", flush=True)
+        asyncio.run(rounds(worker, paths, args, rows))  # one event loop: grpc.aio keeps its poller across calls
     finally:
         worker.stop()
     print(f"| path | served tok/s | engine alone tok/s | served / alone | step ms | gap ms | "
