@@ -3,10 +3,10 @@
 Each start runs the Generate of `DecodeService` (`DecodeService.generate`) as its own
 task, with a stand-in for the gRPC context: `abort` ends that request with an error event
 instead of ending the stream, and the invocation metadata is the start's trace context.
-Once the request is queued in the engine, its outputs no longer wake the task: the
-engine loop hands each step's outputs straight to the request's `emit`, which puts its
-message in the stream's one outbox (the task only waits for the end, a cancel or the
-deadline). One writer sends whatever the outbox holds as one batch, so a step's tokens
+Once the request is queued in the engine, its outputs no longer wake the task (it only
+waits for the end, a cancel or the deadline): the engine loop writes each step's outputs
+straight into new events of the request in the stream's one outbox (`emit` hands out
+their empty responses). One writer sends whatever the outbox holds as one batch, so a step's tokens
 for every request on the stream leave as one message: the worker's cost per token is an
 event in a batch, not a gRPC message nor a task's turn.
 
@@ -107,15 +107,20 @@ class MuxSession:
     async def _run_one(self, request: pb.DecodeRequest, metadata: dict[str, str], timeout: float | None) -> None:
         rid = request.request_id
         try:
-            emit = lambda response: self._event(pb.DecodeStreamEvent(request_id=rid, response=response))  # noqa: E731
+            def emit() -> pb.DecodeResponse:
+                """A new event of this request in the outbox: its response, to fill in place."""
+                event = pb.DecodeStreamEvent(request_id=rid)
+                self._event(event)
+                return event.response
+
             context = RequestContext(metadata)
-            # DecodeService forwards tokens through `emit`; a service with only Generate
-            # (the test doubles, the bench's stubs) yields them all.
+            # DecodeService writes its tokens into what `emit` returns; a service with only
+            # Generate (the test doubles, the bench's stubs) yields them all.
             generate = getattr(self._service, "generate", None)
             responses = generate(request, context, emit) if generate else self._service.Generate(request, context)
             async with asyncio.timeout(timeout):
                 async for response in responses:
-                    emit(response)
+                    emit().CopyFrom(response)
         except RequestAborted as exc:
             self._error(rid, exc.code, exc.details)
         except TimeoutError:

@@ -57,11 +57,12 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             yield response
 
     async def generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
-                       emit: Callable[[pb.DecodeResponse], None] | None = None) -> AsyncIterator[pb.DecodeResponse]:
+                       emit: Callable[[], pb.DecodeResponse] | None = None) -> AsyncIterator[pb.DecodeResponse]:
         """Generate's messages, yielded; or, with `emit` (the stream's requests,
-        decode_worker/mux.py), the token messages handed to `emit` from the engine loop
-        as each step's outputs are published, so no task wakes per token (what is
-        yielded then is only a migrated request's finish). Returns when the request ends."""
+        decode_worker/mux.py: it returns a new, empty response in the stream's outbox),
+        the token messages written into what `emit` returns, from the engine loop as
+        each step's outputs are published, so no task wakes per token (what is yielded
+        then is only a migrated request's finish). Returns when the request ends."""
         span = tracing.start("decode.generate", context.invocation_metadata(), "server", request_id=request.request_id,
                              worker=self.runtime.worker_id, prompt_tokens=len(request.prompt_token_ids))
         try:
@@ -80,7 +81,7 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
 
     async def _generate(self, request: pb.DecodeRequest, context: grpc.aio.ServicerContext,
                         span: tracing.TraceSpan,
-                        emit: Callable[[pb.DecodeResponse], None] | None) -> AsyncIterator[pb.DecodeResponse]:
+                        emit: Callable[[], pb.DecodeResponse] | None) -> AsyncIterator[pb.DecodeResponse]:
         rid, prompt, resumed = request.request_id, list(request.prompt_token_ids), list(request.resume_token_ids)
         async_engine = self.runtime.async_engine
         try:
@@ -130,9 +131,10 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
                 await async_engine.finish_stream(rid, finished)
 
     async def _forward(self, rid: str, queue: asyncio.Queue[StepOutput], attempts: list[pb.PrefillAttempt],
-                       emit: Callable[[pb.DecodeResponse], None]) -> None:
-        """Hand the request's outputs to `emit` as they are published; return once the
-        last one is out (a cancel of the caller's task lands here)."""
+                       emit: Callable[[], pb.DecodeResponse]) -> None:
+        """Write the request's outputs, as they are published, into the response slots
+        `emit` hands out (filled in place: no message built and then copied); return
+        once the last one is out (a cancel of the caller's task lands here)."""
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
         def forward(out: StepOutput) -> None:
@@ -140,12 +142,17 @@ class DecodeService(pb_grpc.DecodeWorkerServicer):
             if done.done():
                 return
             try:
-                messages = _responses(out)
-                if attempts and messages:  # the request's first message says how prefill went
-                    messages[0].prefill_attempts.extend(attempts)
+                first = None
+                if out.new_token_ids:
+                    first = emit()
+                    _fill_chunk(first.chunk, out)
+                if out.finished:
+                    last = emit()
+                    last.finished.CopyFrom(_finished(out))
+                    first = first or last
+                if attempts and first is not None:  # the request's first message says how prefill went
+                    first.prefill_attempts.extend(attempts)
                     attempts = []
-                for message in messages:
-                    emit(message)
             except Exception as exc:  # noqa: BLE001 - this request fails; publish goes on for the others
                 done.set_exception(exc)
                 return
@@ -295,6 +302,13 @@ def _finished(out: StepOutput) -> pb.Finished:
 
 def _chunk(out: StepOutput) -> pb.TokenChunk:
     return pb.TokenChunk(token_ids=out.new_token_ids, logprobs=[logprob_to_proto(lp) for lp in out.new_logprobs])
+
+
+def _fill_chunk(chunk: pb.TokenChunk, out: StepOutput) -> None:
+    """`_chunk`'s content, written into an existing (empty) chunk."""
+    chunk.token_ids.extend(out.new_token_ids)
+    if out.new_logprobs:
+        chunk.logprobs.extend([logprob_to_proto(lp) for lp in out.new_logprobs])
 
 
 async def serve_decode(config: WorkerConfig) -> WorkerRuntime:

@@ -95,6 +95,32 @@ async def test_many_requests_on_one_stream_match_generate_and_share_batches(deco
     assert max(sizes) > 1 and len(sizes) < sum(sizes), sizes
 
 
+async def test_logprobs_and_finishes_match_generate_byte_for_byte_over_the_stream(decode) -> None:  # noqa: ANN001
+    """The stream fills its events in place: the messages, logprobs and finishes
+    included, are those Generate sends, byte for byte."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=3)
+    prompts = _prompts(3)
+    async with grpc.aio.insecure_channel(decode.address) as channel:
+        stub = pb_grpc.DecodeWorkerStub(channel)
+        want = [[m.SerializeToString() for m in [x async for x in stub.Generate(_request(f"g{i}", p, params),
+                                                                                timeout=60)]]
+                for i, p in enumerate(prompts)]
+        await stub.FlushCache(pb.FlushCacheRequest(), timeout=30)  # the same prompts again, no cache hits
+        call = stub.Stream(timeout=60)
+        got: dict[str, list[bytes]] = {f"m{i}": [] for i in range(len(prompts))}
+        for i, p in enumerate(prompts):  # one at a time, as the Generate calls ran (batching moves logprobs)
+            await call.write(pb.DecodeStreamRequest(start=_request(f"m{i}", p, params)))
+            while len(got[f"m{i}"]) < params.max_tokens + 1:
+                batch = await call.read()
+                assert batch is not grpc.aio.EOF
+                for event in batch.events:
+                    assert not event.error_code, event.error
+                    got[event.request_id].append(event.response.SerializeToString())
+        call.cancel()
+    assert [got[f"m{i}"] for i in range(len(prompts))] == want
+    assert all(len(messages) == params.max_tokens + 1 for messages in want)  # a token each step, then the finish
+
+
 async def test_a_bad_request_fails_alone_and_a_duplicate_id_is_refused(decode) -> None:  # noqa: ANN001
     async with grpc.aio.insecure_channel(decode.address) as channel:
         stub = pb_grpc.DecodeWorkerStub(channel)
