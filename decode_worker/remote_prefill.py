@@ -3,8 +3,9 @@ prompt (and a migrated request's output so far) into pages reserved here.
 
 Every attempt is bounded twice: the Prefill call by `--prefill-timeout`, and the KV's
 progress by `--transfer-timeout`: its first chunk must land within that time of the
-call (of the images' arrival, for a prompt with images: the encoders' own timeouts
-bound those) and each later chunk within that time of the one before. A prefill worker
+call (`--prefill-start-timeout` when set: a busy prefill worker's queue wait counts
+here; for a prompt with images, the prefill timeout: the encoders' own timeouts bound
+those) and each later chunk within the transfer timeout of the one before. A prefill worker
 that stalls (stops sending, or its peer path freezes) is thus given up on after one
 transfer timeout, however long the prompt, and the next candidate is tried. Each
 attempt's outcome is reported back to the router (its circuit breakers count them).
@@ -122,7 +123,9 @@ class RemotePrefiller:
 
     def _first_chunk_timeout(self, request: pb.DecodeRequest) -> float:
         config = self.runtime.config
-        return config.prefill_timeout_s if request.images else config.transfer_timeout_s
+        if request.images:
+            return config.prefill_timeout_s
+        return config.prefill_start_timeout_s or config.transfer_timeout_s
 
     async def _landed(self, rooms: list[KVTarget], call: asyncio.Future[pb.PrefillResponse],
                       first_timeout: float) -> pb.PrefillResponse:

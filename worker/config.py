@@ -30,6 +30,9 @@ class WorkerConfig:
     transfer: str = "tcp"
     transfer_options: dict[str, Any] = field(default_factory=dict)
     transfer_timeout_s: float = 10.0
+    # decode: bound on a prefill worker's first KV chunk of a text prompt (its queue wait
+    # included); None: the transfer timeout
+    prefill_start_timeout_s: float | None = None
     prefill_timeout_s: float = 60.0
     local_prefill_threshold: int = 64  # decode: prefill locally when fewer tokens are uncached
     # Sessions (decode, engine/sessions.py): turns' KV kept at most for this many sessions
@@ -67,7 +70,9 @@ class WorkerConfig:
         if tp > 1 and str(self.engine_options.get("device", "cpu")).startswith("cuda") and self.transfer != "none":
             raise ValueError("--tensor-parallel-size > 1 on CUDA runs only with --transfer none for now "
                              "(the ranks' KV pages are not shared with the transfer endpoint there)")
-        for name in ("transfer_timeout_s", "prefill_timeout_s", "session_idle_timeout_s"):
+        for name in ("transfer_timeout_s", "prefill_timeout_s", "session_idle_timeout_s", "prefill_start_timeout_s"):
+            if name == "prefill_start_timeout_s" and self.prefill_start_timeout_s is None:
+                continue
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name[:-2].replace('_', '-')} must be > 0, got {getattr(self, name)}")
 
@@ -103,6 +108,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bound of one KV write, and of the progress of a remote prefill (decode gives "
                              "up on a prefill worker whose next chunk does not land within it)")
     parser.add_argument("--prefill-timeout", type=float, default=60.0, dest="prefill_timeout_s")
+    parser.add_argument("--prefill-start-timeout", type=float, default=None, dest="prefill_start_timeout_s",
+                        help="decode: seconds a prefill worker may take to land a text prompt's first KV chunk, "
+                             "its queue wait included (default: --transfer-timeout); raise it where prefill "
+                             "workers queue many long prompts")
     parser.add_argument("--local-prefill-threshold", type=int, default=64,
                         help="decode: prompts with fewer uncached tokens are prefilled locally")
     parser.add_argument("--max-sessions", type=int, default=1024,

@@ -110,6 +110,40 @@ async def test_stalled_prefill_is_given_up_within_the_transfer_timeout(
             await runtime.stop()
 
 
+async def test_prefill_start_timeout_bounds_the_first_chunk_instead(
+        tiny_model_path, expected, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """`--prefill-start-timeout` (a prefill pool that queues long prompts): the first chunk
+    may take that long, while the transfer timeout still bounds the chunks after it."""
+    stall = tmp_path / "stall"
+    stall.touch()
+    monkeypatch.setenv(STALL_ENV, str(stall))
+    stuck = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE,
+                                             transfer_timeout_s=30.0))
+    monkeypatch.delenv(STALL_ENV)
+    good = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE))
+    decode = await serve_decode(WorkerConfig(role="decode", model=str(tiny_model_path), engine_options=ENGINE,
+                                             transfer_timeout_s=0.5, prefill_start_timeout_s=2.5))
+    try:
+        candidates = [pb.PrefillCandidate(id="stuck", address=stuck.address),
+                      pb.PrefillCandidate(id="good", address=good.address)]
+        start = time.monotonic()
+        messages = await _stream(decode.address, _request("s", PARAMS["greedy"], [], candidates, force=True))
+        elapsed = time.monotonic() - start
+        assert _tokens(messages) == expected["greedy"]
+        assert 2.5 <= elapsed < 6.0, elapsed  # the start timeout, not the 0.5 s transfer timeout
+        attempts = [(a.id, a.ok, a.code) for a in messages[0].prefill_attempts]
+        assert attempts == [("stuck", False, "TIMEOUT"), ("good", True, "")]
+    finally:
+        stall.unlink()
+        for runtime in (decode, good, stuck):
+            await runtime.stop()
+
+
+def test_prefill_start_timeout_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="--prefill-start-timeout must be > 0"):
+        WorkerConfig(role="decode", prefill_start_timeout_s=0.0)
+
+
 async def test_full_decode_worker_refuses_with_resource_exhausted(tiny_model_path) -> None:  # noqa: ANN001
     decode = await serve_decode(WorkerConfig(role="decode", model=str(tiny_model_path),
                                              engine_options={**ENGINE, "max_num_seqs": 1}, max_queued_requests=1))

@@ -39,9 +39,14 @@ MAX_TOKENS = 8
 TRANSFER_ENV = {"nixl": {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
                 "mooncake": {"MC_LOG_LEVEL": "ERROR", "MC_TCP_BIND_ADDRESS": "127.0.0.1"}}
 # Small prefill chunks: a long prompt is computed and shipped over many steps, so a
-# kill lands while its KV is partly transferred.
+# kill lands while its KV is partly transferred. After the kill the surviving prefill
+# worker queues its own prompts and every retry (some 20 x 700 tokens at 48 a step): on
+# the 2-core CI machine a retry's first chunk took over 4 s, which the transfer timeout
+# counted as a failure of that healthy worker. The start timeout bounds the queue wait;
+# the kill itself fails the victim's attempts at once (its sockets close).
+PREFILL_START_TIMEOUT_S = 60.0
 WORKER_ARGS = ("--max-num-batched-tokens", "48", "--transfer-timeout", str(TRANSFER_TIMEOUT_S),
-               "--prefill-timeout", "60")
+               "--prefill-start-timeout", str(PREFILL_START_TIMEOUT_S), "--prefill-timeout", "60")
 
 
 def _prompts(seed: int, count: int) -> list[list[int]]:
