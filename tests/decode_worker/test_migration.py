@@ -76,23 +76,36 @@ async def test_resumed_request_continues_locally_and_through_prefill(tiny_model_
         await prefill.stop()
 
 
+async def _stalled_and_good(model: Path, stall: Path, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN202
+    """A prefill worker that stalls mid-transfer while `stall` exists (its own transfer
+    timeout 30 s), and a healthy one."""
+    stall.touch()
+    monkeypatch.setenv(STALL_ENV, str(stall))  # armed for the first prefill worker only
+    stuck = await serve_prefill(WorkerConfig(role="prefill", model=str(model), engine_options=ENGINE,
+                                             transfer_timeout_s=30.0))
+    monkeypatch.delenv(STALL_ENV)
+    good = await serve_prefill(WorkerConfig(role="prefill", model=str(model), engine_options=ENGINE))
+    return stuck, good
+
+
+async def _forced_remote(decode, stuck, good) -> tuple[list[pb.DecodeResponse], float]:  # noqa: ANN001
+    """One greedy request forced to prefill remotely, the stalled worker first: its
+    messages and how long it took."""
+    candidates = [pb.PrefillCandidate(id="stuck", address=stuck.address),
+                  pb.PrefillCandidate(id="good", address=good.address)]
+    start = time.monotonic()
+    messages = await _stream(decode.address, _request("s", PARAMS["greedy"], [], candidates, force=True))
+    return messages, time.monotonic() - start
+
+
 async def test_stalled_prefill_is_given_up_within_the_transfer_timeout(
         tiny_model_path, expected, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
     stall = tmp_path / "stall"
-    stall.touch()
-    monkeypatch.setenv(STALL_ENV, str(stall))  # armed for the first prefill worker only
-    stuck = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE,
-                                             transfer_timeout_s=30.0))
-    monkeypatch.delenv(STALL_ENV)
-    good = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE))
+    stuck, good = await _stalled_and_good(tiny_model_path, stall, monkeypatch)
     decode = await serve_decode(WorkerConfig(role="decode", model=str(tiny_model_path), engine_options=ENGINE,
                                              transfer_timeout_s=1.0))
     try:
-        candidates = [pb.PrefillCandidate(id="stuck", address=stuck.address),
-                      pb.PrefillCandidate(id="good", address=good.address)]
-        start = time.monotonic()
-        messages = await _stream(decode.address, _request("s", PARAMS["greedy"], [], candidates, force=True))
-        elapsed = time.monotonic() - start
+        messages, elapsed = await _forced_remote(decode, stuck, good)
         assert _tokens(messages) == expected["greedy"]
         # Decode gave up on the stalled worker after its own 1 s, not the worker's 30 s.
         assert 1.0 <= elapsed < 5.0, elapsed
@@ -115,20 +128,11 @@ async def test_prefill_start_timeout_bounds_the_first_chunk_instead(
     """`--prefill-start-timeout` (a prefill pool that queues long prompts): the first chunk
     may take that long, while the transfer timeout still bounds the chunks after it."""
     stall = tmp_path / "stall"
-    stall.touch()
-    monkeypatch.setenv(STALL_ENV, str(stall))
-    stuck = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE,
-                                             transfer_timeout_s=30.0))
-    monkeypatch.delenv(STALL_ENV)
-    good = await serve_prefill(WorkerConfig(role="prefill", model=str(tiny_model_path), engine_options=ENGINE))
+    stuck, good = await _stalled_and_good(tiny_model_path, stall, monkeypatch)
     decode = await serve_decode(WorkerConfig(role="decode", model=str(tiny_model_path), engine_options=ENGINE,
                                              transfer_timeout_s=0.5, prefill_start_timeout_s=2.5))
     try:
-        candidates = [pb.PrefillCandidate(id="stuck", address=stuck.address),
-                      pb.PrefillCandidate(id="good", address=good.address)]
-        start = time.monotonic()
-        messages = await _stream(decode.address, _request("s", PARAMS["greedy"], [], candidates, force=True))
-        elapsed = time.monotonic() - start
+        messages, elapsed = await _forced_remote(decode, stuck, good)
         assert _tokens(messages) == expected["greedy"]
         assert 2.5 <= elapsed < 6.0, elapsed  # the start timeout, not the 0.5 s transfer timeout
         attempts = [(a.id, a.ok, a.code) for a in messages[0].prefill_attempts]
